@@ -1,0 +1,71 @@
+/* backend.h: the op table through which the model runs. The model's forward and backward (model.c) are
+ * written once against this table; core/cpu/backend_cpu.c fills it with the CPU ops and kernels/ (CUDA)
+ * will fill it with device kernels. Pointers passed to ops are backend memory from alloc(). Each op's
+ * contract is in core/cpu/ops_cpu_decl.h; every backward accumulates (+=) into its gradients. */
+#ifndef MOELAB_BACKEND_H
+#define MOELAB_BACKEND_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "ops_types.h"
+
+typedef struct ml_backend {
+    const char *name;
+
+    /* memory: zero-filled allocation, release, fills and host <-> backend copies */
+    void *(*alloc)(size_t bytes);
+    void (*free)(void *p);
+    void (*memset0)(void *p, size_t bytes);
+    void (*to_host)(void *host, const void *src, size_t bytes);
+    void (*from_host)(void *dst, const void *host, size_t bytes);
+    void (*sync)(void);
+
+    void (*encoder_forward)(float *out, const int32_t *tokens, const float *wte, int M, int C);
+    void (*encoder_backward)(float *dwte, const float *dout, const int32_t *tokens, int M, int C);
+    void (*matmul_forward)(float *out, const float *inp, const float *w, int M, int K, int N);
+    void (*matmul_backward)(float *dinp, float *dw, const float *dout, const float *inp, const float *w, int M, int K,
+                            int N);
+    void (*rmsnorm_forward)(float *out, float *rstd, const float *inp, const float *w, int M, int C, float eps);
+    void (*rmsnorm_backward)(float *dinp, float *dw, const float *dout, const float *inp, const float *w,
+                             const float *rstd, int M, int C);
+    void (*rope_forward)(float *out, const float *inp, const float *cos_t, const float *sin_t, int B, int T, int nh,
+                         int hd);
+    void (*rope_backward)(float *dinp, const float *dout, const float *cos_t, const float *sin_t, int B, int T,
+                          int nh, int hd);
+    void (*attention_forward)(float *out, float *att, const float *q, const float *k, const float *v, int B, int T,
+                              int H, int KV, int hd);
+    void (*attention_backward)(float *dq, float *dk, float *dv, const float *dout, const float *att, const float *q,
+                               const float *k, const float *v, int B, int T, int H, int KV, int hd);
+    void (*swiglu_forward)(float *out, const float *h, int M, int F);
+    void (*swiglu_backward)(float *dh, const float *dout, const float *h, int M, int F);
+    void (*add_forward)(float *out, const float *a, const float *b, size_t n);
+    void (*router_forward)(float *probs, int32_t *idx, float *gate, const float *logits, const float *bias, int M,
+                           const ml_router_params *p);
+    void (*router_backward)(float *dlogits, const float *dgate, const float *dprobs, const float *logits,
+                            const float *probs, const int32_t *idx, const float *gate, int M,
+                            const ml_router_params *p);
+    /* counting sort of the choices idx(M,k) by expert (idx -1 = dropped): counts(E), offsets(E+1), slot(M*k) */
+    void (*moe_dispatch)(int32_t *counts, int32_t *offsets, int32_t *slot, const int32_t *idx, int M, int k, int E);
+    void (*permute_forward)(float *xe, const float *inp, const int32_t *slot, int M, int k, int C);
+    void (*permute_backward)(float *dinp, const float *dxe, const int32_t *slot, int M, int k, int C);
+    void (*unpermute_forward)(float *out, const float *ye, const float *gate, const int32_t *slot, int M, int k,
+                              int C);
+    void (*unpermute_backward)(float *dye, float *dgate, const float *dout, const float *ye, const float *gate,
+                               const int32_t *slot, int M, int k, int C);
+    void (*grouped_matmul_forward)(float *out, const float *inp, const float *w, const int32_t *offsets, int E, int K,
+                                   int N);
+    void (*grouped_matmul_backward)(float *dinp, float *dw, const float *dout, const float *inp, const float *w,
+                                    const int32_t *offsets, int E, int K, int N);
+    void (*crossentropy_forward)(float *losses, const float *logits, const int32_t *targets, int M, int V);
+    void (*crossentropy_backward)(float *dlogits, const float *logits, const int32_t *targets, float scale, int M,
+                                  int V);
+    void (*adamw_update)(float *param, const float *grad, float *m, float *v, size_t n, float lr, float beta1,
+                         float beta2, float eps, float weight_decay, float grad_scale, int t);
+    double (*sumsq)(const float *x, size_t n);
+} ml_backend;
+
+/* The CPU backend (OpenBLAS + OpenMP). */
+const ml_backend *backend_cpu(void);
+
+#endif

@@ -1,0 +1,117 @@
+/* bench.c: `moelab bench`: training throughput of a preset on this machine. Measures the sgemm peak first
+ * (the best of several large multi-threaded GEMMs), then times forward, backward and the optimizer over
+ * a number of steps and reports tokens/s, achieved GFLOP/s and the fraction of the peak. */
+#include <cblas.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "cli.h"
+#include "config.h"
+#include "model.h"
+#include "rng.h"
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* Best GFLOP/s of n x n x n sgemm over reps runs. */
+static double sgemm_peak(int n, int reps) {
+    float *a = malloc(sizeof(float) * n * n), *b = malloc(sizeof(float) * n * n), *c = malloc(sizeof(float) * n * n);
+    for (int i = 0; i < n * n; i++) a[i] = (float)(i % 7) * 0.1f, b[i] = (float)(i % 5) * 0.1f;
+    double best = 0;
+    for (int r = 0; r < reps; r++) {
+        double t = now_s();
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, n, n, 1, a, n, b, n, 0, c, n);
+        double g = 2.0 * n * n * n / (now_s() - t) / 1e9;
+        best = g > best ? g : best;
+    }
+    free(a), free(b), free(c);
+    return best;
+}
+
+int cli_bench(int argc, char **argv) {
+    ml_config cfg;
+    config_preset(&cfg, "small-cpu", NULL);
+    int steps = 10, warmup = 2, json = 0;
+    ml_err err = {0};
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
+            printf("usage: moelab bench [preset=NAME] [key=value ...] [--steps N] [--warmup N] [--json]\n\n"
+                   "Times training steps (forward + backward + AdamW) of a preset (default small-cpu) on random\n"
+                   "tokens and reports tokens/s, achieved GFLOP/s (6 x active params + attention per token) and\n"
+                   "its fraction of this machine's sgemm peak, measured first.\n");
+            return 0;
+        }
+        if (!strcmp(argv[i], "--steps") && i + 1 < argc) steps = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--warmup") && i + 1 < argc) warmup = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--json")) json = 1;
+        else if (config_set(&cfg, argv[i], &err)) {
+            fprintf(stderr, "moelab bench: %s\n", err.msg);
+            return 2;
+        }
+    }
+    if (steps < 1 || warmup < 0) {
+        fprintf(stderr, "moelab bench: --steps must be >= 1 and --warmup >= 0\n");
+        return 2;
+    }
+    if (config_validate(&cfg, &err)) {
+        fprintf(stderr, "moelab bench: %s\n", err.msg);
+        return 2;
+    }
+    double peak = sgemm_peak(2048, 5);
+    ml_model *m = calloc(1, sizeof *m);
+    if (model_init(m, &cfg, backend_cpu(), cfg.train.batch, 0, &err)) {
+        fprintf(stderr, "moelab bench: %s\n", err.msg);
+        free(m);
+        return 1;
+    }
+    model_init_weights(m, cfg.seed);
+    const int M = cfg.train.batch * cfg.model.seq_len;
+    int32_t *tok = malloc(sizeof(int32_t) * (M + 1));
+    ml_rng rng;
+    rng_seed(&rng, cfg.seed);
+    for (int i = 0; i <= M; i++) tok[i] = (int32_t)(rng_next(&rng) % cfg.model.vocab);
+    double t_fwd = 0, t_bwd = 0, t_opt = 0;
+    for (int s = 0; s < warmup + steps; s++) {
+        double t0 = now_s();
+        model_zero_grad(m);
+        model_reset_stats(m);
+        model_forward(m, tok, tok + 1);
+        double t1 = now_s();
+        model_backward(m, 1.0f);
+        double t2 = now_s();
+        double norm = model_grad_norm(m);
+        model_adamw(m, 1e-4f, norm > 1 ? (float)(1 / norm) : 1, s + 1);
+        double t3 = now_s();
+        if (s >= warmup) t_fwd += t1 - t0, t_bwd += t2 - t1, t_opt += t3 - t2;
+    }
+    double total = t_fwd + t_bwd + t_opt, tok_s = (double)M * steps / total;
+    double attn = 6.0 * cfg.model.layers * cfg.model.seq_len * cfg.model.dim;
+    double flops_tok = 6 * model_active_params(&cfg) + attn;
+    double gflops = flops_tok * tok_s / 1e9;
+    if (json) {
+        printf("{\"preset\": \"%s\", \"tokens_per_step\": %d, \"steps\": %d, \"tokens_per_s\": %.1f, "
+               "\"ms_per_step\": %.2f, \"forward_ms\": %.2f, \"backward_ms\": %.2f, \"optimizer_ms\": %.2f, "
+               "\"gflops\": %.2f, \"sgemm_peak_gflops\": %.2f, \"fraction_of_peak\": %.4f, \"params\": %zu}\n",
+               cfg.preset, M, steps, tok_s, 1e3 * total / steps, 1e3 * t_fwd / steps, 1e3 * t_bwd / steps,
+               1e3 * t_opt / steps, gflops, peak, gflops / peak, m->nparams);
+    } else {
+        printf("moelab bench: preset %s, %zu parameters, %d tokens/step, %d steps (after %d warmup)\n", cfg.preset,
+               m->nparams, M, steps, warmup);
+        printf("  sgemm peak (2048^3, best of 5)  %8.1f GFLOP/s\n", peak);
+        printf("  step                            %8.2f ms  (forward %.2f, backward %.2f, optimizer %.2f)\n",
+               1e3 * total / steps, 1e3 * t_fwd / steps, 1e3 * t_bwd / steps, 1e3 * t_opt / steps);
+        printf("  throughput                      %8.0f tokens/s\n", tok_s);
+        printf("  achieved                        %8.1f GFLOP/s  (%.1f%% of sgemm peak; %.3g FLOP/token)\n",
+               gflops, 100 * gflops / peak, flops_tok);
+    }
+    free(tok);
+    model_free(m);
+    free(m);
+    return 0;
+}

@@ -1,0 +1,120 @@
+/* cli_train.c: `moelab train` and `moelab plan`: parse preset and key=value overrides into a config, then
+ * train it or describe its size. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cli.h"
+#include "config.h"
+#include "model.h"
+#include "train.h"
+
+static void train_usage(FILE *f) {
+    fprintf(f, "usage: moelab train [preset=NAME] [key=value ...] [--resume RUN_DIR|CHECKPOINT]\n\n"
+               "Trains a model. Start from a preset (default tiny) and override any config key with dotted\n"
+               "key=value pairs, e.g.\n"
+               "  moelab train preset=small-cpu model.experts=96 train.steps=2000 seed=3\n\n"
+               "Presets: ");
+    for (int i = 0; config_preset_names[i]; i++) fprintf(f, "%s%s", i ? ", " : "", config_preset_names[i]);
+    fprintf(f, "\nThe run folder (run.dir, default runs/<preset>-<seed>) receives config.yaml, log.txt and\n"
+               "checkpoint.bin. --resume continues a run bit for bit from its checkpoint; --stop-after N\n"
+               "checkpoints and stops after step N (the schedule still targets train.steps).\n"
+               "  --help-config   list every key with its default and meaning\n");
+}
+
+/* Builds a config from argv's key=value pairs (a preset= pair first applies that preset). */
+static int parse_config(ml_config *cfg, int argc, char **argv, const char **resume, int *stop_after, ml_err *err) {
+    config_preset(cfg, "tiny", NULL);
+    for (int i = 1; i < argc; i++)
+        if (!strncmp(argv[i], "preset=", 7) && config_set(cfg, argv[i], err)) return ML_EINPUT;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--stop-after")) {
+            if (!stop_after || i + 1 >= argc || atoi(argv[i + 1]) < 1)
+                return ml_errf(err, ML_EINPUT, "--stop-after needs a positive step number");
+            *stop_after = atoi(argv[++i]);
+            continue;
+        }
+        if (!strcmp(argv[i], "--resume")) {
+            if (!resume || i + 1 >= argc) return ml_errf(err, ML_EINPUT, "--resume needs a run folder or checkpoint");
+            *resume = argv[++i];
+            continue;
+        }
+        if (argv[i][0] == '-') return ml_errf(err, ML_EINPUT, "unknown option '%s'", argv[i]);
+        if (strncmp(argv[i], "preset=", 7) && config_set(cfg, argv[i], err)) return ML_EINPUT;
+    }
+    return config_validate(cfg, err);
+}
+
+int cli_train(int argc, char **argv) {
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) return train_usage(stdout), 0;
+        if (!strcmp(argv[i], "--help-config")) return config_print_help(stdout), 0;
+    }
+    ml_config cfg;
+    ml_err err = {0};
+    const char *resume = NULL;
+    ml_train_opts opts = {0};
+    if (parse_config(&cfg, argc, argv, &resume, &opts.stop_after, &err)) {
+        fprintf(stderr, "moelab train: %s\n", err.msg);
+        return 2;
+    }
+    if (resume) {
+        /* a run folder resumes from its checkpoint.bin with its config.yaml; overrides on the command line
+         * (say a larger train.steps) apply on top */
+        size_t n = strlen(resume);
+        if (n > 4 && !strcmp(resume + n - 4, ".bin")) {
+            snprintf(cfg.run.resume, sizeof cfg.run.resume, "%s", resume);
+        } else {
+            char path[1100];
+            snprintf(path, sizeof path, "%s/config.yaml", resume);
+            if (config_read_file(&cfg, path, &err)) {
+                fprintf(stderr, "moelab train: %s\n", err.msg);
+                return 2;
+            }
+            for (int i = 1; i < argc; i++)
+                if (strchr(argv[i], '=') && argv[i][0] != '-' && config_set(&cfg, argv[i], &err)) {
+                    fprintf(stderr, "moelab train: %s\n", err.msg);
+                    return 2;
+                }
+            snprintf(cfg.run.resume, sizeof cfg.run.resume, "%s/checkpoint.bin", resume);
+            snprintf(cfg.run.dir, sizeof cfg.run.dir, "%s", resume);
+            if (config_validate(&cfg, &err)) {
+                fprintf(stderr, "moelab train: %s\n", err.msg);
+                return 2;
+            }
+        }
+    }
+    ml_train_result res;
+    int rc = train_run(&cfg, &opts, &res, &err);
+    if (rc) {
+        fprintf(stderr, "moelab train: %s\n", err.msg);
+        return rc == ML_EINPUT ? 2 : 1;
+    }
+    return 0;
+}
+
+int cli_plan(int argc, char **argv) {
+    for (int i = 1; i < argc; i++)
+        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
+            printf("usage: moelab plan [preset=NAME] [key=value ...]\n\n"
+                   "Validates a config and prints its parameter count, active parameters per token, memory for\n"
+                   "fp32 training (weights, gradients, AdamW) and training FLOPs per token.\n");
+            return 0;
+        }
+    ml_config cfg;
+    ml_err err = {0};
+    if (parse_config(&cfg, argc, argv, NULL, NULL, &err)) {
+        fprintf(stderr, "moelab plan: %s\n", err.msg);
+        return 2;
+    }
+    size_t n = model_param_count(&cfg);
+    double active = model_active_params(&cfg);
+    double attn = 0;
+    for (int l = 0; l < cfg.model.layers; l++) attn += 6.0 * cfg.model.seq_len * cfg.model.dim; /* causal QK^T+AV */
+    printf("preset            %s\n", cfg.preset);
+    printf("parameters        %zu (%.2fB)\n", n, n / 1e9);
+    printf("active per token  %.0f (%.3fB)\n", active, active / 1e9);
+    printf("train memory fp32 %.2f GiB (weights + grads + AdamW m, v)\n", 16.0 * n / (1 << 30));
+    printf("train FLOPs/token %.3g (6 x active + attention)\n", 6 * active + attn);
+    return 0;
+}

@@ -1,0 +1,86 @@
+/* config.h: the resolved configuration of a run. Every field has one dotted key (model.experts,
+ * train.lr, ...) that is the same on the command line (key=value), in experiment files, in the run
+ * database's params and in trace attributes. Presets fill the struct; overrides then change single keys;
+ * config_validate rejects impossible combinations before any work starts. */
+#ifndef MOELAB_CONFIG_H
+#define MOELAB_CONFIG_H
+
+#include <stdint.h>
+#include <stdio.h>
+
+#include "err.h"
+
+#define ML_MAX_LAYERS 256
+
+enum ml_score { SCORE_SOFTMAX = 0, SCORE_SIGMOID = 1 };
+enum ml_softmax_order { SOFTMAX_BEFORE_TOPK = 0, SOFTMAX_AFTER_TOPK = 1 };
+
+typedef struct {
+    char preset[64];
+    uint64_t seed;
+
+    struct {
+        int vocab, dim, layers, heads, kv_heads, seq_len;
+        int experts, expert_ffn, top_k;
+        char layer_top_k[512]; /* optional per-layer k list expression, e.g. "[2]*2+[1]*6"; "" = top_k everywhere */
+        int shared_experts, shared_ffn;
+        int dense_layers, dense_ffn;
+        int score;         /* enum ml_score */
+        int softmax_order; /* enum ml_softmax_order */
+        int norm_topk;     /* renormalise the selected gates to sum to 1 */
+        float route_scale;
+        int qk_norm, tie_embeddings;
+        float rope_theta, norm_eps, init_std;
+    } model;
+
+    struct {
+        float aux_coef;
+    } balance;
+
+    struct {
+        int batch, steps, accum, warmup;
+        float lr, min_lr_ratio, weight_decay, beta1, beta2, eps, grad_clip;
+        int eval_every, eval_batches, ckpt_every, log_every;
+    } train;
+
+    struct {
+        char dir[512]; /* holds train.bin and val.bin */
+    } data;
+
+    struct {
+        char dir[512]; /* run folder: config.yaml, checkpoints, log */
+        char resume[512]; /* checkpoint path to resume from, "" = fresh */
+    } run;
+} ml_config;
+
+/* Fills cfg with the named preset. Unknown names give ML_EINPUT listing the presets. */
+int config_preset(ml_config *cfg, const char *name, ml_err *err);
+
+/* Applies one "key=value" override. Unknown keys and unparsable values name the key. "preset=NAME" resets
+ * everything to that preset (so put it first). */
+int config_set(ml_config *cfg, const char *assignment, ml_err *err);
+
+/* Checks every constraint (k <= experts, dim % heads, kv_heads | heads, ...); the message names the key. */
+int config_validate(const ml_config *cfg, ml_err *err);
+
+/* Expands model.layer_top_k (or model.top_k) into k[0..layers); dense layers get 0. */
+int config_layer_k(const ml_config *cfg, int *k, ml_err *err);
+
+/* Applies a file of "key: value" lines (the config.yaml a run folder holds; '#' starts a comment).
+ * Errors name the file, line and key. */
+int config_read_file(ml_config *cfg, const char *path, ml_err *err);
+
+/* Writes every key as "key: value" lines (flat YAML), in table order. */
+void config_write(const ml_config *cfg, FILE *f);
+
+/* Prints every key with its default and meaning (for --help). */
+void config_print_help(FILE *f);
+
+/* Names of the presets, NULL-terminated. */
+extern const char *const config_preset_names[];
+
+/* Parses a Python-like list expression of ints: "[2]*8+[1]*48", "[1,2,3]", "[1]*4+[2,2]". Returns the
+ * count written to out (at most cap) or ML_EINPUT with a message describing the position. */
+int parse_int_list_expr(const char *expr, int *out, int cap, ml_err *err);
+
+#endif

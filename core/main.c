@@ -1,0 +1,44 @@
+/* main.c: the moelab binary: dispatches to the subcommands of cli.h. */
+#include <stdio.h>
+#include <string.h>
+
+#include "cli.h"
+
+static const struct {
+    const char *name;
+    int (*run)(int, char **);
+    const char *summary;
+} commands[] = {
+    {"train", cli_train, "train a model from a preset and key=value overrides (or resume a run)"},
+    {"data", cli_data, "fetch and tokenize the default corpus, or tokenize your own text (llm.c shards)"},
+    {"bench", cli_bench, "measure training tokens/s and GFLOP/s against this machine's sgemm peak"},
+    {"plan", cli_plan, "parameters, memory and FLOPs of a config, before running it"},
+};
+
+static void usage(FILE *f) {
+    fprintf(f, "moelab: a simulator and profiler for load balancing in Mixture-of-Experts language models\n\n"
+               "usage: moelab <command> [options]\n\ncommands:\n");
+    for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
+        fprintf(f, "  %-8s %s\n", commands[i].name, commands[i].summary);
+    fprintf(f, "\n'moelab <command> --help' describes a command. Exit codes: 0 ok, 1 run failed, 2 bad usage or input.\n");
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2) {
+        usage(stderr);
+        return 2;
+    }
+    if (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
+        usage(stdout);
+        return 0;
+    }
+    if (!strcmp(argv[1], "--version")) {
+        printf("moelab 0.1.0\n");
+        return 0;
+    }
+    for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
+        if (!strcmp(argv[1], commands[i].name)) return commands[i].run(argc - 1, argv + 1);
+    fprintf(stderr, "moelab: unknown command '%s'\n\n", argv[1]);
+    usage(stderr);
+    return 2;
+}

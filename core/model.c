@@ -1,0 +1,520 @@
+/* model.c: forward and backward of the MoE transformer through the backend op table. Reads top to bottom
+ * like the diagram in model.h: embed, then per block attention and the MoE FFN, then head and loss.
+ * Parameter layout and init live here too; training policy (LR, clipping, data) is train.c's. */
+#include "model.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "balance/balance.h"
+#include "ops_cpu.h" /* rope_table: host-side constant tables */
+#include "rng.h"
+
+/* ---------------------------------------------------------------- parameter table */
+
+static float *add_tensor(ml_model *m, const char *name, int ndim, int d0, int d1, int d2, int decay) {
+    ml_tensor *t = &m->tensors[m->ntensors++];
+    snprintf(t->name, sizeof t->name, "%s", name);
+    t->ndim = ndim;
+    t->shape[0] = d0, t->shape[1] = d1, t->shape[2] = d2;
+    t->numel = (size_t)d0 * (ndim > 1 ? d1 : 1) * (ndim > 2 ? d2 : 1);
+    t->offset = m->nparams;
+    t->decay = decay;
+    m->nparams += t->numel;
+    return (float *)(uintptr_t)(t->offset + 1); /* placeholder: an offset, turned into pointers by bind() */
+}
+
+/* Builds the table (shapes, offsets); views hold offset+1 until bind() makes them pointers into an arena. */
+static void build_table(ml_model *m, ml_tensors *v) {
+    char nm[48];
+    m->ntensors = 0, m->nparams = 0;
+    memset(v, 0, sizeof *v);
+    v->wte = add_tensor(m, "wte", 2, m->V, m->C, 0, 1);
+    for (int l = 0; l < m->L; l++) {
+        ml_block_tensors *b = &v->block[l];
+#define T_(field, suffix, ...) snprintf(nm, sizeof nm, "layers.%d.%s", l, suffix), b->field = add_tensor(m, nm, __VA_ARGS__)
+        T_(attn_norm, "attn_norm", 1, m->C, 0, 0, 0);
+        T_(wq, "wq", 2, m->H * m->hd, m->C, 0, 1);
+        T_(wk, "wk", 2, m->KV * m->hd, m->C, 0, 1);
+        T_(wv, "wv", 2, m->KV * m->hd, m->C, 0, 1);
+        T_(wo, "wo", 2, m->C, m->H * m->hd, 0, 1);
+        if (m->cfg.model.qk_norm) {
+            T_(q_norm, "q_norm", 1, m->hd, 0, 0, 0);
+            T_(k_norm, "k_norm", 1, m->hd, 0, 0, 0);
+        }
+        T_(ffn_norm, "ffn_norm", 1, m->C, 0, 0, 0);
+        if (m->layer_k[l] == 0) {
+            T_(dense_w13, "dense_w13", 2, 2 * m->Fd, m->C, 0, 1);
+            T_(dense_w2, "dense_w2", 2, m->C, m->Fd, 0, 1);
+        } else {
+            T_(router, "router", 2, m->E, m->C, 0, 1);
+            T_(expert_w13, "experts.w13", 3, m->E, 2 * m->F, m->C, 1);
+            T_(expert_w2, "experts.w2", 3, m->E, m->C, m->F, 1);
+            if (m->Fs) {
+                T_(shared_w13, "shared.w13", 2, 2 * m->Fs, m->C, 0, 1);
+                T_(shared_w2, "shared.w2", 2, m->C, m->Fs, 0, 1);
+            }
+        }
+#undef T_
+    }
+    v->final_norm = add_tensor(m, "final_norm", 1, m->C, 0, 0, 0);
+    v->lm_head = m->cfg.model.tie_embeddings ? v->wte : add_tensor(m, "lm_head", 2, m->V, m->C, 0, 1);
+}
+
+static float *rebase(float *placeholder, float *arena) {
+    return placeholder ? arena + ((uintptr_t)placeholder - 1) : NULL;
+}
+
+static void bind(const ml_tensors *table, ml_tensors *out, float *arena) {
+    out->wte = rebase(table->wte, arena);
+    out->final_norm = rebase(table->final_norm, arena);
+    out->lm_head = rebase(table->lm_head, arena);
+    for (int l = 0; l < ML_MAX_LAYERS; l++) {
+        float **src = (float **)&table->block[l], **dst = (float **)&out->block[l];
+        for (size_t i = 0; i < sizeof(ml_block_tensors) / sizeof(float *); i++) dst[i] = rebase(src[i], arena);
+    }
+}
+
+const ml_tensor *model_tensor(const ml_model *m, const char *name) {
+    for (int i = 0; i < m->ntensors; i++)
+        if (!strcmp(m->tensors[i].name, name)) return &m->tensors[i];
+    return NULL;
+}
+
+/* ---------------------------------------------------------------- allocation */
+
+typedef struct {
+    const ml_backend *be;
+    int failed;
+} allocator;
+
+static void *take(allocator *a, size_t bytes) {
+    void *p = a->be->alloc(bytes);
+    if (!p) a->failed = 1;
+    return p;
+}
+#define ALLOC_F(a, n) ((float *)take(a, sizeof(float) * (size_t)(n)))
+#define ALLOC_I(a, n) ((int32_t *)take(a, sizeof(int32_t) * (size_t)(n)))
+
+static void set_dims(ml_model *m, const ml_config *cfg, int B) {
+    m->cfg = *cfg;
+    m->B = B, m->T = cfg->model.seq_len, m->C = cfg->model.dim, m->L = cfg->model.layers;
+    m->H = cfg->model.heads, m->KV = cfg->model.kv_heads, m->hd = m->C / m->H, m->V = cfg->model.vocab;
+    m->E = cfg->model.experts, m->F = cfg->model.expert_ffn, m->Fd = cfg->model.dense_ffn;
+    m->Fs = cfg->model.shared_experts * cfg->model.shared_ffn;
+}
+
+int model_init(ml_model *m, const ml_config *cfg, const ml_backend *be, int B, int kmax, ml_err *err) {
+    memset(m, 0, sizeof *m);
+    int rc = config_validate(cfg, err);
+    if (rc) return rc;
+    set_dims(m, cfg, B);
+    m->be = be;
+    config_layer_k(cfg, m->layer_k, err);
+    m->kmax = kmax;
+    for (int l = 0; l < m->L; l++) m->kmax = m->layer_k[l] > m->kmax ? m->layer_k[l] : m->kmax;
+
+    ml_tensors table;
+    build_table(m, &table);
+    allocator a = {be, 0};
+    m->params = ALLOC_F(&a, m->nparams);
+    m->grads = ALLOC_F(&a, m->nparams);
+    m->adam_m = ALLOC_F(&a, m->nparams);
+    m->adam_v = ALLOC_F(&a, m->nparams);
+    if (a.failed) {
+        model_free(m);
+        return ml_errf(err, ML_ERUN, "out of memory allocating %zu parameters (x4 for gradients and AdamW)",
+                       m->nparams);
+    }
+    bind(&table, &m->p, m->params);
+    bind(&table, &m->g, m->grads);
+
+    const size_t M = (size_t)B * m->T, C = m->C, Hd = (size_t)m->H * m->hd, KVd = (size_t)m->KV * m->hd;
+    const size_t E = m->E, K = m->kmax, MK = M * (K ? K : 1);
+    size_t widest = C;
+    for (int l = 0; l < m->L; l++) {
+        ml_block_acts *x = &m->acts[l];
+        x->res_in = ALLOC_F(&a, M * C);
+        x->ln1 = ALLOC_F(&a, M * C), x->rstd1 = ALLOC_F(&a, M);
+        x->q_raw = ALLOC_F(&a, M * Hd), x->k_raw = ALLOC_F(&a, M * KVd), x->v = ALLOC_F(&a, M * KVd);
+        if (cfg->model.qk_norm) {
+            x->q_normed = ALLOC_F(&a, M * Hd), x->k_normed = ALLOC_F(&a, M * KVd);
+            x->q_rstd = ALLOC_F(&a, M * m->H), x->k_rstd = ALLOC_F(&a, M * m->KV);
+        }
+        x->q = ALLOC_F(&a, M * Hd), x->k = ALLOC_F(&a, M * KVd);
+        x->att = ALLOC_F(&a, (size_t)B * m->H * m->T * m->T);
+        x->atty = ALLOC_F(&a, M * Hd);
+        x->res_mid = ALLOC_F(&a, M * C);
+        x->ln2 = ALLOC_F(&a, M * C), x->rstd2 = ALLOC_F(&a, M);
+        if (m->layer_k[l] == 0) {
+            x->h13 = ALLOC_F(&a, M * 2 * m->Fd), x->act = ALLOC_F(&a, M * m->Fd);
+            widest = widest > (size_t)2 * m->Fd ? widest : (size_t)2 * m->Fd;
+        } else {
+            x->logits = ALLOC_F(&a, M * E), x->probs = ALLOC_F(&a, M * E), x->gate = ALLOC_F(&a, MK);
+            x->idx = ALLOC_I(&a, MK), x->counts = ALLOC_I(&a, E), x->offsets = ALLOC_I(&a, E + 1);
+            x->slot = ALLOC_I(&a, MK);
+            x->xe = ALLOC_F(&a, MK * C), x->eh13 = ALLOC_F(&a, MK * 2 * m->F), x->eact = ALLOC_F(&a, MK * m->F);
+            x->ye = ALLOC_F(&a, MK * C);
+            if (m->Fs) {
+                x->sh13 = ALLOC_F(&a, M * 2 * m->Fs), x->sact = ALLOC_F(&a, M * m->Fs);
+                widest = widest > (size_t)2 * m->Fs ? widest : (size_t)2 * m->Fs;
+            }
+        }
+    }
+    widest = widest > Hd ? widest : Hd;
+    m->res_final = ALLOC_F(&a, M * C), m->lnf = ALLOC_F(&a, M * C), m->rstdf = ALLOC_F(&a, M);
+    m->logits = ALLOC_F(&a, M * m->V), m->losses = ALLOC_F(&a, M);
+    m->rope_cos = ALLOC_F(&a, (size_t)m->T * m->hd / 2), m->rope_sin = ALLOC_F(&a, (size_t)m->T * m->hd / 2);
+    m->tokens = ALLOC_I(&a, M), m->targets = ALLOC_I(&a, M);
+    m->d_res = ALLOC_F(&a, M * C), m->d_ln = ALLOC_F(&a, M * C);
+    m->d_a = ALLOC_F(&a, M * widest), m->d_b = ALLOC_F(&a, M * widest);
+    m->d_q = ALLOC_F(&a, M * Hd), m->d_k = ALLOC_F(&a, M * KVd), m->d_v = ALLOC_F(&a, M * KVd);
+    m->d_qn = ALLOC_F(&a, M * Hd), m->d_kn = ALLOC_F(&a, M * KVd);
+    m->d_logits = ALLOC_F(&a, M * m->V);
+    if (E && K) {
+        m->d_xe = ALLOC_F(&a, MK * C), m->d_eh13 = ALLOC_F(&a, MK * 2 * m->F), m->d_eact = ALLOC_F(&a, MK * m->F);
+        m->d_ye = ALLOC_F(&a, MK * C), m->d_gate = ALLOC_F(&a, MK);
+        m->d_probs = ALLOC_F(&a, M * E), m->d_rlogits = ALLOC_F(&a, M * E);
+    }
+    m->router_bias = ALLOC_F(&a, (size_t)m->L * (E ? E : 1));
+    m->host_scratch = malloc(sizeof(float) * M * (E ? E : 1));
+    m->host_counts = malloc(sizeof(int32_t) * (E ? E : 1));
+    m->stats.tokens_per_expert = calloc((size_t)m->L * (E ? E : 1), sizeof(int64_t));
+    m->stats.gate_mean_sum = calloc((size_t)m->L * (E ? E : 1), sizeof(double));
+    m->stats.aux_loss = calloc(m->L, sizeof(double));
+    if (a.failed || !m->host_scratch || !m->host_counts || !m->stats.tokens_per_expert || !m->stats.gate_mean_sum ||
+        !m->stats.aux_loss) {
+        model_free(m);
+        return ml_errf(err, ML_ERUN, "out of memory allocating activations for train.batch=%d", B);
+    }
+    /* the RoPE table is computed on the host, like every constant, then copied to the backend */
+    float *cs = malloc(sizeof(float) * m->T * m->hd), *sn = cs + (size_t)m->T * m->hd / 2;
+    rope_table(cs, sn, m->T, m->hd, cfg->model.rope_theta);
+    be->from_host(m->rope_cos, cs, sizeof(float) * m->T * m->hd / 2);
+    be->from_host(m->rope_sin, sn, sizeof(float) * m->T * m->hd / 2);
+    free(cs);
+    return ML_OK;
+}
+
+void model_free(ml_model *m) {
+    if (!m->be) return;
+    const ml_backend *be = m->be;
+    void *arena_ptrs[] = {m->params, m->grads, m->adam_m, m->adam_v, m->res_final, m->lnf, m->rstdf, m->logits,
+                          m->losses, m->rope_cos, m->rope_sin, m->tokens, m->targets, m->d_res, m->d_ln, m->d_a,
+                          m->d_b, m->d_q, m->d_k, m->d_v, m->d_qn, m->d_kn, m->d_logits, m->d_xe, m->d_eh13,
+                          m->d_eact, m->d_ye, m->d_gate, m->d_probs, m->d_rlogits, m->router_bias};
+    for (size_t i = 0; i < sizeof arena_ptrs / sizeof arena_ptrs[0]; i++)
+        if (arena_ptrs[i]) be->free(arena_ptrs[i]);
+    for (int l = 0; l < m->L; l++) {
+        void **p = (void **)&m->acts[l];
+        for (size_t i = 0; i < sizeof(ml_block_acts) / sizeof(void *); i++)
+            if (p[i]) be->free(p[i]);
+    }
+    free(m->host_scratch);
+    free(m->host_counts);
+    free(m->stats.tokens_per_expert);
+    free(m->stats.gate_mean_sum);
+    free(m->stats.aux_loss);
+    memset(m, 0, sizeof *m);
+}
+
+void model_init_weights(ml_model *m, uint64_t seed) {
+    ml_rng rng;
+    rng_seed(&rng, seed);
+    float *host = malloc(sizeof(float) * m->nparams);
+    const float std = m->cfg.model.init_std, out_std = std / sqrtf(2.0f * m->L);
+    for (int i = 0; i < m->ntensors; i++) {
+        const ml_tensor *t = &m->tensors[i];
+        float *w = host + t->offset;
+        if (!t->decay) { /* norms */
+            for (size_t j = 0; j < t->numel; j++) w[j] = 1.0f;
+            continue;
+        }
+        /* GPT-2: projections into the residual stream get std / sqrt(2L) */
+        int residual_out = strstr(t->name, ".wo") || strstr(t->name, "w2");
+        float s = residual_out ? out_std : std;
+        for (size_t j = 0; j < t->numel; j++) w[j] = (float)(rng_normal(&rng) * s);
+    }
+    m->be->from_host(m->params, host, sizeof(float) * m->nparams);
+    free(host);
+}
+
+/* ---------------------------------------------------------------- forward */
+
+static ml_router_params router_params(const ml_model *m, int l) {
+    ml_router_params p = {m->E, m->layer_k[l], m->cfg.model.score, m->cfg.model.softmax_order,
+                          m->cfg.model.norm_topk, m->cfg.model.route_scale};
+    return p;
+}
+
+static void attention_block_forward(ml_model *m, int l, float *scratch_out) {
+    const ml_backend *be = m->be;
+    const ml_block_tensors *w = &m->p.block[l];
+    ml_block_acts *x = &m->acts[l];
+    const int B = m->B, T = m->T, M = B * T, C = m->C, H = m->H, KV = m->KV, hd = m->hd;
+    be->rmsnorm_forward(x->ln1, x->rstd1, x->res_in, w->attn_norm, M, C, m->cfg.model.norm_eps);
+    be->matmul_forward(x->q_raw, x->ln1, w->wq, M, C, H * hd);
+    be->matmul_forward(x->k_raw, x->ln1, w->wk, M, C, KV * hd);
+    be->matmul_forward(x->v, x->ln1, w->wv, M, C, KV * hd);
+    const float *q_in = x->q_raw, *k_in = x->k_raw;
+    if (m->cfg.model.qk_norm) {
+        be->rmsnorm_forward(x->q_normed, x->q_rstd, x->q_raw, w->q_norm, M * H, hd, m->cfg.model.norm_eps);
+        be->rmsnorm_forward(x->k_normed, x->k_rstd, x->k_raw, w->k_norm, M * KV, hd, m->cfg.model.norm_eps);
+        q_in = x->q_normed, k_in = x->k_normed;
+    }
+    be->rope_forward(x->q, q_in, m->rope_cos, m->rope_sin, B, T, H, hd);
+    be->rope_forward(x->k, k_in, m->rope_cos, m->rope_sin, B, T, KV, hd);
+    be->attention_forward(x->atty, x->att, x->q, x->k, x->v, B, T, H, KV, hd);
+    be->matmul_forward(scratch_out, x->atty, w->wo, M, H * hd, C);
+    be->add_forward(x->res_mid, x->res_in, scratch_out, (size_t)M * C);
+}
+
+/* The MoE FFN of block l: out(M,C) = sum_j gate_j expert_j(ln2) + shared(ln2). Records routing stats and,
+ * with want_loss, the balancing loss and its gradient on the router scores (kept for the backward). */
+static void moe_block_forward(ml_model *m, int l, float *out, int want_loss) {
+    const ml_backend *be = m->be;
+    const ml_block_tensors *w = &m->p.block[l];
+    ml_block_acts *x = &m->acts[l];
+    const int M = m->B * m->T, C = m->C, E = m->E, k = m->layer_k[l], F = m->F;
+    const ml_router_params rp = router_params(m, l);
+    const float *bias = m->router_bias + (size_t)l * E;
+
+    be->matmul_forward(x->logits, x->ln2, w->router, M, C, E);
+    be->router_forward(x->probs, x->idx, x->gate, x->logits, bias, M, &rp);
+    be->moe_dispatch(x->counts, x->offsets, x->slot, x->idx, M, k, E);
+    be->permute_forward(x->xe, x->ln2, x->slot, M, k, C);
+    be->grouped_matmul_forward(x->eh13, x->xe, w->expert_w13, x->offsets, E, C, 2 * F);
+    int rows;
+    be->to_host(&rows, x->offsets + E, sizeof rows);
+    be->swiglu_forward(x->eact, x->eh13, rows, F);
+    be->grouped_matmul_forward(x->ye, x->eact, w->expert_w2, x->offsets, E, F, C);
+    be->memset0(out, sizeof(float) * M * C);
+    be->unpermute_forward(out, x->ye, x->gate, x->slot, M, k, C);
+    if (m->Fs) {
+        be->matmul_forward(x->sh13, x->ln2, w->shared_w13, M, C, 2 * m->Fs);
+        be->swiglu_forward(x->sact, x->sh13, M, m->Fs);
+        float *tmp = m->d_a; /* free during the forward */
+        be->matmul_forward(tmp, x->sact, w->shared_w2, M, m->Fs, C);
+        be->add_forward(out, out, tmp, (size_t)M * C);
+    }
+    if (!want_loss) return;
+    /* routing statistics and the balancing loss, computed on the host from the scores and counts */
+    be->to_host(m->host_scratch, x->probs, sizeof(float) * M * E);
+    be->to_host(m->host_counts, x->counts, sizeof(int32_t) * E);
+    double P[E];
+    double aux = aux_loss_micro(NULL, P, m->host_scratch, m->host_counts, M, E, k, m->cfg.balance.aux_coef, 0);
+    for (int e = 0; e < E; e++) {
+        m->stats.tokens_per_expert[(size_t)l * E + e] += m->host_counts[e];
+        m->stats.gate_mean_sum[(size_t)l * E + e] += P[e];
+    }
+    m->stats.aux_loss[l] += aux;
+    m->last_aux += (float)aux;
+}
+
+static void dense_block_forward(ml_model *m, int l, float *out) {
+    const ml_backend *be = m->be;
+    const ml_block_tensors *w = &m->p.block[l];
+    ml_block_acts *x = &m->acts[l];
+    const int M = m->B * m->T;
+    be->matmul_forward(x->h13, x->ln2, w->dense_w13, M, m->C, 2 * m->Fd);
+    be->swiglu_forward(x->act, x->h13, M, m->Fd);
+    be->matmul_forward(out, x->act, w->dense_w2, M, m->Fd, m->C);
+}
+
+float model_forward(ml_model *m, const int32_t *tokens, const int32_t *targets) {
+    const ml_backend *be = m->be;
+    const int M = m->B * m->T, C = m->C;
+    be->from_host(m->tokens, tokens, sizeof(int32_t) * M);
+    m->last_aux = 0;
+    float *branch = m->d_ln; /* scratch for a block's branch output; the backward scratch is idle now */
+    be->encoder_forward(m->acts[0].res_in, m->tokens, m->p.wte, M, C);
+    for (int l = 0; l < m->L; l++) {
+        ml_block_acts *x = &m->acts[l];
+        attention_block_forward(m, l, branch);
+        be->rmsnorm_forward(x->ln2, x->rstd2, x->res_mid, m->p.block[l].ffn_norm, M, C, m->cfg.model.norm_eps);
+        if (m->layer_k[l] == 0) dense_block_forward(m, l, branch);
+        else moe_block_forward(m, l, branch, targets != NULL);
+        float *next = l + 1 < m->L ? m->acts[l + 1].res_in : m->res_final;
+        be->add_forward(next, x->res_mid, branch, (size_t)M * C);
+    }
+    be->rmsnorm_forward(m->lnf, m->rstdf, m->res_final, m->p.final_norm, M, C, m->cfg.model.norm_eps);
+    be->matmul_forward(m->logits, m->lnf, m->p.lm_head, M, C, m->V);
+    if (!targets) return 0;
+    m->stats.micro_batches++;
+    be->from_host(m->targets, targets, sizeof(int32_t) * M);
+    be->crossentropy_forward(m->losses, m->logits, m->targets, M, m->V);
+    float *host = m->host_scratch; /* (M,E) >= M floats when E >= 1; else fall back */
+    float *tmp = m->E ? host : malloc(sizeof(float) * M);
+    be->to_host(tmp, m->losses, sizeof(float) * M);
+    double sum = 0;
+    for (int i = 0; i < M; i++) sum += tmp[i];
+    if (!m->E) free(tmp);
+    m->last_loss = (float)(sum / M);
+    return m->last_loss;
+}
+
+/* ---------------------------------------------------------------- backward */
+
+static void moe_block_backward(ml_model *m, int l, const float *dout, float loss_scale) {
+    const ml_backend *be = m->be;
+    const ml_block_tensors *w = &m->p.block[l], *g = &m->g.block[l];
+    ml_block_acts *x = &m->acts[l];
+    const int M = m->B * m->T, C = m->C, E = m->E, k = m->layer_k[l], F = m->F;
+    const ml_router_params rp = router_params(m, l);
+    int rows;
+    be->to_host(&rows, x->offsets + E, sizeof rows);
+
+    be->memset0(m->d_ln, sizeof(float) * M * C);
+    if (m->Fs) {
+        be->memset0(m->d_a, sizeof(float) * M * m->Fs);
+        be->matmul_backward(m->d_a, g->shared_w2, dout, x->sact, w->shared_w2, M, m->Fs, C);
+        be->memset0(m->d_b, sizeof(float) * M * 2 * m->Fs);
+        be->swiglu_backward(m->d_b, m->d_a, x->sh13, M, m->Fs);
+        be->matmul_backward(m->d_ln, g->shared_w13, m->d_b, x->ln2, w->shared_w13, M, C, 2 * m->Fs);
+    }
+    be->memset0(m->d_ye, sizeof(float) * rows * C);
+    be->memset0(m->d_gate, sizeof(float) * M * k);
+    be->unpermute_backward(m->d_ye, m->d_gate, dout, x->ye, x->gate, x->slot, M, k, C);
+    be->memset0(m->d_eact, sizeof(float) * rows * F);
+    be->grouped_matmul_backward(m->d_eact, g->expert_w2, m->d_ye, x->eact, w->expert_w2, x->offsets, E, F, C);
+    be->memset0(m->d_eh13, sizeof(float) * rows * 2 * F);
+    be->swiglu_backward(m->d_eh13, m->d_eact, x->eh13, rows, F);
+    be->memset0(m->d_xe, sizeof(float) * rows * C);
+    be->grouped_matmul_backward(m->d_xe, g->expert_w13, m->d_eh13, x->xe, w->expert_w13, x->offsets, E, C, 2 * F);
+    be->permute_backward(m->d_ln, m->d_xe, x->slot, M, k, C);
+
+    /* balancing loss gradient on the scores, computed on the host (small: M x E) */
+    float *dprobs = NULL;
+    if (m->cfg.balance.aux_coef > 0) {
+        be->to_host(m->host_scratch, x->probs, sizeof(float) * M * E);
+        be->to_host(m->host_counts, x->counts, sizeof(int32_t) * E);
+        float *dhost = malloc(sizeof(float) * M * E);
+        memset(dhost, 0, sizeof(float) * M * E);
+        aux_loss_micro(dhost, NULL, m->host_scratch, m->host_counts, M, E, k, m->cfg.balance.aux_coef, loss_scale);
+        be->from_host(m->d_probs, dhost, sizeof(float) * M * E);
+        free(dhost);
+        dprobs = m->d_probs;
+    }
+    be->memset0(m->d_rlogits, sizeof(float) * M * E);
+    be->router_backward(m->d_rlogits, m->d_gate, dprobs, x->logits, x->probs, x->idx, x->gate, M, &rp);
+    be->matmul_backward(m->d_ln, g->router, m->d_rlogits, x->ln2, w->router, M, C, E);
+}
+
+static void dense_block_backward(ml_model *m, int l, const float *dout) {
+    const ml_backend *be = m->be;
+    const ml_block_tensors *w = &m->p.block[l], *g = &m->g.block[l];
+    ml_block_acts *x = &m->acts[l];
+    const int M = m->B * m->T, C = m->C, Fd = m->Fd;
+    be->memset0(m->d_ln, sizeof(float) * M * C);
+    be->memset0(m->d_a, sizeof(float) * M * Fd);
+    be->matmul_backward(m->d_a, g->dense_w2, dout, x->act, w->dense_w2, M, Fd, C);
+    be->memset0(m->d_b, sizeof(float) * M * 2 * Fd);
+    be->swiglu_backward(m->d_b, m->d_a, x->h13, M, Fd);
+    be->matmul_backward(m->d_ln, g->dense_w13, m->d_b, x->ln2, w->dense_w13, M, C, 2 * Fd);
+}
+
+static void attention_block_backward(ml_model *m, int l) {
+    const ml_backend *be = m->be;
+    const ml_block_tensors *w = &m->p.block[l], *g = &m->g.block[l];
+    ml_block_acts *x = &m->acts[l];
+    const int B = m->B, T = m->T, M = B * T, C = m->C, H = m->H, KV = m->KV, hd = m->hd;
+    float *d_atty = m->d_a;
+    be->memset0(d_atty, sizeof(float) * M * H * hd);
+    be->matmul_backward(d_atty, g->wo, m->d_res, x->atty, w->wo, M, H * hd, C);
+    be->memset0(m->d_q, sizeof(float) * M * H * hd);
+    be->memset0(m->d_k, sizeof(float) * M * KV * hd);
+    be->memset0(m->d_v, sizeof(float) * M * KV * hd);
+    be->attention_backward(m->d_q, m->d_k, m->d_v, d_atty, x->att, x->q, x->k, x->v, B, T, H, KV, hd);
+    be->memset0(m->d_qn, sizeof(float) * M * H * hd);
+    be->memset0(m->d_kn, sizeof(float) * M * KV * hd);
+    be->rope_backward(m->d_qn, m->d_q, m->rope_cos, m->rope_sin, B, T, H, hd);
+    be->rope_backward(m->d_kn, m->d_k, m->rope_cos, m->rope_sin, B, T, KV, hd);
+    float *dq_raw = m->d_qn, *dk_raw = m->d_kn;
+    if (m->cfg.model.qk_norm) {
+        /* reuse d_q / d_k (consumed by rope_backward) for the gradients before the QK-norm */
+        be->memset0(m->d_q, sizeof(float) * M * H * hd);
+        be->memset0(m->d_k, sizeof(float) * M * KV * hd);
+        be->rmsnorm_backward(m->d_q, g->q_norm, m->d_qn, x->q_raw, w->q_norm, x->q_rstd, M * H, hd);
+        be->rmsnorm_backward(m->d_k, g->k_norm, m->d_kn, x->k_raw, w->k_norm, x->k_rstd, M * KV, hd);
+        dq_raw = m->d_q, dk_raw = m->d_k;
+    }
+    be->memset0(m->d_ln, sizeof(float) * M * C);
+    be->matmul_backward(m->d_ln, g->wq, dq_raw, x->ln1, w->wq, M, C, H * hd);
+    be->matmul_backward(m->d_ln, g->wk, dk_raw, x->ln1, w->wk, M, C, KV * hd);
+    be->matmul_backward(m->d_ln, g->wv, m->d_v, x->ln1, w->wv, M, C, KV * hd);
+    be->rmsnorm_backward(m->d_res, g->attn_norm, m->d_ln, x->res_in, w->attn_norm, x->rstd1, M, C);
+}
+
+void model_backward(ml_model *m, float loss_scale) {
+    const ml_backend *be = m->be;
+    const int M = m->B * m->T, C = m->C;
+    be->memset0(m->d_logits, sizeof(float) * M * m->V);
+    be->crossentropy_backward(m->d_logits, m->logits, m->targets, loss_scale / M, M, m->V);
+    be->memset0(m->d_ln, sizeof(float) * M * C);
+    be->matmul_backward(m->d_ln, m->g.lm_head, m->d_logits, m->lnf, m->p.lm_head, M, C, m->V);
+    be->memset0(m->d_res, sizeof(float) * M * C);
+    be->rmsnorm_backward(m->d_res, m->g.final_norm, m->d_ln, m->res_final, m->p.final_norm, m->rstdf, M, C);
+    for (int l = m->L - 1; l >= 0; l--) {
+        ml_block_acts *x = &m->acts[l];
+        /* d_res is d(block output): it flows unchanged to res_mid and, through the FFN branch, adds to it */
+        if (m->layer_k[l] == 0) dense_block_backward(m, l, m->d_res);
+        else moe_block_backward(m, l, m->d_res, loss_scale);
+        be->rmsnorm_backward(m->d_res, m->g.block[l].ffn_norm, m->d_ln, x->res_mid, m->p.block[l].ffn_norm, x->rstd2,
+                             M, C);
+        attention_block_backward(m, l);
+    }
+    be->encoder_backward(m->g.wte, m->d_res, m->tokens, M, C);
+}
+
+/* ---------------------------------------------------------------- optimizer */
+
+void model_zero_grad(ml_model *m) { m->be->memset0(m->grads, sizeof(float) * m->nparams); }
+
+void model_reset_stats(ml_model *m) {
+    size_t n = (size_t)m->L * (m->E ? m->E : 1);
+    memset(m->stats.tokens_per_expert, 0, sizeof(int64_t) * n);
+    memset(m->stats.gate_mean_sum, 0, sizeof(double) * n);
+    memset(m->stats.aux_loss, 0, sizeof(double) * m->L);
+    m->stats.micro_batches = 0;
+}
+
+double model_grad_norm(ml_model *m) { return sqrt(m->be->sumsq(m->grads, m->nparams)); }
+
+void model_adamw(ml_model *m, float lr, float grad_scale, int t) {
+    const ml_config *c = &m->cfg;
+    for (int i = 0; i < m->ntensors; i++) {
+        const ml_tensor *x = &m->tensors[i];
+        m->be->adamw_update(m->params + x->offset, m->grads + x->offset, m->adam_m + x->offset,
+                            m->adam_v + x->offset, x->numel, lr, c->train.beta1, c->train.beta2, c->train.eps,
+                            x->decay ? c->train.weight_decay : 0.0f, grad_scale, t);
+    }
+}
+
+/* ---------------------------------------------------------------- sizes */
+
+size_t model_param_count(const ml_config *cfg) {
+    ml_model *m = calloc(1, sizeof *m);
+    set_dims(m, cfg, 1);
+    config_layer_k(cfg, m->layer_k, NULL);
+    ml_tensors table;
+    build_table(m, &table);
+    size_t n = m->nparams;
+    free(m);
+    return n;
+}
+
+double model_active_params(const ml_config *cfg) {
+    const typeof(cfg->model) *c = &cfg->model;
+    int k[ML_MAX_LAYERS];
+    config_layer_k(cfg, k, NULL);
+    double hd = c->dim / c->heads, n = 0;
+    for (int l = 0; l < c->layers; l++) {
+        n += c->dim * hd * (2.0 * c->heads + 2.0 * c->kv_heads);
+        if (k[l] == 0) n += 3.0 * c->dim * c->dense_ffn;
+        else n += c->dim * c->experts + 3.0 * c->dim * c->expert_ffn * k[l]
+                  + 3.0 * c->dim * c->shared_ffn * c->shared_experts;
+    }
+    return n + (double)c->vocab * c->dim; /* the LM head (the embedding lookup costs no FLOPs) */
+}

@@ -1,0 +1,204 @@
+/* train.c: the training loop over the model and the data loaders. It owns the run folder layout
+ * (run.dir/config.yaml, log.txt, checkpoint.bin) and the progress line; the model owns the math. */
+#include "train.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "backend.h"
+#include "checkpoint.h"
+#include "dataloader.h"
+#include "model.h"
+
+float train_lr(const ml_config *c, int step) {
+    const float lr = c->train.lr, lo = lr * c->train.min_lr_ratio;
+    if (step < c->train.warmup) return lr * (step + 1) / c->train.warmup;
+    int decay = c->train.steps - c->train.warmup;
+    if (decay <= 0) return lr;
+    float progress = (float)(step - c->train.warmup) / decay;
+    if (progress > 1) progress = 1;
+    return lo + 0.5f * (lr - lo) * (1 + cosf((float)M_PI * progress));
+}
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static int mkdirs(const char *path, ml_err *err) {
+    char buf[1024];
+    snprintf(buf, sizeof buf, "%s", path);
+    for (char *p = buf + 1; *p; p++)
+        if (*p == '/') {
+            *p = 0;
+            if (mkdir(buf, 0755) && errno != EEXIST) return ml_errf(err, ML_EINPUT, "%s: %s", buf, strerror(errno));
+            *p = '/';
+        }
+    if (mkdir(buf, 0755) && errno != EEXIST) return ml_errf(err, ML_EINPUT, "%s: %s", buf, strerror(errno));
+    return ML_OK;
+}
+
+/* MaxVio of the worst MoE layer over the step's loads: (max_i load_i - mean) / mean (arXiv 2408.15664) */
+static float worst_maxvio(const ml_model *m, int *worst_layer) {
+    float worst = 0;
+    *worst_layer = -1;
+    for (int l = 0; l < m->L; l++) {
+        if (!m->layer_k[l]) continue;
+        const int64_t *c = m->stats.tokens_per_expert + (size_t)l * m->E;
+        double sum = 0, mx = 0;
+        for (int e = 0; e < m->E; e++) sum += c[e], mx = c[e] > mx ? c[e] : mx;
+        if (sum <= 0) continue;
+        float v = (float)((mx - sum / m->E) / (sum / m->E));
+        if (*worst_layer < 0 || v > worst) worst = v, *worst_layer = l;
+    }
+    return worst;
+}
+
+static float evaluate(ml_model *m, ml_loader *val, int batches) {
+    val->pos = 0;
+    double sum = 0;
+    for (int i = 0; i < batches; i++) {
+        loader_next(val);
+        sum += model_forward(m, val->inputs, val->targets);
+    }
+    return (float)(sum / batches);
+}
+
+static void fmt_duration(char *buf, size_t n, double s) {
+    if (!isfinite(s) || s < 0) s = 0;
+    int t = (int)(s + 0.5);
+    if (t >= 3600) snprintf(buf, n, "%dh%02dm", t / 3600, t / 60 % 60);
+    else snprintf(buf, n, "%dm%02ds", t / 60, t % 60);
+}
+
+int train_run(const ml_config *cfg_in, const ml_train_opts *opts, ml_train_result *res, ml_err *err) {
+    ml_config cfg = *cfg_in;
+    int rc = config_validate(&cfg, err);
+    if (rc) return rc;
+    if (!cfg.run.dir[0]) snprintf(cfg.run.dir, sizeof cfg.run.dir, "runs/%s-%llu", cfg.preset,
+                                  (unsigned long long)cfg.seed);
+    FILE *out = opts && opts->progress ? opts->progress : stdout;
+    const int quiet = opts && opts->quiet, tty = isatty(fileno(out));
+    memset(res, 0, sizeof *res);
+
+    char train_path[1100], val_path[1100], ckpt_path[1100], path[1100];
+    snprintf(train_path, sizeof train_path, "%s/train.bin", cfg.data.dir);
+    snprintf(val_path, sizeof val_path, "%s/val.bin", cfg.data.dir);
+    ml_loader train = {0}, val = {0};
+    const int B = cfg.train.batch, T = cfg.model.seq_len;
+    if ((rc = loader_open(&train, train_path, B, T, cfg.model.vocab, err))) return rc;
+    if ((rc = loader_open(&val, val_path, B, T, cfg.model.vocab, err))) {
+        loader_close(&train);
+        return rc;
+    }
+    ml_model *m = calloc(1, sizeof *m);
+    if ((rc = model_init(m, &cfg, backend_cpu(), B, 0, err))) goto done_loaders;
+    if ((rc = mkdirs(cfg.run.dir, err))) goto done_model;
+    snprintf(ckpt_path, sizeof ckpt_path, "%s/checkpoint.bin", cfg.run.dir);
+
+    ml_train_state st = {0};
+    rng_seed(&st.rng, cfg.seed);
+    if (cfg.run.resume[0]) {
+        if ((rc = checkpoint_load(cfg.run.resume, m, &st, err))) goto done_model;
+        train.pos = st.data_pos;
+    } else {
+        model_init_weights(m, rng_next(&st.rng));
+    }
+    snprintf(path, sizeof path, "%s/config.yaml", cfg.run.dir);
+    FILE *cf = fopen(path, "w");
+    if (!cf) {
+        rc = ml_errf(err, ML_EINPUT, "%s: %s", path, strerror(errno));
+        goto done_model;
+    }
+    config_write(&cfg, cf);
+    fclose(cf);
+    snprintf(path, sizeof path, "%s/log.txt", cfg.run.dir);
+    FILE *log = fopen(path, cfg.run.resume[0] ? "a" : "w");
+
+    if (!quiet)
+        fprintf(out, "moelab: %s, %zu parameters (%.1fM active/token), %d steps of %d tokens, run folder %s\n",
+                cfg.preset, m->nparams, model_active_params(&cfg) / 1e6, cfg.train.steps,
+                B * T * cfg.train.accum, cfg.run.dir);
+    const int tokens_per_step = B * T * cfg.train.accum;
+    float val_loss = NAN, loss = NAN, maxvio = 0;
+    double t_start = now_s(), t_last = t_start;
+    int steps_timed = 0;
+    for (int step = st.step; step < cfg.train.steps; step++) {
+        const float lr = train_lr(&cfg, step);
+        model_zero_grad(m);
+        model_reset_stats(m);
+        double loss_sum = 0, aux_sum = 0;
+        for (int micro = 0; micro < cfg.train.accum; micro++) {
+            loader_next(&train);
+            loss_sum += model_forward(m, train.inputs, train.targets);
+            aux_sum += m->last_aux;
+            model_backward(m, 1.0f / cfg.train.accum);
+        }
+        loss = (float)(loss_sum / cfg.train.accum);
+        double norm = model_grad_norm(m);
+        if (!isfinite(loss) || !isfinite(norm)) {
+            rc = ml_errf(err, ML_ERUN,
+                         "step %d: %s is %s; stopped. The last good checkpoint (if any) is %s; try a lower train.lr",
+                         step + 1, isfinite(loss) ? "gradient norm" : "loss", "not finite", ckpt_path);
+            if (log) fprintf(log, "error: %s\n", err->msg);
+            goto done_log;
+        }
+        float clip = cfg.train.grad_clip > 0 && norm > cfg.train.grad_clip ? (float)(cfg.train.grad_clip / norm) : 1;
+        model_adamw(m, lr, clip, step + 1);
+        st.step = step + 1;
+        st.tokens_seen += tokens_per_step;
+        st.data_pos = train.pos;
+        int worst_layer;
+        maxvio = worst_maxvio(m, &worst_layer);
+        steps_timed++;
+
+        const int last = st.step == cfg.train.steps;
+        const int do_eval = last || (cfg.train.eval_every && st.step % cfg.train.eval_every == 0);
+        if (do_eval) val_loss = evaluate(m, &val, cfg.train.eval_batches);
+        double t = now_s(), tok_s = (double)steps_timed * tokens_per_step / (t - t_start);
+        if (log) {
+            fprintf(log, "step %d loss %.5f aux %.5f lr %.3e norm %.4f maxvio %.4f", st.step, loss,
+                    aux_sum / cfg.train.accum, lr, norm, maxvio);
+            if (do_eval) fprintf(log, " val %.5f", val_loss);
+            fputc('\n', log);
+        }
+        if (!quiet && (tty || last || do_eval || st.step % cfg.train.log_every == 0)) {
+            char eta[32];
+            fmt_duration(eta, sizeof eta, (cfg.train.steps - st.step) * (double)tokens_per_step / tok_s);
+            if (tty && !(last || do_eval || st.step % cfg.train.log_every == 0) && t - t_last < 0.1) continue;
+            t_last = t;
+            char vbuf[16];
+            snprintf(vbuf, sizeof vbuf, isnan(val_loss) ? "-" : "%.4f", val_loss);
+            fprintf(out, "%sstep %5d/%d | loss %.4f | val %s | lr %.2e | %.0f tok/s | maxvio %.2f (layer %d) | eta %s",
+                    tty ? "\r\033[K" : "", st.step, cfg.train.steps, loss, vbuf, lr, tok_s, maxvio, worst_layer, eta);
+            if (!tty || last || do_eval || st.step % cfg.train.log_every == 0) fputc('\n', out);
+            fflush(out);
+        }
+        const int stop = opts && opts->stop_after > 0 && st.step == opts->stop_after;
+        if (last || stop || (cfg.train.ckpt_every && st.step % cfg.train.ckpt_every == 0))
+            if ((rc = checkpoint_save(ckpt_path, m, &st, err))) goto done_log;
+        if (stop) break;
+    }
+    res->steps = st.step;
+    res->train_loss = loss;
+    res->val_loss = val_loss;
+    res->worst_maxvio = maxvio;
+    res->tokens_per_s = steps_timed ? (double)steps_timed * tokens_per_step / (now_s() - t_start) : 0;
+    if (!quiet) fprintf(out, "done: %d steps, train loss %.4f, val loss %.4f, checkpoint %s\n", st.step, loss,
+                        val_loss, ckpt_path);
+done_log:
+    if (log) fclose(log);
+done_model:
+    model_free(m);
+    free(m);
+done_loaders:
+    loader_close(&train);
+    loader_close(&val);
+    return rc;
+}

@@ -1,0 +1,31 @@
+/* train.h: the training loop: AdamW with warmup + cosine LR, global-norm clipping, gradient accumulation,
+ * periodic validation, checkpoints, a NaN/Inf guard and the progress line. */
+#ifndef MOELAB_TRAIN_H
+#define MOELAB_TRAIN_H
+
+#include <stdio.h>
+
+#include "config.h"
+#include "err.h"
+
+typedef struct {
+    int quiet;          /* no progress output */
+    FILE *progress;     /* where progress goes (stdout by default) */
+    int stop_after;     /* > 0: checkpoint and return after this many steps of the run (time-sliced jobs) */
+} ml_train_opts;
+
+/* Final numbers of a run. */
+typedef struct {
+    int steps;
+    float train_loss, val_loss, worst_maxvio;
+    double tokens_per_s;
+} ml_train_result;
+
+/* Learning rate at step (0-based): linear warmup to lr, then cosine to lr * min_lr_ratio at train.steps. */
+float train_lr(const ml_config *cfg, int step);
+
+/* Runs cfg to train.steps (resuming from run.resume when set). ML_EINPUT for bad config or data,
+ * ML_ERUN when training fails (NaN/Inf: the last good checkpoint is kept). */
+int train_run(const ml_config *cfg, const ml_train_opts *opts, ml_train_result *res, ml_err *err);
+
+#endif
