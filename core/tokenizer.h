@@ -21,11 +21,13 @@ int tok_vocab_size(const ml_tokenizer *t);
 uint32_t tok_eot(const ml_tokenizer *t); /* the <|endoftext|> id, used as the document separator */
 
 /* Appends the encoding of text[0..len) to *ids (realloc'd; *n and *cap track it). The text is treated as
- * ordinary text: "<|endoftext|>" inside it is encoded as characters, not as the special token. */
+ * ordinary text: "<|endoftext|>" inside it is encoded as characters, not as the special token. Bytes that
+ * are not valid UTF-8 are encoded as bytes, so any input round-trips. Safe to call from several threads. */
 int tok_encode(const ml_tokenizer *t, const char *text, size_t len, uint32_t **ids, size_t *n, size_t *cap,
                ml_err *err);
 
-/* Writes the bytes of token id to buf (up to cap); returns the byte count, or -1 for an unknown id. */
+/* Writes the bytes of token id to buf (up to cap); returns the byte count, or -1 for an unknown id.
+ * Like snprintf, a count above cap means only cap bytes were written; no token is longer than 255 bytes. */
 int tok_decode_token(const ml_tokenizer *t, uint32_t id, char *buf, size_t cap);
 
 #endif
