@@ -310,6 +310,8 @@ int config_validate(const ml_config *c, ml_err *err) {
     REQUIRE(m->shared_experts >= 0, "model.shared_experts: %d must not be negative", m->shared_experts);
     REQUIRE(m->shared_experts == 0 || m->shared_ffn >= 1,
             "model.shared_ffn: must be positive when model.shared_experts > 0");
+    REQUIRE(m->softmax_order == SOFTMAX_BEFORE_TOPK || m->score == SCORE_SOFTMAX,
+            "model.softmax_order: 'after' needs model.score=softmax");
     REQUIRE(m->route_scale > 0, "model.route_scale: %g must be positive", m->route_scale);
     REQUIRE(m->norm_eps > 0, "model.norm_eps: %g must be positive", m->norm_eps);
     REQUIRE(m->rope_theta > 0, "model.rope_theta: %g must be positive", m->rope_theta);

@@ -16,7 +16,6 @@ typedef double real;
 #define SQRT sqrt
 #define COS cos
 #define SIN sin
-#define LOG log
 #else
 typedef float real;
 #define N_(n) n
@@ -25,7 +24,6 @@ typedef float real;
 #define SQRT sqrtf
 #define COS cosf
 #define SIN sinf
-#define LOG logf
 #endif
 
 void N_(encoder_forward)(real *out, const int32_t *tokens, const real *wte, int M, int C) {
@@ -256,8 +254,8 @@ void N_(router_forward)(real *probs, int32_t *idx, real *gate, const real *logit
             for (int e = 0; e < E; e++) sum += (s[e] = EXP(l[e] - mx));
             for (int e = 0; e < E; e++) s[e] /= sum;
         }
-        /* selection key: the score (or the logit in after-order, same ranking without the bias) plus the bias */
-        const real *key = p->softmax_order == SOFTMAX_AFTER_TOPK ? l : s;
+        /* selection key: the score plus the bias, in every mode (arXiv 2408.15664 adds b_i to s_i) */
+        const real *key = s;
         int32_t *id = idx + (size_t)m * K;
         for (int j = 0; j < K; j++) {
             int best = -1;
@@ -411,23 +409,30 @@ void N_(crossentropy_forward)(real *losses, const real *logits, const int32_t *t
         real mx = l[0];
         for (int i = 1; i < V; i++) mx = l[i] > mx ? l[i] : mx;
         double sum = 0;
+#pragma omp simd reduction(+ : sum)
         for (int i = 0; i < V; i++) sum += EXP(l[i] - mx);
         losses[m] = (real)(log(sum) + mx - l[targets[m]]);
     }
 }
 
 void N_(crossentropy_backward)(real *dlogits, const real *logits, const int32_t *targets, float scale, int M, int V) {
-#pragma omp parallel for
-    for (int m = 0; m < M; m++) {
-        const real *l = logits + (size_t)m * V;
-        real *d = dlogits + (size_t)m * V;
-        real mx = l[0];
-        for (int i = 1; i < V; i++) mx = l[i] > mx ? l[i] : mx;
-        real sum = 0;
-        for (int i = 0; i < V; i++) sum += EXP(l[i] - mx);
-        real inv = (real)scale / sum;
-        for (int i = 0; i < V; i++) d[i] += EXP(l[i] - mx) * inv;
-        d[targets[m]] -= (real)scale;
+#pragma omp parallel
+    {
+        real e[V]; /* one exp per logit, reused for the normalisation (V <= ~256K: fits a thread's stack) */
+#pragma omp for
+        for (int m = 0; m < M; m++) {
+            const real *l = logits + (size_t)m * V;
+            real *d = dlogits + (size_t)m * V;
+            real mx = l[0];
+            for (int i = 1; i < V; i++) mx = l[i] > mx ? l[i] : mx;
+            real sum = 0;
+#pragma omp simd reduction(+ : sum)
+            for (int i = 0; i < V; i++) sum += (e[i] = EXP(l[i] - mx));
+            real inv = (real)scale / sum;
+#pragma omp simd
+            for (int i = 0; i < V; i++) d[i] += e[i] * inv;
+            d[targets[m]] -= (real)scale;
+        }
     }
 }
 
