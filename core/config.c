@@ -114,7 +114,7 @@ int config_preset(ml_config *c, const char *name, ml_err *err) {
         /* tests and smoke runs: seconds on one core */
         c->model.dim = 64, c->model.layers = 2, c->model.heads = 4, c->model.kv_heads = 2, c->model.seq_len = 64;
         c->model.experts = 8, c->model.expert_ffn = 64, c->model.top_k = 2;
-        c->train.batch = 8, c->train.steps = 300, c->train.warmup = 20, c->train.lr = 3e-3f;
+        c->train.batch = 16, c->train.steps = 600, c->train.warmup = 20, c->train.lr = 3e-3f;
         c->train.eval_every = 100, c->train.eval_batches = 8;
     } else if (!strcmp(name, "small-cpu")) {
         /* the paper's routing regime (96 fine-grained experts, top-1) at a width 2 cores train in minutes */
