@@ -80,7 +80,7 @@ int cli_bench(int argc, char **argv) {
     for (int s = 0; s < warmup + steps; s++) {
         double t0 = now_s();
         model_zero_grad(m);
-        model_reset_stats(m);
+        model_begin_step(m, 0);
         model_forward(m, tok, tok + 1);
         double t1 = now_s();
         model_backward(m, 1.0f);

@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "cli.h"
+#include "balance/policy.h"
 #include "config.h"
 #include "model.h"
 #include "train.h"
@@ -19,7 +20,8 @@ static void train_usage(FILE *f) {
     fprintf(f, "\nThe run folder (run.dir, default runs/<preset>-<seed>) receives config.yaml, log.txt and\n"
                "checkpoint.bin. --resume continues a run bit for bit from its checkpoint; --stop-after N\n"
                "checkpoints and stops after step N (the schedule still targets train.steps).\n"
-               "  --help-config   list every key with its default and meaning\n");
+               "  --help-config     list every key with its default and meaning\n"
+               "  --help-policies   list the load-balancing policies (balance.policy) and their keys\n");
 }
 
 /* Builds a config from argv's key=value pairs (a preset= pair first applies that preset). */
@@ -49,6 +51,7 @@ int cli_train(int argc, char **argv) {
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) return train_usage(stdout), 0;
         if (!strcmp(argv[i], "--help-config")) return config_print_help(stdout), 0;
+        if (!strcmp(argv[i], "--help-policies")) return balance_print_help(stdout), 0;
     }
     ml_config cfg;
     ml_err err = {0};

@@ -2,6 +2,8 @@
  * type, field and meaning; parsing, printing, help and (later) the params table all walk it. */
 #include "config.h"
 
+#include "balance/policy.h"
+
 #include <ctype.h>
 #include <errno.h>
 #include <inttypes.h>
@@ -23,6 +25,9 @@ typedef struct {
 
 static const char *const score_names[] = {"softmax", "sigmoid", NULL};
 static const char *const order_names[] = {"before", "after", NULL};
+static const char *const bias_rule_names[] = {"sign", "proportional", NULL};
+static const char *const drop_policy_names[] = {"probs", "position", NULL};
+static const char *const forced_names[] = {"round_robin", "random", NULL};
 
 #define F(field) offsetof(ml_config, field)
 #define S(field) offsetof(ml_config, field), sizeof(((ml_config *)0)->field)
@@ -53,8 +58,24 @@ static const key_spec keys[] = {
     {"model.rope_theta", K_FLOAT, F(model.rope_theta), 0, NULL, "RoPE base"},
     {"model.norm_eps", K_FLOAT, F(model.norm_eps), 0, NULL, "RMSNorm epsilon"},
     {"model.init_std", K_FLOAT, F(model.init_std), 0, NULL, "std of the normal weight initialisation"},
+    {"balance.policy", K_STR, S(balance.policy), NULL,
+     "balancing policies joined by '+' (moelab train --help-policies), e.g. aux_loss+z_loss"},
     {"balance.aux_coef", K_FLOAT, F(balance.aux_coef), 0, NULL,
-     "micro-batch load-balancing loss coefficient: coef * E * sum_i f_i * P_i per MoE layer"},
+     "aux_loss / seq_aux_loss / global_aux_loss coefficient: coef * E * sum_i f_i * P_i per MoE layer"},
+    {"balance.z_coef", K_FLOAT, F(balance.z_coef), 0, NULL, "z_loss coefficient: coef * mean_t logsumexp(logits_t)^2"},
+    {"balance.top1_coef", K_FLOAT, F(balance.top1_coef), 0, NULL, "top1_loss coefficient"},
+    {"balance.top1_tau", K_FLOAT, F(balance.top1_tau), 0, NULL, "top1_loss softmax temperature tau"},
+    {"balance.bias_rate", K_FLOAT, F(balance.bias_rate), 0, NULL, "loss_free bias update rate u"},
+    {"balance.bias_rule", K_ENUM, F(balance.bias_rule), 0, bias_rule_names,
+     "loss_free update: sign (b += u sign(mean - load)) | proportional (b += u (mean - load) / mean)"},
+    {"balance.topk_stages", K_STR, S(balance.topk_stages), NULL,
+     "topk_schedule stages: [{layers: \"[2]*2+[1]*6\", until_tokens: 20e6}, {layers: \"[1]*8\"}]"},
+    {"balance.capacity_factor", K_FLOAT, F(balance.capacity_factor), 0, NULL,
+     "capacity: an expert takes at most ceil(factor * tokens * k / E) per micro-batch (0 = dropless)"},
+    {"balance.drop_policy", K_ENUM, F(balance.drop_policy), 0, drop_policy_names,
+     "capacity: which assignments an over-full expert keeps: probs (highest scores) | position (earliest)"},
+    {"balance.forced", K_ENUM, F(balance.forced), 0, forced_names,
+     "forced_balance assignment: round_robin | random"},
     {"train.batch", K_INT, F(train.batch), 0, NULL, "sequences per micro-batch B"},
     {"train.steps", K_INT, F(train.steps), 0, NULL, "optimizer steps"},
     {"train.accum", K_INT, F(train.accum), 0, NULL, "micro-batches per optimizer step (gradient accumulation)"},
@@ -94,7 +115,12 @@ static void defaults(ml_config *c) {
     c->model.rope_theta = 10000.0f;
     c->model.norm_eps = 1e-6f;
     c->model.init_std = 0.02f;
+    snprintf(c->balance.policy, sizeof c->balance.policy, "aux_loss");
     c->balance.aux_coef = 1e-2f;
+    c->balance.z_coef = 1e-3f;
+    c->balance.top1_coef = 1e-2f, c->balance.top1_tau = 0.1f;
+    c->balance.bias_rate = 1e-3f;
+    c->balance.capacity_factor = 0;
     c->train.accum = 1;
     c->train.lr = 3e-3f;
     c->train.min_lr_ratio = 0.1f;
@@ -197,8 +223,14 @@ static int parse_value(ml_config *c, const key_spec *k, const char *v, ml_err *e
                 *(int *)p = i;
                 return ML_OK;
             }
-        return ml_errf(err, ML_EINPUT, "%s: '%s' is not one of %s%s%s", k->key, v, k->names[0],
-                       k->names[1] ? " | " : "", k->names[1] ? k->names[1] : "");
+        {
+            char list[128] = "";
+            for (int i = 0; k->names[i]; i++) {
+                strcat(list, i ? " | " : "");
+                strcat(list, k->names[i]);
+            }
+            return ml_errf(err, ML_EINPUT, "%s: '%s' is not one of %s", k->key, v, list);
+        }
     }
     return ML_OK;
 }
@@ -319,7 +351,8 @@ int config_validate(const ml_config *c, ml_err *err) {
     int k[ML_MAX_LAYERS];
     int rc = config_layer_k(c, k, err);
     if (rc) return rc;
-    REQUIRE(c->balance.aux_coef >= 0, "balance.aux_coef: %g must not be negative", c->balance.aux_coef);
+    /* the balance.* keys are checked by the policies that read them (core/balance/) */
+    if ((rc = balance_validate(c, err))) return rc;
     const typeof(c->train) *t = &c->train;
     REQUIRE(t->batch >= 1, "train.batch: %d must be positive", t->batch);
     REQUIRE(t->steps >= 0, "train.steps: %d must not be negative", t->steps);

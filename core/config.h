@@ -14,6 +14,9 @@
 
 enum ml_score { SCORE_SOFTMAX = 0, SCORE_SIGMOID = 1 };
 enum ml_softmax_order { SOFTMAX_BEFORE_TOPK = 0, SOFTMAX_AFTER_TOPK = 1 };
+enum ml_bias_rule { BIAS_SIGN = 0, BIAS_PROPORTIONAL = 1 };
+enum ml_drop_policy { DROP_PROBS = 0, DROP_POSITION = 1 };
+enum ml_forced { FORCED_ROUND_ROBIN = 0, FORCED_RANDOM = 1 };
 
 typedef struct {
     char preset[64];
@@ -34,7 +37,16 @@ typedef struct {
     } model;
 
     struct {
-        float aux_coef;
+        char policy[256];        /* '+'-separated policy names, e.g. "aux_loss+z_loss" */
+        float aux_coef;          /* aux_loss, seq_aux_loss, global_aux_loss */
+        float z_coef;            /* z_loss */
+        float top1_coef, top1_tau; /* top1_loss */
+        float bias_rate;         /* loss_free: u */
+        int bias_rule;           /* enum ml_bias_rule */
+        char topk_stages[1024];  /* topk_schedule: [{layers: "[2]*2+[1]*6", until_tokens: 20e6}, {layers: "[1]*8"}] */
+        float capacity_factor;   /* capacity: 0 = dropless */
+        int drop_policy;         /* enum ml_drop_policy */
+        int forced;              /* enum ml_forced */
     } balance;
 
     struct {

@@ -8,7 +8,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "balance/balance.h"
 #include "ops_cpu.h" /* rope_table: host-side constant tables */
 #include "rng.h"
 
@@ -112,9 +111,9 @@ int model_init(ml_model *m, const ml_config *cfg, const ml_backend *be, int B, i
     if (rc) return rc;
     set_dims(m, cfg, B);
     m->be = be;
-    config_layer_k(cfg, m->layer_k, err);
-    m->kmax = kmax;
-    for (int l = 0; l < m->L; l++) m->kmax = m->layer_k[l] > m->kmax ? m->layer_k[l] : m->kmax;
+    if ((rc = balance_init(&m->balance, cfg, err))) return rc;
+    balance_choose_k(&m->balance, cfg, 0, m->layer_k);
+    m->kmax = kmax > balance_max_k(cfg) ? kmax : balance_max_k(cfg);
 
     ml_tensors table;
     build_table(m, &table);
@@ -153,7 +152,8 @@ int model_init(ml_model *m, const ml_config *cfg, const ml_backend *be, int B, i
             widest = widest > (size_t)2 * m->Fd ? widest : (size_t)2 * m->Fd;
         } else {
             x->logits = ALLOC_F(&a, M * E), x->probs = ALLOC_F(&a, M * E), x->gate = ALLOC_F(&a, MK);
-            x->idx = ALLOC_I(&a, MK), x->counts = ALLOC_I(&a, E), x->offsets = ALLOC_I(&a, E + 1);
+            x->idx = ALLOC_I(&a, MK), x->route = ALLOC_I(&a, MK);
+            x->counts = ALLOC_I(&a, E), x->offsets = ALLOC_I(&a, E + 1);
             x->slot = ALLOC_I(&a, MK);
             x->xe = ALLOC_F(&a, MK * C), x->eh13 = ALLOC_F(&a, MK * 2 * m->F), x->eact = ALLOC_F(&a, MK * m->F);
             x->ye = ALLOC_F(&a, MK * C);
@@ -179,13 +179,17 @@ int model_init(ml_model *m, const ml_config *cfg, const ml_backend *be, int B, i
         m->d_probs = ALLOC_F(&a, M * E), m->d_rlogits = ALLOC_F(&a, M * E);
     }
     m->router_bias = ALLOC_F(&a, (size_t)m->L * (E ? E : 1));
-    m->host_scratch = malloc(sizeof(float) * M * (E ? E : 1));
-    m->host_counts = malloc(sizeof(int32_t) * (E ? E : 1));
-    m->stats.tokens_per_expert = calloc((size_t)m->L * (E ? E : 1), sizeof(int64_t));
-    m->stats.gate_mean_sum = calloc((size_t)m->L * (E ? E : 1), sizeof(double));
-    m->stats.aux_loss = calloc(m->L, sizeof(double));
-    if (a.failed || !m->host_scratch || !m->host_counts || !m->stats.tokens_per_expert || !m->stats.gate_mean_sum ||
-        !m->stats.aux_loss) {
+    const size_t ME = M * (E ? E : 1);
+    int host_failed = !(m->h_logits = malloc(sizeof(float) * ME)) | !(m->h_scores = malloc(sizeof(float) * ME)) |
+                      !(m->h_tmp = malloc(sizeof(float) * (ME > M ? ME : M))) |
+                      !(m->h_idx = malloc(sizeof(int32_t) * MK)) | !(m->h_route = malloc(sizeof(int32_t) * MK)) |
+                      !(m->h_counts = malloc(sizeof(int32_t) * (E ? E : 1))) |
+                      !(m->h_selected = malloc(sizeof(int32_t) * (E ? E : 1)));
+    if (m->balance.has_loss)
+        host_failed |= !(m->h_dscores = malloc(sizeof(float) * ME * m->L)) |
+                       !(m->h_dlogits = malloc(sizeof(float) * ME * m->L));
+    host_failed |= route_stats_alloc(&m->stats, m->L, m->E) | route_stats_alloc(&m->eval_stats, m->L, m->E);
+    if (a.failed || host_failed) {
         model_free(m);
         return ml_errf(err, ML_ERUN, "out of memory allocating activations for train.batch=%d", B);
     }
@@ -212,11 +216,10 @@ void model_free(ml_model *m) {
         for (size_t i = 0; i < sizeof(ml_block_acts) / sizeof(void *); i++)
             if (p[i]) be->free(p[i]);
     }
-    free(m->host_scratch);
-    free(m->host_counts);
-    free(m->stats.tokens_per_expert);
-    free(m->stats.gate_mean_sum);
-    free(m->stats.aux_loss);
+    free(m->h_logits), free(m->h_scores), free(m->h_tmp), free(m->h_idx), free(m->h_route);
+    free(m->h_counts), free(m->h_selected), free(m->h_dscores), free(m->h_dlogits);
+    route_stats_free(&m->stats);
+    route_stats_free(&m->eval_stats);
     memset(m, 0, sizeof *m);
 }
 
@@ -244,8 +247,9 @@ void model_init_weights(ml_model *m, uint64_t seed) {
 /* ---------------------------------------------------------------- forward */
 
 static ml_router_params router_params(const ml_model *m, int l) {
-    ml_router_params p = {m->E, m->layer_k[l], m->cfg.model.score, m->cfg.model.softmax_order,
-                          m->cfg.model.norm_topk, m->cfg.model.route_scale};
+    ml_router_params p = {.E = m->E, .k = m->layer_k[l], .score = m->cfg.model.score,
+                          .softmax_order = m->cfg.model.softmax_order, .norm_topk = m->cfg.model.norm_topk,
+                          .route_scale = m->cfg.model.route_scale};
     return p;
 }
 
@@ -271,19 +275,54 @@ static void attention_block_forward(ml_model *m, int l, float *scratch_out) {
     be->add_forward(x->res_mid, x->res_in, scratch_out, (size_t)M * C);
 }
 
-/* The MoE FFN of block l: out(M,C) = sum_j gate_j expert_j(ln2) + shared(ln2). Records routing stats and,
- * with want_loss, the balancing loss and its gradient on the router scores (kept for the backward). */
-static void moe_block_forward(ml_model *m, int l, float *out, int want_loss) {
+/* A stream id for policies that draw (forced_balance random): distinct per seed, step, micro-batch, layer. */
+static uint64_t policy_stream(const ml_model *m, int l) {
+    const ml_route_stats *st = m->eval_mode ? &m->eval_stats : &m->stats;
+    uint64_t h = m->cfg.seed * 0x9e3779b97f4a7c15ULL ^ m->tokens_seen * 0xbf58476d1ce4e5b9ULL;
+    h ^= ((uint64_t)st->micro_batches << 32 | (uint64_t)l << 1 | (uint64_t)m->eval_mode) * 0x94d049bb133111ebULL;
+    return h;
+}
+
+/* The MoE FFN of block l: out(M,C) = sum_j gate_j expert_j(ln2) + shared(ln2). The policies may assign the
+ * experts and drop assignments over capacity; with record, the routing statistics and the policies' losses
+ * (and, outside eval_mode, their gradients for the backward) are recorded. */
+static void moe_block_forward(ml_model *m, int l, float *out, int record) {
     const ml_backend *be = m->be;
+    const ml_balance *bal = &m->balance;
     const ml_block_tensors *w = &m->p.block[l];
     ml_block_acts *x = &m->acts[l];
     const int M = m->B * m->T, C = m->C, E = m->E, k = m->layer_k[l], F = m->F;
-    const ml_router_params rp = router_params(m, l);
+    ml_router_params rp = router_params(m, l);
     const float *bias = m->router_bias + (size_t)l * E;
+    ml_route_stats *st = m->eval_mode ? &m->eval_stats : &m->stats;
+    ml_balance_layer ctx = {.layer = l, .M = M, .E = E, .k = k, .B = m->B, .T = m->T,
+                            .logits = m->h_logits, .scores = m->h_scores, .idx = m->h_idx};
 
     be->matmul_forward(x->logits, x->ln2, w->router, M, C, E);
+    be->to_host(m->h_logits, x->logits, sizeof(float) * M * E);
+    if (bal->has_assign) {
+        ctx.stream = policy_stream(m, l);
+        balance_assign(bal, &m->cfg, &ctx, m->h_idx);
+        be->from_host(x->idx, m->h_idx, sizeof(int32_t) * M * k);
+        rp.given_idx = 1;
+    }
     be->router_forward(x->probs, x->idx, x->gate, x->logits, bias, M, &rp);
-    be->moe_dispatch(x->counts, x->offsets, x->slot, x->idx, M, k, E);
+    be->to_host(m->h_scores, x->probs, sizeof(float) * M * E);
+    be->to_host(m->h_idx, x->idx, sizeof(int32_t) * M * k);
+    memset(m->h_selected, 0, sizeof(int32_t) * E);
+    for (int i = 0; i < M * k; i++) m->h_selected[m->h_idx[i]]++;
+    ctx.selected = m->h_selected;
+
+    const int32_t *route = x->idx;
+    int64_t dropped = 0;
+    if (bal->has_cap) {
+        memcpy(m->h_route, m->h_idx, sizeof(int32_t) * M * k);
+        balance_cap(bal, &m->cfg, &ctx, m->h_route);
+        for (int i = 0; i < M * k; i++) dropped += m->h_route[i] < 0;
+        be->from_host(x->route, m->h_route, sizeof(int32_t) * M * k);
+        route = x->route;
+    }
+    be->moe_dispatch(x->counts, x->offsets, x->slot, route, M, k, E);
     be->permute_forward(x->xe, x->ln2, x->slot, M, k, C);
     be->grouped_matmul_forward(x->eh13, x->xe, w->expert_w13, x->offsets, E, C, 2 * F);
     int rows;
@@ -299,18 +338,33 @@ static void moe_block_forward(ml_model *m, int l, float *out, int want_loss) {
         be->matmul_forward(tmp, x->sact, w->shared_w2, M, m->Fs, C);
         be->add_forward(out, out, tmp, (size_t)M * C);
     }
-    if (!want_loss) return;
-    /* routing statistics and the balancing loss, computed on the host from the scores and counts */
-    be->to_host(m->host_scratch, x->probs, sizeof(float) * M * E);
-    be->to_host(m->host_counts, x->counts, sizeof(int32_t) * E);
-    double P[E];
-    double aux = aux_loss_micro(NULL, P, m->host_scratch, m->host_counts, M, E, k, m->cfg.balance.aux_coef, 0);
-    for (int e = 0; e < E; e++) {
-        m->stats.tokens_per_expert[(size_t)l * E + e] += m->host_counts[e];
-        m->stats.gate_mean_sum[(size_t)l * E + e] += P[e];
+    if (!record) return;
+
+    /* statistics: loads after drops, choices, mean normalised score, drops */
+    be->to_host(m->h_counts, x->counts, sizeof(int32_t) * E);
+    int64_t *load = st->tokens_per_expert + (size_t)l * E, *sel = st->selected + (size_t)l * E;
+    double *gate_mean = st->gate_mean_sum + (size_t)l * E, *P = (double *)m->h_tmp;
+    for (int e = 0; e < E; e++) load[e] += m->h_counts[e], sel[e] += m->h_selected[e], P[e] = 0;
+    for (int t = 0; t < M; t++) {
+        const float *s = m->h_scores + (size_t)t * E;
+        double sum = 0;
+        for (int e = 0; e < E; e++) sum += s[e];
+        for (int e = 0; e < E; e++) P[e] += s[e] / sum;
     }
-    m->stats.aux_loss[l] += aux;
-    m->last_aux += (float)aux;
+    for (int e = 0; e < E; e++) gate_mean[e] += P[e] / M;
+    st->dropped[l] += dropped;
+
+    if (bal->has_loss) {
+        ctx.running_selected = sel;
+        ctx.running_tokens = (int64_t)(st->micro_batches + 1) * M;
+        ctx.dscores = m->h_dscores + (size_t)l * M * E;
+        ctx.dlogits = m->h_dlogits + (size_t)l * M * E;
+        memset(ctx.dscores, 0, sizeof(float) * M * E);
+        memset(ctx.dlogits, 0, sizeof(float) * M * E);
+        double loss = balance_loss(bal, &m->cfg, &ctx);
+        st->policy_loss[l] += loss;
+        m->last_aux += (float)loss;
+    }
 }
 
 static void dense_block_forward(ml_model *m, int l, float *out) {
@@ -342,15 +396,14 @@ float model_forward(ml_model *m, const int32_t *tokens, const int32_t *targets) 
     be->rmsnorm_forward(m->lnf, m->rstdf, m->res_final, m->p.final_norm, M, C, m->cfg.model.norm_eps);
     be->matmul_forward(m->logits, m->lnf, m->p.lm_head, M, C, m->V);
     if (!targets) return 0;
-    m->stats.micro_batches++;
+    ml_route_stats *st = m->eval_mode ? &m->eval_stats : &m->stats;
+    st->micro_batches++;
+    st->tokens += M;
     be->from_host(m->targets, targets, sizeof(int32_t) * M);
     be->crossentropy_forward(m->losses, m->logits, m->targets, M, m->V);
-    float *host = m->host_scratch; /* (M,E) >= M floats when E >= 1; else fall back */
-    float *tmp = m->E ? host : malloc(sizeof(float) * M);
-    be->to_host(tmp, m->losses, sizeof(float) * M);
+    be->to_host(m->h_tmp, m->losses, sizeof(float) * M);
     double sum = 0;
-    for (int i = 0; i < M; i++) sum += tmp[i];
-    if (!m->E) free(tmp);
+    for (int i = 0; i < M; i++) sum += m->h_tmp[i];
     m->last_loss = (float)(sum / M);
     return m->last_loss;
 }
@@ -385,19 +438,19 @@ static void moe_block_backward(ml_model *m, int l, const float *dout, float loss
     be->grouped_matmul_backward(m->d_xe, g->expert_w13, m->d_eh13, x->xe, w->expert_w13, x->offsets, E, C, 2 * F);
     be->permute_backward(m->d_ln, m->d_xe, x->slot, M, k, C);
 
-    /* balancing loss gradient on the scores, computed on the host (small: M x E) */
+    /* the policies' gradients, kept from the forward, scaled like the rest of this micro-batch's loss */
     float *dprobs = NULL;
-    if (m->cfg.balance.aux_coef > 0) {
-        be->to_host(m->host_scratch, x->probs, sizeof(float) * M * E);
-        be->to_host(m->host_counts, x->counts, sizeof(int32_t) * E);
-        float *dhost = malloc(sizeof(float) * M * E);
-        memset(dhost, 0, sizeof(float) * M * E);
-        aux_loss_micro(dhost, NULL, m->host_scratch, m->host_counts, M, E, k, m->cfg.balance.aux_coef, loss_scale);
-        be->from_host(m->d_probs, dhost, sizeof(float) * M * E);
-        free(dhost);
+    if (m->balance.has_loss) {
+        const size_t ME = (size_t)M * E;
+        const float *ds = m->h_dscores + (size_t)l * ME, *dl = m->h_dlogits + (size_t)l * ME;
+        for (size_t i = 0; i < ME; i++) m->h_tmp[i] = ds[i] * loss_scale;
+        be->from_host(m->d_probs, m->h_tmp, sizeof(float) * ME);
+        for (size_t i = 0; i < ME; i++) m->h_tmp[i] = dl[i] * loss_scale;
+        be->from_host(m->d_rlogits, m->h_tmp, sizeof(float) * ME);
         dprobs = m->d_probs;
+    } else {
+        be->memset0(m->d_rlogits, sizeof(float) * M * E);
     }
-    be->memset0(m->d_rlogits, sizeof(float) * M * E);
     be->router_backward(m->d_rlogits, m->d_gate, dprobs, x->logits, x->probs, x->idx, x->gate, M, &rp);
     be->matmul_backward(m->d_ln, g->router, m->d_rlogits, x->ln2, w->router, M, C, E);
 }
@@ -472,12 +525,20 @@ void model_backward(ml_model *m, float loss_scale) {
 
 void model_zero_grad(ml_model *m) { m->be->memset0(m->grads, sizeof(float) * m->nparams); }
 
-void model_reset_stats(ml_model *m) {
-    size_t n = (size_t)m->L * (m->E ? m->E : 1);
-    memset(m->stats.tokens_per_expert, 0, sizeof(int64_t) * n);
-    memset(m->stats.gate_mean_sum, 0, sizeof(double) * n);
-    memset(m->stats.aux_loss, 0, sizeof(double) * m->L);
-    m->stats.micro_batches = 0;
+void model_begin_step(ml_model *m, uint64_t tokens_seen) {
+    m->tokens_seen = tokens_seen;
+    balance_choose_k(&m->balance, &m->cfg, tokens_seen, m->layer_k);
+    route_stats_reset(&m->stats);
+}
+
+void model_end_step(ml_model *m) {
+    if (!m->balance.has_after_step || !m->E) return;
+    const size_t n = (size_t)m->L * m->E;
+    float *bias = malloc(sizeof(float) * n);
+    m->be->to_host(bias, m->router_bias, sizeof(float) * n);
+    balance_after_step(&m->balance, &m->cfg, &m->stats, m->layer_k, bias);
+    m->be->from_host(m->router_bias, bias, sizeof(float) * n);
+    free(bias);
 }
 
 double model_grad_norm(ml_model *m) { return sqrt(m->be->sumsq(m->grads, m->nparams)); }

@@ -12,6 +12,7 @@
 #include <stdint.h>
 
 #include "backend.h"
+#include "balance/policy.h"
 #include "config.h"
 #include "err.h"
 
@@ -46,18 +47,10 @@ typedef struct {
     float *res_mid, *ln2, *rstd2;
     float *h13, *act;                                   /* dense FFN */
     float *logits, *probs, *gate;                       /* router (M,E), (M,E), (M,kmax) */
-    int32_t *idx, *counts, *offsets, *slot;             /* (M,kmax), (E), (E+1), (M*kmax) */
+    int32_t *idx, *route, *counts, *offsets, *slot;     /* (M,kmax) chosen, (M,kmax) after drops, (E), (E+1), (M*kmax) */
     float *xe, *eh13, *eact, *ye;                       /* expert buffers, rows sorted by expert */
     float *sh13, *sact;                                 /* shared experts */
 } ml_block_acts;
-
-/* Routing statistics of one MoE block for the current step (summed over its micro-batches). */
-typedef struct {
-    int64_t *tokens_per_expert; /* (L, E): assignments after drops */
-    double *gate_mean_sum;      /* (L, E): sum over micro-batches of the mean full-softmax probability */
-    double *aux_loss;           /* (L): sum over micro-batches of the layer's balancing loss */
-    int micro_batches;
-} ml_route_stats;
 
 typedef struct ml_model {
     ml_config cfg;
@@ -79,10 +72,17 @@ typedef struct ml_model {
     /* backward scratch, reused by every block */
     float *d_res, *d_ln, *d_a, *d_b, *d_q, *d_k, *d_v, *d_qn, *d_kn, *d_logits;
     float *d_xe, *d_eh13, *d_eact, *d_ye, *d_gate, *d_probs, *d_rlogits, *d_h13, *d_act;
-    float *host_scratch;                        /* (M, E) host copy of router probabilities */
-    int32_t *host_counts;                       /* (E) */
+    /* host side of routing: copies of one layer's logits, scores and choices for the policies, and each
+     * layer's policy gradients (kept from the forward for the backward) */
+    float *h_logits, *h_scores, *h_tmp;        /* (M, E) */
+    int32_t *h_idx, *h_route, *h_counts, *h_selected; /* (M, kmax), (M, kmax), (E), (E) */
+    float *h_dscores, *h_dlogits;              /* (L, M, E), only when a policy has a loss */
 
-    ml_route_stats stats;
+    ml_balance balance;                         /* the active policies (balance.policy) */
+    ml_route_stats stats;                       /* this step's routing statistics (training micro-batches) */
+    ml_route_stats eval_stats;                  /* the latest evaluation's (MaxVio_global) */
+    int eval_mode;                              /* forward records into eval_stats and keeps no gradients */
+    uint64_t tokens_seen;                       /* at the start of the current step (topk_schedule, streams) */
     float last_loss, last_aux;                  /* of the latest forward: mean CE, summed balancing loss */
 } ml_model;
 
@@ -96,14 +96,21 @@ void model_free(ml_model *m);
 void model_init_weights(ml_model *m, uint64_t seed);
 
 /* Runs the forward pass on tokens (B*T host ints). With targets (host) it returns the mean cross-entropy and
- * records routing statistics and the balancing loss; without, it only computes logits and returns 0. */
+ * records routing statistics and the balancing losses (into eval_stats in eval_mode); without, it only
+ * computes logits and returns 0. */
 float model_forward(ml_model *m, const int32_t *tokens, const int32_t *targets);
 
 /* Backward of the latest forward, scaled by loss_scale (1/accum): accumulates into m->grads. */
 void model_backward(ml_model *m, float loss_scale);
 
 void model_zero_grad(ml_model *m);
-void model_reset_stats(ml_model *m);
+
+/* Starts an optimizer step after tokens_seen training tokens: the policies choose each layer's k, and the
+ * step's routing statistics are reset. */
+void model_begin_step(ml_model *m, uint64_t tokens_seen);
+
+/* Ends an optimizer step: the policies update the selection biases from the step's loads (loss_free). */
+void model_end_step(ml_model *m);
 
 /* Global gradient L2 norm. */
 double model_grad_norm(ml_model *m);

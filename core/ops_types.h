@@ -9,6 +9,7 @@ typedef struct {
     int softmax_order; /* enum ml_softmax_order */
     int norm_topk;
     float route_scale;
+    int given_idx;     /* 1: idx is already filled (a policy assigned the experts); compute scores and gates only */
 } ml_router_params;
 
 #endif

@@ -13,6 +13,7 @@
 #include "backend.h"
 #include "checkpoint.h"
 #include "dataloader.h"
+#include "metrics.h"
 #include "model.h"
 
 float train_lr(const ml_config *c, int step) {
@@ -44,18 +45,15 @@ static int mkdirs(const char *path, ml_err *err) {
     return ML_OK;
 }
 
-/* MaxVio of the worst MoE layer over the step's loads: (max_i load_i - mean) / mean (arXiv 2408.15664) */
-static float worst_maxvio(const ml_model *m, int *worst_layer) {
+/* The worst MoE layer's MaxVio over a step's loads (analysis/metrics.c). */
+static float worst_maxvio(const ml_model *m, const ml_route_stats *st, int *worst_layer) {
     float worst = 0;
     *worst_layer = -1;
     for (int l = 0; l < m->L; l++) {
         if (!m->layer_k[l]) continue;
-        const int64_t *c = m->stats.tokens_per_expert + (size_t)l * m->E;
-        double sum = 0, mx = 0;
-        for (int e = 0; e < m->E; e++) sum += c[e], mx = c[e] > mx ? c[e] : mx;
-        if (sum <= 0) continue;
-        float v = (float)((mx - sum / m->E) / (sum / m->E));
-        if (*worst_layer < 0 || v > worst) worst = v, *worst_layer = l;
+        ml_load_metrics mt;
+        metrics_compute_i64(&mt, st->tokens_per_expert + (size_t)l * m->E, m->E);
+        if (mt.total > 0 && (*worst_layer < 0 || mt.maxvio > worst)) worst = (float)mt.maxvio, *worst_layer = l;
     }
     return worst;
 }
@@ -65,11 +63,14 @@ static float worst_maxvio(const ml_model *m, int *worst_layer) {
 static float evaluate(ml_model *m, ml_loader *val, int batches) {
     const size_t span = val->shard.ntokens - ((size_t)val->B * val->T + 1);
     double sum = 0;
+    m->eval_mode = 1;
+    route_stats_reset(&m->eval_stats);
     for (int i = 0; i < batches; i++) {
         val->pos = span * i / batches;
         loader_next(val);
         sum += model_forward(m, val->inputs, val->targets);
     }
+    m->eval_mode = 0;
     return (float)(sum / batches);
 }
 
@@ -135,7 +136,7 @@ int train_run(const ml_config *cfg_in, const ml_train_opts *opts, ml_train_resul
     for (int step = st.step; step < cfg.train.steps; step++) {
         const float lr = train_lr(&cfg, step);
         model_zero_grad(m);
-        model_reset_stats(m);
+        model_begin_step(m, st.tokens_seen);
         double loss_sum = 0, aux_sum = 0;
         for (int micro = 0; micro < cfg.train.accum; micro++) {
             loader_next(&train);
@@ -154,11 +155,12 @@ int train_run(const ml_config *cfg_in, const ml_train_opts *opts, ml_train_resul
         }
         float clip = cfg.train.grad_clip > 0 && norm > cfg.train.grad_clip ? (float)(cfg.train.grad_clip / norm) : 1;
         model_adamw(m, lr, clip, step + 1);
+        model_end_step(m);
         st.step = step + 1;
         st.tokens_seen += tokens_per_step;
         st.data_pos = train.pos;
         int worst_layer;
-        maxvio = worst_maxvio(m, &worst_layer);
+        maxvio = worst_maxvio(m, &m->stats, &worst_layer);
         steps_timed++;
 
         const int last = st.step == cfg.train.steps;

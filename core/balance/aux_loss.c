@@ -1,40 +1,60 @@
-/* aux_loss.c: the micro-batch auxiliary load-balancing loss (Switch/GShard form, as Megatron-Core defines
- * it), on host memory. Its gradient reaches the router through the scores only; the token fractions f are
- * constants. */
+/* aux_loss.c: the micro-batch auxiliary load-balancing loss, L = coef * E * sum_i f_i * P_i with
+ * f_i = (tokens choosing expert i) / (M k) over the micro-batch and P_i the mean normalised router score
+ * (Switch Transformer, Fedus et al. 2022, eq. 4; GShard; Megatron-Core's "aux_loss"). Also lbl_term, the
+ * formula shared with seq_aux_loss and global_aux_loss. */
 #include <stdlib.h>
 
-#include "balance.h"
+#include "policy.h"
 
-double aux_loss_micro(float *dscores, double *gate_mean, const float *scores, const int32_t *counts, int M, int E,
-                      int k, float coef, float grad_scale) {
-    double P[E], f[E];
-    for (int e = 0; e < E; e++) P[e] = 0, f[e] = (double)counts[e] / ((double)M * k);
-    double inv_sum[M > 0 ? M : 1];
-    for (int m = 0; m < M; m++) {
+double lbl_term(const double *f, const float *scores, float *dscores, int m0, int m1, int E, double coef,
+                double weight) {
+    const int M = m1 - m0;
+    if (M <= 0) return 0;
+    double *P = calloc(E, sizeof(double)), *inv = malloc(sizeof(double) * M);
+    for (int m = m0; m < m1; m++) {
         const float *s = scores + (size_t)m * E;
         double sum = 0;
         for (int e = 0; e < E; e++) sum += s[e];
-        inv_sum[m] = 1.0 / sum;
-        for (int e = 0; e < E; e++) P[e] += s[e] * inv_sum[m];
+        inv[m - m0] = 1.0 / sum;
+        for (int e = 0; e < E; e++) P[e] += s[e] * inv[m - m0];
     }
     double loss = 0;
-    for (int e = 0; e < E; e++) {
-        P[e] /= M;
-        loss += f[e] * P[e];
-        if (gate_mean) gate_mean[e] = P[e];
-    }
-    loss *= (double)coef * E;
+    for (int e = 0; e < E; e++) loss += f[e] * P[e] / M;
+    loss *= coef * E;
     if (dscores && coef > 0) {
-        /* dL/ds_te = c/M * (g_e - sum_i g_i s_ti / S_t) / S_t with g = coef E f, S_t = sum_e s_te */
-        for (int m = 0; m < M; m++) {
+        /* P_i = mean_t s_ti / S_t:  dL/ds_te = w coef E / M * (f_e - sum_i f_i s_ti / S_t) / S_t */
+        for (int m = m0; m < m1; m++) {
             const float *s = scores + (size_t)m * E;
             float *d = dscores + (size_t)m * E;
             double dot = 0;
             for (int e = 0; e < E; e++) dot += f[e] * s[e];
-            dot *= inv_sum[m];
-            double c = (double)grad_scale * coef * E / M * inv_sum[m];
+            dot *= inv[m - m0];
+            double c = weight * coef * E / M * inv[m - m0];
             for (int e = 0; e < E; e++) d[e] += (float)(c * (f[e] - dot));
         }
     }
+    free(P), free(inv);
     return loss;
 }
+
+static int validate(const ml_config *cfg, ml_err *err) {
+    if (!(cfg->balance.aux_coef >= 0))
+        return ml_errf(err, ML_EINPUT, "balance.aux_coef: %g must not be negative", cfg->balance.aux_coef);
+    return ML_OK;
+}
+
+static double loss(const ml_config *cfg, const ml_balance_layer *x) {
+    double *f = malloc(sizeof(double) * x->E);
+    for (int e = 0; e < x->E; e++) f[e] = (double)x->selected[e] / ((double)x->M * x->k);
+    double l = lbl_term(f, x->scores, x->dscores, 0, x->M, x->E, cfg->balance.aux_coef, 1.0);
+    free(f);
+    return l;
+}
+
+const ml_policy policy_aux_loss = {
+    .name = "aux_loss",
+    .summary = "micro-batch load-balancing loss coef*E*sum f_i P_i (Switch Transformer / GShard)",
+    .keys = (const char *const[]){"balance.aux_coef", NULL},
+    .validate = validate,
+    .loss = loss,
+};

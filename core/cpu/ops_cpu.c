@@ -277,7 +277,7 @@ void N_(router_forward)(real *probs, int32_t *idx, real *gate, const real *logit
         /* selection key: the score plus the bias, in every mode (arXiv 2408.15664 adds b_i to s_i) */
         const real *key = s;
         int32_t *id = idx + (size_t)m * K;
-        for (int j = 0; j < K; j++) {
+        for (int j = 0; j < K && !p->given_idx; j++) {
             int best = -1;
             real bv = 0;
             for (int e = 0; e < E; e++) {

@@ -47,7 +47,8 @@ void OPS_NAME(add_forward)(OPS_REAL *out, const OPS_REAL *a, const OPS_REAL *b, 
 /* Router. probs(M,E) = softmax(logits) or sigmoid(logits) (the scores s). Each token picks the k experts
  * with the largest s + bias (bias may be NULL; ties go to the lower index); idx(M,k) ascending by rank.
  * gate(M,k): before-order: s of the pick, divided by the picks' sum when norm_topk; after-order (softmax
- * only): softmax over the picked logits. Times route_scale. The bias never enters the gate. */
+ * only): softmax over the picked logits. Times route_scale. The bias never enters the gate. With
+ * p->given_idx the picks are read from idx (a policy assigned them) instead of chosen. */
 void OPS_NAME(router_forward)(OPS_REAL *probs, int32_t *idx, OPS_REAL *gate, const OPS_REAL *logits,
                               const float *bias, int M, const ml_router_params *p);
 /* dlogits(M,E) += d(gate)/d(logits)^T dgate + d(probs)/d(logits)^T dprobs (dprobs may be NULL). */

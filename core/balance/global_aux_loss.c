@@ -1,0 +1,31 @@
+/* global_aux_loss.c: the global-batch load-balancing loss (Qiu et al., arXiv 2501.11873): f_i counts the
+ * choices of the whole global batch instead of one micro-batch, so experts may specialise by domain while
+ * the batch as a whole stays balanced. Under gradient accumulation each micro-batch uses the counts of the
+ * global batch so far (this one included), as Megatron-Core's global_aux_loss tracker does; once the
+ * distributed issue lands the counts are also summed over data-parallel ranks (the running_selected
+ * seam). P stays local to the micro-batch. */
+#include <stdlib.h>
+
+#include "policy.h"
+
+static int validate(const ml_config *cfg, ml_err *err) {
+    if (!(cfg->balance.aux_coef >= 0))
+        return ml_errf(err, ML_EINPUT, "balance.aux_coef: %g must not be negative", cfg->balance.aux_coef);
+    return ML_OK;
+}
+
+static double loss(const ml_config *cfg, const ml_balance_layer *x) {
+    double *f = malloc(sizeof(double) * x->E);
+    for (int e = 0; e < x->E; e++) f[e] = (double)x->running_selected[e] / ((double)x->running_tokens * x->k);
+    double l = lbl_term(f, x->scores, x->dscores, 0, x->M, x->E, cfg->balance.aux_coef, 1.0);
+    free(f);
+    return l;
+}
+
+const ml_policy policy_global_aux_loss = {
+    .name = "global_aux_loss",
+    .summary = "aux loss with f counted over the global batch (arXiv 2501.11873)",
+    .keys = (const char *const[]){"balance.aux_coef", NULL},
+    .validate = validate,
+    .loss = loss,
+};

@@ -1,0 +1,56 @@
+/* top1_loss.c: the load-balancing loss proposed for top-1 routing by Sigma-MoE-Tiny's first author (public
+ * code, not merged; see ../shared/PAPER.md): P~ = softmax(logits / tau), f~_i = mean_t P~_ti (a smooth,
+ * differentiable stand-in for the token fractions), s = mean over tokens of the summed top-k scores;
+ * L = coef * E * sum_i f~_i^2 / s. Unlike aux_loss its minimum needs the fractions themselves uniform, not
+ * just the mean probabilities. The gradient reaches the logits through f~ and the scores through s. */
+#include <math.h>
+#include <stdlib.h>
+
+#include "policy.h"
+
+static int validate(const ml_config *cfg, ml_err *err) {
+    if (!(cfg->balance.top1_coef >= 0))
+        return ml_errf(err, ML_EINPUT, "balance.top1_coef: %g must not be negative", cfg->balance.top1_coef);
+    if (!(cfg->balance.top1_tau > 0))
+        return ml_errf(err, ML_EINPUT, "balance.top1_tau: %g must be positive", cfg->balance.top1_tau);
+    return ML_OK;
+}
+
+static double loss(const ml_config *cfg, const ml_balance_layer *x) {
+    const int M = x->M, E = x->E, k = x->k;
+    const double tau = cfg->balance.top1_tau, coef = cfg->balance.top1_coef;
+    double *f = calloc(E, sizeof(double)), *p = malloc(sizeof(double) * (size_t)M * E), s = 0;
+    for (int m = 0; m < M; m++) {
+        const float *l = x->logits + (size_t)m * E;
+        double *pm = p + (size_t)m * E, mx = l[0], sum = 0;
+        for (int e = 1; e < E; e++) mx = l[e] > mx ? l[e] : mx;
+        for (int e = 0; e < E; e++) sum += (pm[e] = exp((l[e] - mx) / tau));
+        for (int e = 0; e < E; e++) f[e] += (pm[e] /= sum) / M;
+        for (int j = 0; j < k; j++) s += x->scores[(size_t)m * E + x->idx[(size_t)m * k + j]] / M;
+    }
+    double sq = 0;
+    for (int e = 0; e < E; e++) sq += f[e] * f[e];
+    const double L = coef * E * sq / s;
+    if (coef > 0) {
+        /* via f~: dL/df_i = 2 coef E f_i / s, f_i = mean_t softmax(l_t / tau)_i */
+        for (int m = 0; m < M; m++) {
+            const double *pm = p + (size_t)m * E;
+            double dot = 0;
+            for (int e = 0; e < E; e++) dot += pm[e] * 2 * coef * E * f[e] / s;
+            for (int e = 0; e < E; e++)
+                x->dlogits[(size_t)m * E + e] += (float)(pm[e] * (2 * coef * E * f[e] / s - dot) / (tau * M));
+            /* via s: dL/ds = -L / s, s = mean_t sum_j score(t, idx_tj) */
+            for (int j = 0; j < k; j++) x->dscores[(size_t)m * E + x->idx[(size_t)m * k + j]] += (float)(-L / s / M);
+        }
+    }
+    free(f), free(p);
+    return L;
+}
+
+const ml_policy policy_top1_loss = {
+    .name = "top1_loss",
+    .summary = "coef*E*sum f~_i^2 / s with f~ = mean softmax(logits/tau), s = mean top-k score (Sigma-MoE-Tiny author)",
+    .keys = (const char *const[]){"balance.top1_coef", "balance.top1_tau", NULL},
+    .validate = validate,
+    .loss = loss,
+};

@@ -1,0 +1,381 @@
+/* test_balance.c: the load-balancing policies and the imbalance metrics.
+ *  - every loss term's gradient (aux, seq, global with running counts, top1, z) against central finite
+ *    differences through the router (softmax and sigmoid scores);
+ *  - loss_free: on a router with fixed skewed logits the bias updates bring MaxVio under 0.05 within a stated
+ *    number of updates while the gates stay the unbiased scores; in training the update happens once per
+ *    global batch, not per micro-batch;
+ *  - topk_schedule: k changes exactly at the stage boundary; bad stage strings are rejected naming the key;
+ *  - capacity: exact drops on handcrafted routing for both drop policies;
+ *  - metrics: handcrafted loads with values computed by hand;
+ *  - every policy in a short small-cpu run: loads sum to tokens * k minus drops.
+ * argv[1] = token folder (data/tokens/vocab8192). */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend.h"
+#include "balance/policy.h"
+#include "config.h"
+#include "dataloader.h"
+#include "metrics.h"
+#include "model.h"
+#include "ops_cpu.h"
+#include "rng.h"
+#include "train.h"
+
+static int passed, failed;
+#define CHECK(cond, ...)                                                                                       \
+    do {                                                                                                       \
+        if (cond) passed++;                                                                                    \
+        else {                                                                                                 \
+            failed++;                                                                                          \
+            printf("FAIL %s:%d: ", __FILE__, __LINE__);                                                        \
+            printf(__VA_ARGS__);                                                                               \
+            printf("\n");                                                                                      \
+        }                                                                                                      \
+    } while (0)
+#define NEAR(a, b, tol) (fabs((double)(a) - (double)(b)) <= (tol))
+
+/* ---------------------------------------------------------------- loss gradients */
+
+enum { GM = 12, GE = 6, GB = 3, GT = 4 }; /* M = B * T tokens */
+
+typedef struct {
+    const ml_policy *policy;
+    ml_config cfg;
+    ml_router_params rp;
+    int64_t running_before[GE]; /* choices of earlier micro-batches (global_aux_loss) */
+    int64_t tokens_before;
+} grad_case;
+
+/* Routes logits and returns the policy's loss; with dlogits_out, also its full gradient w.r.t. the logits
+ * (the direct dlogits plus dscores carried through the score function). idx_out receives the choices. */
+static double policy_objective(const grad_case *g, const float *logits, float *dlogits_out, int32_t *idx_out) {
+    const int M = GM, E = GE, k = g->rp.k;
+    float scores[GM * GE], gate[GM * 4], dscores[GM * GE] = {0}, dlogits[GM * GE] = {0};
+    int32_t idx[GM * 4], selected[GE] = {0};
+    int64_t running[GE];
+    router_forward(scores, idx, gate, logits, NULL, M, &g->rp);
+    for (int i = 0; i < M * k; i++) selected[idx[i]]++;
+    for (int e = 0; e < E; e++) running[e] = g->running_before[e] + selected[e];
+    ml_balance_layer x = {.layer = 0, .M = M, .E = E, .k = k, .B = GB, .T = GT, .logits = logits, .scores = scores,
+                          .idx = idx, .selected = selected, .running_selected = running,
+                          .running_tokens = g->tokens_before + M, .dscores = dscores, .dlogits = dlogits};
+    double L = g->policy->loss(&g->cfg, &x);
+    if (dlogits_out) {
+        float dgate[GM * 4] = {0};
+        memcpy(dlogits_out, dlogits, sizeof dlogits);
+        router_backward(dlogits_out, dgate, dscores, logits, scores, idx, gate, M, &g->rp);
+    }
+    if (idx_out) memcpy(idx_out, idx, sizeof(int32_t) * M * k);
+    return L;
+}
+
+static void check_loss_gradient(const char *policy, int score, int k, uint64_t seed) {
+    grad_case g = {0};
+    g.policy = policy_find(policy);
+    config_preset(&g.cfg, "tiny", NULL);
+    g.cfg.balance.aux_coef = 0.1f, g.cfg.balance.z_coef = 0.05f, g.cfg.balance.top1_coef = 0.1f;
+    g.cfg.balance.top1_tau = 0.5f;
+    g.rp = (ml_router_params){.E = GE, .k = k, .score = score, .norm_topk = 0, .route_scale = 1};
+    ml_rng rng;
+    rng_seed(&rng, seed);
+    for (int e = 0; e < GE; e++) g.running_before[e] = (int64_t)(rng_next(&rng) % 20);
+    g.tokens_before = 0;
+    for (int e = 0; e < GE; e++) g.tokens_before += g.running_before[e];
+    g.tokens_before /= k;
+    float logits[GM * GE], grad[GM * GE];
+    for (int i = 0; i < GM * GE; i++) logits[i] = (float)rng_normal(&rng);
+    int32_t idx0[GM * 4], idx1[GM * 4], idx2[GM * 4];
+    policy_objective(&g, logits, grad, idx0);
+    double gmax = 0, worst = 0;
+    for (int i = 0; i < GM * GE; i++) gmax = fmax(gmax, fabs(grad[i]));
+    int skipped = 0;
+    const float h = 1e-3f;
+    for (int i = 0; i < GM * GE; i++) {
+        float save = logits[i];
+        logits[i] = save + h;
+        double lp = policy_objective(&g, logits, NULL, idx1);
+        logits[i] = save - h;
+        double lm = policy_objective(&g, logits, NULL, idx2);
+        logits[i] = save;
+        if (memcmp(idx1, idx0, sizeof(int32_t) * GM * k) || memcmp(idx2, idx0, sizeof(int32_t) * GM * k)) {
+            skipped++; /* the perturbation flipped a choice: the loss is not differentiable there */
+            continue;
+        }
+        double num = (lp - lm) / (2.0 * h);
+        worst = fmax(worst, fabs(num - grad[i]));
+    }
+    /* float inputs, double loss: rounding ~ 6e-8 / h relative; tolerance 1e-3 of the largest gradient */
+    CHECK(gmax > 0 && worst <= 1e-3 * gmax + 1e-7 && skipped < GM * GE / 4,
+          "%s (%s, k=%d): worst |numeric - analytic| %.3g vs max gradient %.3g, %d coordinates skipped", policy,
+          score == SCORE_SIGMOID ? "sigmoid" : "softmax", k, worst, gmax, skipped);
+    printf("gradient %-16s %-7s k=%d: worst error %.2e of max %.2e (%d flips skipped)\n", policy,
+           score == SCORE_SIGMOID ? "sigmoid" : "softmax", k, worst, gmax, skipped);
+}
+
+/* ---------------------------------------------------------------- loss_free */
+
+static double maxvio_of(const int32_t *counts, int E) {
+    double loads[64];
+    for (int e = 0; e < E; e++) loads[e] = counts[e];
+    ml_load_metrics mt;
+    metrics_compute(&mt, loads, E);
+    return mt.maxvio;
+}
+
+static void check_loss_free_router(int score, int updates_allowed) {
+    enum { M = 4096, E = 16 };
+    ml_config cfg;
+    config_preset(&cfg, "tiny", NULL);
+    cfg.balance.bias_rate = 1e-3f;
+    const ml_policy *lf = policy_find("loss_free");
+    ml_router_params rp = {.E = E, .k = 1, .score = score, .route_scale = 1};
+    float *logits = malloc(sizeof(float) * M * E), *probs = malloc(sizeof(float) * M * E), gate[M], bias[E] = {0};
+    int32_t idx[M], counts[E];
+    ml_rng rng;
+    rng_seed(&rng, 11);
+    /* skewed: expert e's logits are shifted by 1.5 * e / E, so high experts win far more often */
+    for (int m = 0; m < M; m++)
+        for (int e = 0; e < E; e++) logits[(size_t)m * E + e] = (float)(0.5 * rng_normal(&rng) + 1.5 * e / E);
+    ml_route_stats st;
+    route_stats_alloc(&st, 1, E);
+    int layer_k[1] = {1}, reached = -1;
+    double first = 0, v = 0;
+    for (int u = 0; u <= updates_allowed; u++) {
+        router_forward(probs, idx, gate, logits, bias, M, &rp);
+        memset(counts, 0, sizeof counts);
+        for (int m = 0; m < M; m++) counts[idx[m]]++;
+        v = maxvio_of(counts, E);
+        if (u == 0) first = v;
+        if (v < 0.05) {
+            reached = u;
+            break;
+        }
+        route_stats_reset(&st);
+        for (int e = 0; e < E; e++) st.tokens_per_expert[e] = counts[e];
+        lf->after_step(&cfg, &st, layer_k, bias);
+    }
+    int gates_unbiased = 1;
+    for (int m = 0; m < M; m++) gates_unbiased &= gate[m] == probs[(size_t)m * E + idx[m]];
+    printf("loss_free (%s): MaxVio %.3f -> %.3f after %d updates (allowed %d)\n",
+           score == SCORE_SIGMOID ? "sigmoid" : "softmax", first, v, reached, updates_allowed);
+    CHECK(first > 0.5, "the skewed router should start unbalanced (MaxVio %.3f)", first);
+    CHECK(reached >= 0, "MaxVio still %.3f after %d bias updates", v, updates_allowed);
+    CHECK(gates_unbiased, "a gate included the bias");
+    route_stats_free(&st);
+    free(logits), free(probs);
+}
+
+/* ---------------------------------------------------------------- topk_schedule */
+
+static void check_schedule(void) {
+    ml_config c;
+    ml_err err = {0};
+    config_preset(&c, "tiny", NULL);
+    snprintf(c.balance.policy, sizeof c.balance.policy, "aux_loss+topk_schedule");
+    snprintf(c.balance.topk_stages, sizeof c.balance.topk_stages,
+             "[{layers: \"[3]*1+[2]*1\", until_tokens: 3000}, {layers: [2,1], until_tokens: 6e3}, {layers: \"[1]*2\"}]");
+    CHECK(config_validate(&c, &err) == 0, "valid stages rejected: %s", err.msg);
+    CHECK(balance_max_k(&c) == 3, "max k over the stages is %d, want 3", balance_max_k(&c));
+    ml_balance b;
+    balance_init(&b, &c, &err);
+    int k[ML_MAX_LAYERS];
+    const struct { uint64_t tokens; int k0, k1; } want[] = {{0, 3, 2}, {2999, 3, 2}, {3000, 2, 1}, {5999, 2, 1},
+                                                             {6000, 1, 1}, {1u << 30, 1, 1}};
+    for (size_t i = 0; i < sizeof want / sizeof want[0]; i++) {
+        balance_choose_k(&b, &c, want[i].tokens, k);
+        CHECK(k[0] == want[i].k0 && k[1] == want[i].k1, "after %llu tokens k = [%d,%d], want [%d,%d]",
+              (unsigned long long)want[i].tokens, k[0], k[1], want[i].k0, want[i].k1);
+    }
+    const char *bad[] = {"", "[{layers: \"[1]*3\"}]", "[{layers: \"[9]*2\"}]", "[{layers: \"[1]*2\", until_tokens: 5}]",
+                         "[{layers: \"[2]*2\", until_tokens: 9}, {layers: \"[1]*2\", until_tokens: 5}, {layers: \"[1]*2\"}]",
+                         "[{layers: \"[2]*x\"}]", "[{layers: \"[1]*2\", speed: 3}]", "{layers: \"[1]*2\"}",
+                         "[{until_tokens: 5}, {layers: \"[1]*2\"}]", "[{layers: \"[1]*2\"}] extra"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        snprintf(c.balance.topk_stages, sizeof c.balance.topk_stages, "%s", bad[i]);
+        int rc = config_validate(&c, &err);
+        CHECK(rc == ML_EINPUT && strstr(err.msg, "balance.topk_stages"), "stages '%s' not rejected by key: rc=%d '%s'",
+              bad[i], rc, err.msg);
+    }
+    snprintf(c.balance.policy, sizeof c.balance.policy, "aux_loss+bogus");
+    CHECK(config_validate(&c, &err) == ML_EINPUT && strstr(err.msg, "balance.policy: unknown policy 'bogus'"),
+          "unknown policy: '%s'", err.msg);
+    snprintf(c.balance.policy, sizeof c.balance.policy, "aux_loss+aux_loss");
+    CHECK(config_validate(&c, &err) == ML_EINPUT && strstr(err.msg, "named twice"), "duplicate policy: '%s'", err.msg);
+    snprintf(c.balance.policy, sizeof c.balance.policy, "none+z_loss");
+    CHECK(config_validate(&c, &err) == ML_EINPUT && strstr(err.msg, "'none'"), "none combined: '%s'", err.msg);
+}
+
+/* ---------------------------------------------------------------- capacity */
+
+static void check_capacity(void) {
+    ml_config c;
+    config_preset(&c, "tiny", NULL);
+    c.balance.capacity_factor = 1.0f;
+    const ml_policy *cap = policy_find("capacity");
+    /* k = 1, E = 2, M = 6: C = ceil(1 * 6 * 1 / 2) = 3. Expert 0 gets tokens 0,1,2,4,5, expert 1 token 3. */
+    enum { M = 6, E = 2 };
+    float scores[M * E] = {0.9f, 0.1f, 0.6f, 0.4f, 0.7f, 0.3f, 0.2f, 0.8f, 0.95f, 0.05f, 0.55f, 0.45f};
+    int32_t idx[M] = {0, 0, 0, 1, 0, 0}, route[M];
+    ml_balance_layer x = {.M = M, .E = E, .k = 1, .scores = scores, .idx = idx};
+    c.balance.drop_policy = DROP_POSITION;
+    memcpy(route, idx, sizeof route);
+    cap->cap(&c, &x, route);
+    const int32_t want_pos[M] = {0, 0, 0, 1, -1, -1};
+    CHECK(!memcmp(route, want_pos, sizeof route), "position: route %d %d %d %d %d %d", route[0], route[1], route[2],
+          route[3], route[4], route[5]);
+    c.balance.drop_policy = DROP_PROBS; /* expert 0's scores: 0.9, 0.6, 0.7, 0.95, 0.55: keep tokens 0, 2, 4 */
+    memcpy(route, idx, sizeof route);
+    cap->cap(&c, &x, route);
+    const int32_t want_probs[M] = {0, -1, 0, 1, 0, -1};
+    CHECK(!memcmp(route, want_probs, sizeof route), "probs: route %d %d %d %d %d %d", route[0], route[1], route[2],
+          route[3], route[4], route[5]);
+    /* k = 2, E = 3, M = 3, factor 0.5: C = ceil(0.5 * 3 * 2 / 3) = 1 */
+    enum { M2 = 3, E2 = 3 };
+    float s2[M2 * E2] = {0.5f, 0.3f, 0.2f, 0.6f, 0.1f, 0.3f, 0.2f, 0.7f, 0.1f};
+    int32_t idx2[M2 * 2] = {0, 1, 0, 2, 1, 0}, r2[M2 * 2];
+    ml_balance_layer x2 = {.M = M2, .E = E2, .k = 2, .scores = s2, .idx = idx2};
+    c.balance.capacity_factor = 0.5f;
+    c.balance.drop_policy = DROP_POSITION;
+    memcpy(r2, idx2, sizeof r2);
+    cap->cap(&c, &x2, r2);
+    const int32_t want2[M2 * 2] = {0, 1, -1, 2, -1, -1};
+    CHECK(!memcmp(r2, want2, sizeof r2), "k=2 position: %d %d %d %d %d %d", r2[0], r2[1], r2[2], r2[3], r2[4], r2[5]);
+    c.balance.drop_policy = DROP_PROBS; /* expert 0: scores 0.5 (t0), 0.6 (t1), 0.2 (t2): keep t1 */
+    memcpy(r2, idx2, sizeof r2);
+    cap->cap(&c, &x2, r2);
+    const int32_t want3[M2 * 2] = {-1, -1, 0, 2, 1, -1}; /* expert 1: 0.3 (t0) vs 0.7 (t2): keep t2 */
+    CHECK(!memcmp(r2, want3, sizeof r2), "k=2 probs: %d %d %d %d %d %d", r2[0], r2[1], r2[2], r2[3], r2[4], r2[5]);
+}
+
+/* ---------------------------------------------------------------- metrics */
+
+static void check_metrics(void) {
+    ml_load_metrics mt;
+    const double a[4] = {1, 2, 3, 4};
+    metrics_compute(&mt, a, 4);
+    CHECK(NEAR(mt.total, 10, 1e-12) && NEAR(mt.maxvio, 0.6, 1e-12) && NEAR(mt.max_dev, 0.6, 1e-12) &&
+              NEAR(mt.min_dev, -0.6, 1e-12), "maxvio/min/max deviation of 1,2,3,4");
+    CHECK(NEAR(mt.cv, sqrt(1.25) / 2.5, 1e-12), "cv %.6f", mt.cv);
+    double h = -(0.1 * log(0.1) + 0.2 * log(0.2) + 0.3 * log(0.3) + 0.4 * log(0.4)) / log(4.0);
+    CHECK(NEAR(mt.entropy, h, 1e-12), "entropy %.6f want %.6f", mt.entropy, h);
+    CHECK(NEAR(mt.gini, 0.25, 1e-12), "gini %.6f want 0.25", mt.gini);
+    CHECK(mt.dead == 0 && NEAR(mt.top20_share, 0.4, 1e-12) && NEAR(mt.bottom20_share, 0.1, 1e-12), "20%% shares");
+    const double b[4] = {0, 0, 0, 8};
+    metrics_compute(&mt, b, 4);
+    CHECK(NEAR(mt.maxvio, 3, 1e-12) && mt.dead == 3 && NEAR(mt.gini, 0.75, 1e-12) && NEAR(mt.entropy, 0, 1e-12) &&
+              NEAR(mt.min_dev, -1, 1e-12), "collapsed layer 0,0,0,8");
+    const double u[5] = {7, 7, 7, 7, 7};
+    metrics_compute(&mt, u, 5);
+    CHECK(NEAR(mt.maxvio, 0, 1e-12) && NEAR(mt.cv, 0, 1e-12) && NEAR(mt.entropy, 1, 1e-12) && NEAR(mt.gini, 0, 1e-12),
+          "uniform layer");
+    const int rank[4] = {0, 0, 1, 1};
+    CHECK(NEAR(metrics_overload_factor(a, 4, rank, 2), 1.4, 1e-12), "overload factor");
+    CHECK(NEAR(metrics_drop_fraction(90, 10), 0.1, 1e-12) && metrics_drop_fraction(0, 0) == 0, "drop fraction");
+}
+
+/* ---------------------------------------------------------------- policies in the model */
+
+static void check_policies_in_model(const char *data) {
+    const char *policies[] = {"none", "aux_loss", "seq_aux_loss", "global_aux_loss", "top1_loss", "z_loss",
+                              "loss_free", "capacity", "forced_balance", "aux_loss+z_loss+topk_schedule"};
+    char path[600];
+    snprintf(path, sizeof path, "%s/train.bin", data);
+    for (size_t i = 0; i < sizeof policies / sizeof policies[0]; i++) {
+        ml_config c;
+        ml_err err = {0};
+        config_preset(&c, "small-cpu", NULL);
+        c.train.batch = 2, c.train.accum = 3;
+        snprintf(c.balance.policy, sizeof c.balance.policy, "%s", policies[i]);
+        if (strstr(policies[i], "capacity")) c.balance.capacity_factor = 1.0f;
+        if (strstr(policies[i], "topk_schedule"))
+            snprintf(c.balance.topk_stages, sizeof c.balance.topk_stages,
+                     "[{layers: \"[2]*2+[1]*2\", until_tokens: 600}, {layers: \"[1]*4\"}]");
+        ml_model m;
+        ml_loader d;
+        if (model_init(&m, &c, backend_cpu(), 2, 0, &err) || loader_open(&d, path, 2, c.model.seq_len, c.model.vocab, &err)) {
+            CHECK(0, "%s: %s", policies[i], err.msg);
+            continue;
+        }
+        model_init_weights(&m, 1);
+        int ok = 1;
+        float bias_before = 0;
+        for (int step = 0; step < 2; step++) {
+            model_begin_step(&m, (uint64_t)step * 3 * 256);
+            model_zero_grad(&m);
+            for (int micro = 0; micro < 3; micro++) {
+                loader_next(&d);
+                float loss = model_forward(&m, d.inputs, d.targets);
+                model_backward(&m, 1.0f / 3);
+                ok &= isfinite(loss) && isfinite(m.last_aux);
+            }
+            model_adamw(&m, 1e-3f, 1.0f, step + 1);
+            for (int l = 0; l < m.L; l++) {
+                int64_t load = 0, sel = 0;
+                for (int e = 0; e < m.E; e++)
+                    load += m.stats.tokens_per_expert[l * m.E + e], sel += m.stats.selected[l * m.E + e];
+                int64_t want = m.stats.tokens * m.layer_k[l];
+                CHECK(sel == want && load == want - m.stats.dropped[l],
+                      "%s step %d layer %d: %lld choices, %lld loads, %lld dropped, tokens*k = %lld", policies[i], step, l,
+                      (long long)sel, (long long)load, (long long)m.stats.dropped[l], (long long)want);
+                if (!strcmp(policies[i], "capacity")) ok &= m.stats.dropped[l] >= 0;
+                else ok &= m.stats.dropped[l] == 0;
+            }
+            if (!strcmp(policies[i], "forced_balance"))
+                for (int l = 0; l < m.L; l++) {
+                    int64_t mn = INT64_MAX, mx = 0;
+                    for (int e = 0; e < m.E; e++) {
+                        int64_t v = m.stats.tokens_per_expert[l * m.E + e];
+                        mn = v < mn ? v : mn, mx = v > mx ? v : mx;
+                    }
+                    CHECK(mx - mn <= 3, "forced_balance: loads range %lld..%lld", (long long)mn, (long long)mx);
+                }
+            if (strstr(policies[i], "topk_schedule"))
+                CHECK(m.layer_k[0] == (step == 0 ? 2 : 1), "topk_schedule: step %d layer 0 k=%d", step, m.layer_k[0]);
+            if (!strcmp(policies[i], "loss_free")) {
+                /* one update per global batch (3 micro-batches): every bias moved by exactly +-u or 0 */
+                model_end_step(&m);
+                if (step == 0) {
+                    int one_step = 1;
+                    for (int j = 0; j < m.L * m.E; j++) {
+                        float b = m.router_bias[j];
+                        one_step &= b == 0 || fabsf(fabsf(b) - c.balance.bias_rate) < 1e-9f;
+                    }
+                    CHECK(one_step, "loss_free: biases after one 3-micro-batch step are not in {-u, 0, u}");
+                    bias_before = m.router_bias[0];
+                } else {
+                    CHECK(fabsf(m.router_bias[0] - bias_before) <= c.balance.bias_rate + 1e-9f, "second update");
+                }
+            } else {
+                model_end_step(&m);
+            }
+        }
+        CHECK(ok, "%s: non-finite loss or unexpected drops", policies[i]);
+        if (!strcmp(policies[i], "capacity")) {
+            int64_t drops = 0;
+            for (int l = 0; l < m.L; l++) drops += m.stats.dropped[l];
+            CHECK(drops > 0, "capacity factor 1.0 on a fresh router dropped nothing");
+        }
+        printf("policy %-32s ok (aux %.4g)\n", policies[i], m.last_aux);
+        model_free(&m);
+        loader_close(&d);
+    }
+}
+
+int main(int argc, char **argv) {
+    const char *data = argc > 1 ? argv[1] : "data/tokens/vocab8192";
+    const char *losses[] = {"aux_loss", "seq_aux_loss", "global_aux_loss", "top1_loss", "z_loss"};
+    for (size_t i = 0; i < sizeof losses / sizeof losses[0]; i++)
+        for (int score = 0; score < 2; score++)
+            for (int k = 1; k <= 2; k++) check_loss_gradient(losses[i], score, k, 100 + i * 7 + score * 3 + k);
+    check_loss_free_router(SCORE_SOFTMAX, 300);
+    check_loss_free_router(SCORE_SIGMOID, 300);
+    check_schedule();
+    check_capacity();
+    check_metrics();
+    check_policies_in_model(data);
+    printf("balance: %d passed, %d failed\n", passed, failed);
+    return failed ? 1 : 0;
+}
