@@ -76,9 +76,9 @@ int cli_bench(int argc, char **argv) {
     ml_rng rng;
     rng_seed(&rng, cfg.seed);
     for (int i = 0; i <= M; i++) tok[i] = (int32_t)(rng_next(&rng) % cfg.model.vocab);
-    double t_fwd = 0, t_bwd = 0, t_opt = 0;
+    double t_fwd = 0, t_bwd = 0, t_opt = 0, t_route = 0;
     for (int s = 0; s < warmup + steps; s++) {
-        double t0 = now_s();
+        double t0 = now_s(), r0 = m->routing_seconds;
         model_zero_grad(m);
         model_begin_step(m, 0);
         model_forward(m, tok, tok + 1);
@@ -88,7 +88,7 @@ int cli_bench(int argc, char **argv) {
         double norm = model_grad_norm(m);
         model_adamw(m, 1e-4f, norm > 1 ? (float)(1 / norm) : 1, s + 1);
         double t3 = now_s();
-        if (s >= warmup) t_fwd += t1 - t0, t_bwd += t2 - t1, t_opt += t3 - t2;
+        if (s >= warmup) t_fwd += t1 - t0, t_bwd += t2 - t1, t_opt += t3 - t2, t_route += m->routing_seconds - r0;
     }
     double total = t_fwd + t_bwd + t_opt, tok_s = (double)M * steps / total;
     double attn = 6.0 * cfg.model.layers * cfg.model.seq_len * cfg.model.dim;
@@ -97,15 +97,18 @@ int cli_bench(int argc, char **argv) {
     if (json) {
         printf("{\"preset\": \"%s\", \"tokens_per_step\": %d, \"steps\": %d, \"tokens_per_s\": %.1f, "
                "\"ms_per_step\": %.2f, \"forward_ms\": %.2f, \"backward_ms\": %.2f, \"optimizer_ms\": %.2f, "
+               "\"routing_ms\": %.2f, \"routing_fraction\": %.4f, "
                "\"gflops\": %.2f, \"sgemm_peak_gflops\": %.2f, \"fraction_of_peak\": %.4f, \"params\": %zu}\n",
                cfg.preset, M, steps, tok_s, 1e3 * total / steps, 1e3 * t_fwd / steps, 1e3 * t_bwd / steps,
-               1e3 * t_opt / steps, gflops, peak, gflops / peak, m->nparams);
+               1e3 * t_opt / steps, 1e3 * t_route / steps, t_route / total, gflops, peak, gflops / peak, m->nparams);
     } else {
         printf("moelab bench: preset %s, %zu parameters, %d tokens/step, %d steps (after %d warmup)\n", cfg.preset,
                m->nparams, M, steps, warmup);
         printf("  sgemm peak (2048^3, best of 5)  %8.1f GFLOP/s\n", peak);
         printf("  step                            %8.2f ms  (forward %.2f, backward %.2f, optimizer %.2f)\n",
                1e3 * total / steps, 1e3 * t_fwd / steps, 1e3 * t_bwd / steps, 1e3 * t_opt / steps);
+        printf("  routing (router, policies, stats) %6.2f ms  (%.1f%% of the step; balance.policy=%s)\n",
+               1e3 * t_route / steps, 100 * t_route / total, cfg.balance.policy);
         printf("  throughput                      %8.0f tokens/s\n", tok_s);
         printf("  achieved                        %8.1f GFLOP/s  (%.1f%% of sgemm peak; %.3g FLOP/token)\n",
                gflops, 100 * gflops / peak, flops_tok);

@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "ops_cpu.h" /* rope_table: host-side constant tables */
 #include "rng.h"
@@ -275,6 +276,12 @@ static void attention_block_forward(ml_model *m, int l, float *scratch_out) {
     be->add_forward(x->res_mid, x->res_in, scratch_out, (size_t)M * C);
 }
 
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
 /* A stream id for policies that draw (forced_balance random): distinct per seed, step, micro-batch, layer. */
 static uint64_t policy_stream(const ml_model *m, int l) {
     const ml_route_stats *st = m->eval_mode ? &m->eval_stats : &m->stats;
@@ -298,6 +305,7 @@ static void moe_block_forward(ml_model *m, int l, float *out, int record) {
     ml_balance_layer ctx = {.layer = l, .M = M, .E = E, .k = k, .B = m->B, .T = m->T,
                             .logits = m->h_logits, .scores = m->h_scores, .idx = m->h_idx};
 
+    double t0 = now_s();
     be->matmul_forward(x->logits, x->ln2, w->router, M, C, E);
     be->to_host(m->h_logits, x->logits, sizeof(float) * M * E);
     if (bal->has_assign) {
@@ -323,6 +331,8 @@ static void moe_block_forward(ml_model *m, int l, float *out, int record) {
         route = x->route;
     }
     be->moe_dispatch(x->counts, x->offsets, x->slot, route, M, k, E);
+    be->sync();
+    m->routing_seconds += now_s() - t0;
     be->permute_forward(x->xe, x->ln2, x->slot, M, k, C);
     be->grouped_matmul_forward(x->eh13, x->xe, w->expert_w13, x->offsets, E, C, 2 * F);
     int rows;
@@ -339,6 +349,7 @@ static void moe_block_forward(ml_model *m, int l, float *out, int record) {
         be->add_forward(out, out, tmp, (size_t)M * C);
     }
     if (!record) return;
+    t0 = now_s();
 
     /* statistics: loads after drops, choices, mean normalised score, drops */
     be->to_host(m->h_counts, x->counts, sizeof(int32_t) * E);
@@ -365,6 +376,7 @@ static void moe_block_forward(ml_model *m, int l, float *out, int record) {
         st->policy_loss[l] += loss;
         m->last_aux += (float)loss;
     }
+    m->routing_seconds += now_s() - t0;
 }
 
 static void dense_block_forward(ml_model *m, int l, float *out) {
@@ -438,6 +450,7 @@ static void moe_block_backward(ml_model *m, int l, const float *dout, float loss
     be->grouped_matmul_backward(m->d_xe, g->expert_w13, m->d_eh13, x->xe, w->expert_w13, x->offsets, E, C, 2 * F);
     be->permute_backward(m->d_ln, m->d_xe, x->slot, M, k, C);
 
+    const double t0 = now_s();
     /* the policies' gradients, kept from the forward, scaled like the rest of this micro-batch's loss */
     float *dprobs = NULL;
     if (m->balance.has_loss) {
@@ -453,6 +466,8 @@ static void moe_block_backward(ml_model *m, int l, const float *dout, float loss
     }
     be->router_backward(m->d_rlogits, m->d_gate, dprobs, x->logits, x->probs, x->idx, x->gate, M, &rp);
     be->matmul_backward(m->d_ln, g->router, m->d_rlogits, x->ln2, w->router, M, C, E);
+    be->sync();
+    m->routing_seconds += now_s() - t0;
 }
 
 static void dense_block_backward(ml_model *m, int l, const float *dout) {

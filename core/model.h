@@ -84,6 +84,8 @@ typedef struct ml_model {
     int eval_mode;                              /* forward records into eval_stats and keeps no gradients */
     uint64_t tokens_seen;                       /* at the start of the current step (topk_schedule, streams) */
     float last_loss, last_aux;                  /* of the latest forward: mean CE, summed balancing loss */
+    double routing_seconds;                     /* wall time in routing: router GEMMs and op, dispatch, policies,
+                                                 * statistics (forward and backward); for moelab bench */
 } ml_model;
 
 /* Builds the tensor table and allocates parameters, gradients, optimizer state and activations for

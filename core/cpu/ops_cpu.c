@@ -25,8 +25,9 @@ typedef float real;
 /* expf for hot loops: Cephes' range reduction and degree-6 polynomial (about 1 ulp on [-87, 88]). Unlike a
  * libm call, GCC vectorises it inside `omp simd` loops (the cross-entropy over the vocabulary dominates). */
 static inline float expf_poly(float x) {
-    x = fminf(fmaxf(x, -87.3f), 88.3f);
-    float n = rintf(x * 1.44269504088896341f);
+    x = x < -87.3f ? -87.3f : x > 88.3f ? 88.3f : x; /* not fminf/fmaxf: those stay libm calls */
+    /* round to nearest by the 1.5 * 2^23 trick (plain adds, so it vectorises; no -ffast-math here) */
+    float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
     float r = fmaf(n, -0.693359375f, x);
     r = fmaf(n, 2.12194440e-4f, r);
     float p = 1.9875691500e-4f;
