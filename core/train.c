@@ -130,7 +130,7 @@ int train_run(const ml_config *cfg_in, const ml_train_opts *opts, ml_train_resul
                 cfg.preset, m->nparams, model_active_params(&cfg) / 1e6, cfg.train.steps,
                 B * T * cfg.train.accum, cfg.run.dir);
     const int tokens_per_step = B * T * cfg.train.accum;
-    float val_loss = NAN, loss = NAN, maxvio = 0;
+    float val_loss = NAN, loss = NAN, maxvio = 0, val_maxvio = NAN;
     double t_start = now_s(), t_last = t_start;
     int steps_timed = 0;
     for (int step = st.step; step < cfg.train.steps; step++) {
@@ -165,12 +165,16 @@ int train_run(const ml_config *cfg_in, const ml_train_opts *opts, ml_train_resul
 
         const int last = st.step == cfg.train.steps;
         const int do_eval = last || (cfg.train.eval_every && st.step % cfg.train.eval_every == 0);
-        if (do_eval) val_loss = evaluate(m, &val, cfg.train.eval_batches);
+        if (do_eval) {
+            val_loss = evaluate(m, &val, cfg.train.eval_batches);
+            int l;
+            val_maxvio = worst_maxvio(m, &m->eval_stats, &l); /* MaxVio_global: loads on held-out data */
+        }
         double t = now_s(), tok_s = (double)steps_timed * tokens_per_step / (t - t_start);
         if (log) {
             fprintf(log, "step %d loss %.5f aux %.5f lr %.3e norm %.4f maxvio %.4f", st.step, loss,
                     aux_sum / cfg.train.accum, lr, norm, maxvio);
-            if (do_eval) fprintf(log, " val %.5f", val_loss);
+            if (do_eval) fprintf(log, " val %.5f val_maxvio %.4f", val_loss, val_maxvio);
             fputc('\n', log);
         }
         if (!quiet && (tty || last || do_eval || st.step % cfg.train.log_every == 0)) {
