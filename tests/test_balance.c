@@ -364,6 +364,49 @@ static void check_policies_in_model(const char *data) {
     }
 }
 
+/* topk_schedule and loss_free state survive checkpoint + resume: straight 10 steps == 4 + resume + 6, with the
+ * stage boundary (5 steps of 1024 tokens) inside the resumed part. */
+static int same_file(const char *a, const char *b) {
+    FILE *x = fopen(a, "rb"), *y = fopen(b, "rb");
+    int same = x && y;
+    while (same) {
+        int ca = fgetc(x), cb = fgetc(y);
+        if (ca != cb) same = 0;
+        if (ca == EOF || cb == EOF) break;
+    }
+    if (x) fclose(x);
+    if (y) fclose(y);
+    return same;
+}
+
+static void check_policy_resume(const char *data) {
+    char tmp[] = "/tmp/moelab_balance_XXXXXX";
+    if (!mkdtemp(tmp)) return;
+    ml_config c;
+    ml_err err = {0};
+    config_preset(&c, "tiny", NULL);
+    snprintf(c.data.dir, sizeof c.data.dir, "%s", data);
+    c.train.steps = 10, c.train.eval_every = 0, c.train.eval_batches = 2;
+    snprintf(c.balance.policy, sizeof c.balance.policy, "loss_free+topk_schedule");
+    snprintf(c.balance.topk_stages, sizeof c.balance.topk_stages,
+             "[{layers: \"[2]*2\", until_tokens: 5120}, {layers: \"[1]*2\"}]");
+    ml_train_opts quiet = {.quiet = 1}, four = {.quiet = 1, .stop_after = 4};
+    ml_train_result res;
+    char a[200], b[200];
+    snprintf(c.run.dir, sizeof c.run.dir, "%s/straight", tmp);
+    CHECK(train_run(&c, &quiet, &res, &err) == 0, "straight: %s", err.msg);
+    snprintf(c.run.dir, sizeof c.run.dir, "%s/resumed", tmp);
+    CHECK(train_run(&c, &four, &res, &err) == 0 && res.steps == 4, "first part: %s", err.msg);
+    snprintf(c.run.resume, sizeof c.run.resume, "%s/resumed/checkpoint.bin", tmp);
+    CHECK(train_run(&c, &quiet, &res, &err) == 0 && res.steps == 10, "resumed part: %s", err.msg);
+    snprintf(a, sizeof a, "%s/straight/checkpoint.bin", tmp);
+    snprintf(b, sizeof b, "%s/resumed/checkpoint.bin", tmp);
+    CHECK(same_file(a, b), "loss_free+topk_schedule: 10 straight steps differ from 4 + resume + 6");
+    char cmd[300];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmp);
+    if (system(cmd)) printf("warning: could not remove %s\n", tmp);
+}
+
 int main(int argc, char **argv) {
     const char *data = argc > 1 ? argv[1] : "data/tokens/vocab8192";
     const char *losses[] = {"aux_loss", "seq_aux_loss", "global_aux_loss", "top1_loss", "z_loss"};
@@ -376,6 +419,7 @@ int main(int argc, char **argv) {
     check_capacity();
     check_metrics();
     check_policies_in_model(data);
+    check_policy_resume(data);
     printf("balance: %d passed, %d failed\n", passed, failed);
     return failed ? 1 : 0;
 }
