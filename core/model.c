@@ -187,8 +187,9 @@ int model_init(ml_model *m, const ml_config *cfg, const ml_backend *be, int B, i
                       !(m->h_counts = malloc(sizeof(int32_t) * (E ? E : 1))) |
                       !(m->h_selected = malloc(sizeof(int32_t) * (E ? E : 1)));
     if (m->balance.has_loss)
-        host_failed |= !(m->h_dscores = malloc(sizeof(float) * ME * m->L)) |
-                       !(m->h_dlogits = malloc(sizeof(float) * ME * m->L));
+        /* one slot per layer, plus one that evaluations write into so they never touch a pending backward's */
+        host_failed |= !(m->h_dscores = malloc(sizeof(float) * ME * (m->L + 1))) |
+                       !(m->h_dlogits = malloc(sizeof(float) * ME * (m->L + 1)));
     host_failed |= route_stats_alloc(&m->stats, m->L, m->E) | route_stats_alloc(&m->eval_stats, m->L, m->E);
     if (a.failed || host_failed) {
         model_free(m);
@@ -368,8 +369,9 @@ static void moe_block_forward(ml_model *m, int l, float *out, int record) {
     if (bal->has_loss) {
         ctx.running_selected = sel;
         ctx.running_tokens = (int64_t)(st->micro_batches + 1) * M;
-        ctx.dscores = m->h_dscores + (size_t)l * M * E;
-        ctx.dlogits = m->h_dlogits + (size_t)l * M * E;
+        const int slot = m->eval_mode ? m->L : l;
+        ctx.dscores = m->h_dscores + (size_t)slot * M * E;
+        ctx.dlogits = m->h_dlogits + (size_t)slot * M * E;
         memset(ctx.dscores, 0, sizeof(float) * M * E);
         memset(ctx.dlogits, 0, sizeof(float) * M * E);
         double loss = balance_loss(bal, &m->cfg, &ctx);

@@ -1,8 +1,10 @@
 /* test_reference.c: the whole model against the PyTorch reference (tests/reference/make_fixtures.py).
- * Each fixture holds a config, a batch, initial parameters and what float64 PyTorch computed from them:
- * logits, losses, every parameter gradient, the total loss over a few AdamW steps and the parameters after
- * them. This program builds the same model through model.h on the CPU backend, loads the parameters by
- * tensor name and compares. Usage: test_reference FIXTURE_DIR (every *.bin in it is a case). */
+ * Each fixture holds a config (model, balance.policy, train.accum), A micro-batches, initial parameters and
+ * what float64 PyTorch computed from them: per micro-batch logits, CE and balancing loss, every parameter
+ * gradient accumulated over the micro-batches, the loss over a few AdamW steps and the parameters after them.
+ * This program builds the same model through model.h on the CPU backend, loads the parameters by tensor name,
+ * replays the step as train.c does (begin_step, forward + backward(1/A) per micro-batch) and compares.
+ * Usage: test_reference FIXTURE_DIR (every *.bin in it is a case). */
 #include <dirent.h>
 #include <math.h>
 #include <stdint.h>
@@ -214,6 +216,45 @@ static int make_config(const char *cs, fixture *fx, ml_config *cfg) {
     return rc ? -1 : 0;
 }
 
+/* The number of micro-batches A of a tokens/targets record: (A, B, T), or (B, T) for A = 1; -1 if it does not
+ * hold B x T sequences. */
+static int micro_batches(const record *r, int B, int T) {
+    if (r->ndim == 2 && (int)r->dims[0] == B && (int)r->dims[1] == T) return 1;
+    if (r->ndim == 3 && r->dims[0] >= 1 && (int)r->dims[1] == B && (int)r->dims[2] == T) return (int)r->dims[0];
+    return -1;
+}
+
+/* One optimizer step's gradient as train.c builds it: zero, model_begin_step, then per micro-batch a forward
+ * and model_backward(1/A). With the fixture's records (ref_* non-NULL) each micro-batch's logits, CE and
+ * balancing loss are checked. Returns the step's mean of CE + balancing loss over the micro-batches. */
+static double accumulate_step(const char *cs, ml_model *m, int A, uint64_t tokens_seen, const int32_t *tokens,
+                              const int32_t *targets, const float *ref_logits, const float *ref_loss,
+                              const float *ref_aux) {
+    const int M = m->B * m->T, V = m->V;
+    float *logits = ref_logits ? malloc(sizeof(float) * M * V) : NULL;
+    double total = 0;
+    model_zero_grad(m);
+    model_begin_step(m, tokens_seen);
+    for (int j = 0; j < A; j++) {
+        float ce = model_forward(m, tokens + (size_t)j * M, targets + (size_t)j * M);
+        total += ((double)ce + m->last_aux) / A;
+        if (ref_logits) {
+            char at[32] = "", what[64];
+            if (A > 1) snprintf(at, sizeof at, " micro-batch %d", j + 1);
+            m->be->to_host(logits, m->logits, sizeof(float) * M * V);
+            snprintf(what, sizeof what, "logits%s", at);
+            check(cs, what, rel_err(logits, ref_logits + (size_t)j * M * V, (size_t)M * V), TOL_FORWARD);
+            snprintf(what, sizeof what, "loss (cross-entropy)%s", at);
+            check(cs, what, scalar_err(ce, ref_loss[j]), TOL_FORWARD);
+            snprintf(what, sizeof what, "aux_loss (balancing)%s", at);
+            check(cs, what, scalar_err(m->last_aux, ref_aux[j]), TOL_FORWARD);
+        }
+        model_backward(m, 1.0f / A);
+    }
+    free(logits);
+    return total;
+}
+
 static void run_case(const char *dir, const char *file) {
     char path[1024], cs[256];
     snprintf(path, sizeof path, "%s/%s", dir, file);
@@ -228,13 +269,16 @@ static void run_case(const char *dir, const char *file) {
         n_fail++;
         return;
     }
-    const int B = cfg.train.batch, T = cfg.model.seq_len, V = cfg.model.vocab, M = B * T;
+    const int B = cfg.train.batch, T = cfg.model.seq_len, V = cfg.model.vocab, L = cfg.model.layers, M = B * T;
     record *tok = find(&fx, "tokens", DT_I32), *tgt = find(&fx, "targets", DT_I32);
+    const int A = tok ? micro_batches(tok, B, T) : -1;
     record *rlogits = find(&fx, "logits", DT_F32), *rloss = find(&fx, "loss", DT_F32);
     record *raux = find(&fx, "aux_loss", DT_F32), *radam = find(&fx, "adamw", DT_F32);
     record *rsteps = find(&fx, "step_losses", DT_F32);
-    if (!tok || !tgt || tok->numel != (size_t)M || tgt->numel != (size_t)M || !rlogits ||
-        rlogits->numel != (size_t)M * V || !rloss || !raux || !radam || radam->numel != 5 || !rsteps) {
+    record *rlayers = find(&fx, "aux_layers", DT_F32); /* optional: fixtures before the policy cases lack it */
+    if (A < 1 || !tgt || micro_batches(tgt, B, T) != A || !rlogits || rlogits->numel != (size_t)A * M * V ||
+        !rloss || rloss->numel != (size_t)A || !raux || raux->numel != (size_t)A || !radam || radam->numel != 5 ||
+        !rsteps || (rlayers && rlayers->numel != (size_t)L)) {
         fprintf(stderr, "reference: %s: a record is missing or has the wrong size\n", cs);
         fixture_free(&fx);
         n_fail++;
@@ -246,44 +290,42 @@ static void run_case(const char *dir, const char *file) {
         n_fail++;
         return;
     }
-    int32_t *tokens = malloc(sizeof(int32_t) * M), *targets = malloc(sizeof(int32_t) * M);
-    memcpy(tokens, tok->data, sizeof(int32_t) * M);
-    memcpy(targets, tgt->data, sizeof(int32_t) * M);
+    int32_t *tokens = malloc(sizeof(int32_t) * A * M), *targets = malloc(sizeof(int32_t) * A * M);
+    memcpy(tokens, tok->data, sizeof(int32_t) * A * M);
+    memcpy(targets, tgt->data, sizeof(int32_t) * A * M);
     float *adam = floats(radam), *ref = floats(rlogits), *steps = floats(rsteps);
-    float *logits = malloc(sizeof(float) * M * V);
+    float *ref_loss = floats(rloss), *ref_aux = floats(raux);
 
-    /* the optimizer hyperparameters come from the config; the fixture must agree with them */
+    /* the optimizer hyperparameters and the accumulation come from the config; the fixture must agree */
     int adam_ok = adam[1] == cfg.train.beta1 && adam[2] == cfg.train.beta2 && adam[3] == cfg.train.eps &&
                   adam[4] == cfg.train.weight_decay;
     check(cs, "adamw hyperparameters match config", adam_ok ? 0 : INFINITY, 0);
+    check(cs, "train.accum matches the micro-batches", A == cfg.train.accum ? 0 : INFINITY, 0);
     check(cs, "parameters loaded by name", load_params(cs, &fx, &m) ? INFINITY : 0, 0);
 
-    float loss = model_forward(&m, tokens, targets);
-    m.be->to_host(logits, m.logits, sizeof(float) * M * V);
-    check(cs, "logits", rel_err(logits, ref, (size_t)M * V), TOL_FORWARD);
-    float ref_loss, ref_aux;
-    memcpy(&ref_loss, rloss->data, sizeof ref_loss);
-    memcpy(&ref_aux, raux->data, sizeof ref_aux);
-    check(cs, "loss (cross-entropy)", scalar_err(loss, ref_loss), TOL_FORWARD);
-    check(cs, "aux_loss (balancing)", scalar_err(m.last_aux, ref_aux), TOL_FORWARD);
-
-    model_zero_grad(&m);
-    model_backward(&m, 1.0f);
+    /* one step's accumulated gradient of sum_j (CE_j + balancing_j) / A */
+    accumulate_step(cs, &m, A, 0, tokens, targets, ref, ref_loss, ref_aux);
     check_tensors(cs, &fx, &m, m.grads, "grad.", TOL_GRAD);
+    if (rlayers) {
+        /* each block's balancing loss, summed over the step's micro-batches (0 for dense blocks) */
+        float *ref_layers = floats(rlayers), got[ML_MAX_LAYERS];
+        for (int l = 0; l < L; l++) got[l] = (float)m.stats.policy_loss[l];
+        check(cs, "aux_loss per block (route stats)", rel_err(got, ref_layers, L), TOL_FORWARD);
+        free(ref_layers);
+    }
 
-    /* AdamW on the same batch, from the fixture's initial parameters again (the forward above changed none) */
+    /* AdamW from the fixture's initial parameters again (the step above changed none), each step accumulating
+     * the same A micro-batches */
     for (int t = 1; t <= (int)rsteps->numel; t++) {
-        model_zero_grad(&m);
-        float ce = model_forward(&m, tokens, targets);
-        model_backward(&m, 1.0f);
+        double total = accumulate_step(cs, &m, A, (uint64_t)(t - 1) * A * M, tokens, targets, NULL, NULL, NULL);
         model_adamw(&m, adam[0], 1.0f, t);
         char what[64];
-        snprintf(what, sizeof what, "step %d loss (CE + aux) %.6f", t, ce + m.last_aux);
-        check(cs, what, scalar_err((double)ce + m.last_aux, steps[t - 1]), TOL_STEPS);
+        snprintf(what, sizeof what, "step %d loss (CE + aux) %.6f", t, total);
+        check(cs, what, scalar_err(total, steps[t - 1]), TOL_STEPS);
     }
     check_tensors(cs, &fx, &m, m.params, "final.", TOL_FINAL);
 
-    free(tokens), free(targets), free(adam), free(ref), free(steps), free(logits);
+    free(tokens), free(targets), free(adam), free(ref), free(steps), free(ref_loss), free(ref_aux);
     model_free(&m);
     fixture_free(&fx);
 }
