@@ -7,5 +7,15 @@ int cli_train(int argc, char **argv);
 int cli_data(int argc, char **argv);
 int cli_bench(int argc, char **argv);
 int cli_plan(int argc, char **argv);
+int cli_runs(int argc, char **argv);
+int cli_trace(int argc, char **argv);
+
+#include <stddef.h>
+
+#include "err.h"
+
+/* A run given on the command line as a trace file, a run folder or a run id in the database at db_path:
+ * writes the trace's path to out. */
+int cli_resolve_trace(const char *run, const char *db_path, char *out, size_t cap, ml_err *err);
 
 #endif

@@ -94,6 +94,13 @@ static const key_spec keys[] = {
     {"data.dir", K_STR, S(data.dir), NULL, "folder with train.bin and val.bin (llm.c shards)"},
     {"run.dir", K_STR, S(run.dir), NULL, "run folder (resolved config, checkpoints, log); \"\" = runs/<preset>-<seed>"},
     {"run.resume", K_STR, S(run.resume), NULL, "checkpoint to resume from"},
+    {"run.id", K_STR, S(run.id), NULL, "run id in the run database (\"\" = the run folder's name)"},
+    {"run.name", K_STR, S(run.name), NULL, "display name (\"\" = the id)"},
+    {"run.experiment", K_STR, S(run.experiment), NULL, "experiment the run belongs to"},
+    {"run.db", K_STR, S(run.db), NULL, "run database (SQLite); \"\" = none"},
+    {"trace.every", K_INT, F(trace.every), 0, NULL, "record routing statistics to run.dir/trace.h5 every N steps (0 = off)"},
+    {"trace.flush_every", K_INT, F(trace.flush_every), 0, NULL,
+     "write buffered trace rows every N steps (and at every checkpoint)"},
 };
 #undef F
 #undef S
@@ -132,6 +139,10 @@ static void defaults(ml_config *c) {
     c->train.eval_batches = 8;
     c->train.log_every = 10;
     snprintf(c->data.dir, sizeof c->data.dir, "data/tokens/vocab8192");
+    snprintf(c->run.experiment, sizeof c->run.experiment, "default");
+    snprintf(c->run.db, sizeof c->run.db, "runs.db");
+    c->trace.every = 1;
+    c->trace.flush_every = 50;
 }
 
 int config_preset(ml_config *c, const char *name, ml_err *err) {
@@ -369,6 +380,11 @@ int config_validate(const ml_config *c, ml_err *err) {
     REQUIRE(t->eval_batches >= 1, "train.eval_batches: %d must be positive", t->eval_batches);
     REQUIRE(t->ckpt_every >= 0, "train.ckpt_every: %d must not be negative", t->ckpt_every);
     REQUIRE(t->log_every >= 1, "train.log_every: %d must be positive", t->log_every);
+    REQUIRE(c->trace.every >= 0, "trace.every: %d must not be negative", c->trace.every);
+    REQUIRE(c->trace.flush_every >= 1, "trace.flush_every: %d must be positive", c->trace.flush_every);
+    for (const char *p = c->run.id; *p; p++)
+        REQUIRE(*p != '/' && *p != ' ' && *p != '\'' && *p != '"', "run.id: '%s' may not contain '/', quotes or spaces",
+                c->run.id);
     return ML_OK;
 }
 
@@ -416,10 +432,32 @@ static void print_value(const ml_config *c, const key_spec *k, FILE *f) {
     switch (k->type) {
     case K_INT: fprintf(f, "%d", *(const int *)p); break;
     case K_U64: fprintf(f, "%" PRIu64, *(const uint64_t *)p); break;
-    case K_FLOAT: fprintf(f, "%.9g", *(const float *)p); break;
+    case K_FLOAT: { /* the shortest decimal that reads back as the same float: 0.01, not 0.00999999978 */
+        const float v = *(const float *)p;
+        char buf[32];
+        for (int prec = 1; prec <= 9; prec++) {
+            snprintf(buf, sizeof buf, "%.*g", prec, v);
+            if (strtof(buf, NULL) == v) break;
+        }
+        fputs(buf, f);
+        break;
+    }
     case K_BOOL: fputs(*(const int *)p ? "true" : "false", f); break;
     case K_STR: fprintf(f, "\"%s\"", (const char *)p); break;
     case K_ENUM: fputs(k->names[*(const int *)p], f); break;
+    }
+}
+
+void config_foreach(const ml_config *c, void (*fn)(const char *key, const char *value, void *ctx), void *ctx) {
+    for (size_t i = 0; i < NKEYS; i++) {
+        char buf[1100];
+        FILE *f = fmemopen(buf, sizeof buf, "w");
+        if (keys[i].type == K_STR) fputs((const char *)c + keys[i].offset, f);
+        else print_value(c, &keys[i], f);
+        fputc(0, f);
+        fclose(f);
+        buf[sizeof buf - 1] = 0;
+        fn(keys[i].key, buf, ctx);
     }
 }
 

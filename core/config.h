@@ -62,7 +62,16 @@ typedef struct {
     struct {
         char dir[512]; /* run folder: config.yaml, checkpoints, log */
         char resume[512]; /* checkpoint path to resume from, "" = fresh */
+        char id[128];     /* run id in the database; "" = the run folder's name */
+        char name[128];   /* display name; "" = the id */
+        char experiment[128];
+        char db[512];     /* run database path; "" = no database */
     } run;
+
+    struct {
+        int every;        /* trace every N steps (0 = no trace) */
+        int flush_every;  /* write buffered trace rows every N steps (and at checkpoints) */
+    } trace;
 } ml_config;
 
 /* Fills cfg with the named preset. Unknown names give ML_EINPUT listing the presets. */
@@ -84,6 +93,10 @@ int config_read_file(ml_config *cfg, const char *path, ml_err *err);
 
 /* Writes every key as "key: value" lines (flat YAML), in table order. */
 void config_write(const ml_config *cfg, FILE *f);
+
+/* Calls fn(key, value, ctx) for every key in table order, value formatted as in config.yaml but without
+ * quotes (so "balance.aux_coef", "0.00999999978"). The params table of the run database is this list. */
+void config_foreach(const ml_config *cfg, void (*fn)(const char *key, const char *value, void *ctx), void *ctx);
 
 /* Prints every key with its default and meaning (for --help). */
 void config_print_help(FILE *f);

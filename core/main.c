@@ -12,6 +12,8 @@ static const struct {
     {"train", cli_train, "train a model from a preset and key=value overrides (or resume a run)"},
     {"data", cli_data, "fetch and tokenize the default corpus, or tokenize your own text (llm.c shards)"},
     {"bench", cli_bench, "measure training tokens/s and GFLOP/s against this machine's sgemm peak"},
+    {"runs", cli_runs, "list, show, compare and query runs in the run database (SQLite)"},
+    {"trace", cli_trace, "per-layer imbalance summaries and CSV/JSON export of a run's load trace (HDF5)"},
     {"plan", cli_plan, "parameters, memory and FLOPs of a config, before running it"},
 };
 

@@ -3,6 +3,7 @@
 #include "train.h"
 
 #include <errno.h>
+#include <signal.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -15,6 +16,10 @@
 #include "dataloader.h"
 #include "metrics.h"
 #include "model.h"
+#include "recorder.h"
+
+static volatile sig_atomic_t stop_signal;
+static void on_stop_signal(int sig) { stop_signal = sig; }
 
 float train_lr(const ml_config *c, int step) {
     const float lr = c->train.lr, lo = lr * c->train.min_lr_ratio;
@@ -124,16 +129,31 @@ int train_run(const ml_config *cfg_in, const ml_train_opts *opts, ml_train_resul
     fclose(cf);
     snprintf(path, sizeof path, "%s/log.txt", cfg.run.dir);
     FILE *log = fopen(path, cfg.run.resume[0] ? "a" : "w");
+    ml_recorder rec;
+    if ((rc = recorder_open(&rec, &cfg, m, cfg.run.resume[0] ? st.step : -1, err))) goto done_log;
+    const char *final_status = "failed";
+    stop_signal = 0;
+    struct sigaction sa = {.sa_handler = on_stop_signal}, old_int, old_term;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, &old_int);
+    sigaction(SIGTERM, &sa, &old_term);
 
     if (!quiet)
-        fprintf(out, "moelab: %s, %zu parameters (%.1fM active/token), %d steps of %d tokens, run folder %s\n",
+        fprintf(out, "moelab: %s, %zu parameters (%.1fM active/token), %d steps of %d tokens, run %s in %s\n",
                 cfg.preset, m->nparams, model_active_params(&cfg) / 1e6, cfg.train.steps,
-                B * T * cfg.train.accum, cfg.run.dir);
+                B * T * cfg.train.accum, rec.id, cfg.run.dir);
     const int tokens_per_step = B * T * cfg.train.accum;
     float val_loss = NAN, loss = NAN, maxvio = 0, val_maxvio = NAN;
     double t_start = now_s(), t_last = t_start;
     int steps_timed = 0;
     for (int step = st.step; step < cfg.train.steps; step++) {
+        if (stop_signal) {
+            /* Ctrl-C or SIGTERM: keep what was done (trace, checkpoint) and mark the run killed */
+            rc = ml_errf(err, ML_ERUN, "interrupted by signal %d after step %d; resume with --resume %s", stop_signal,
+                         st.step, cfg.run.dir);
+            if (!recorder_flush(&rec, err) && !checkpoint_save(ckpt_path, m, &st, err)) final_status = "killed";
+            goto done_record;
+        }
         const float lr = train_lr(&cfg, step);
         model_zero_grad(m);
         model_begin_step(m, st.tokens_seen);
@@ -151,7 +171,7 @@ int train_run(const ml_config *cfg_in, const ml_train_opts *opts, ml_train_resul
                          "step %d: %s is %s; stopped. The last good checkpoint (if any) is %s; try a lower train.lr",
                          step + 1, isfinite(loss) ? "gradient norm" : "loss", "not finite", ckpt_path);
             if (log) fprintf(log, "error: %s\n", err->msg);
-            goto done_log;
+            goto done_record;
         }
         float clip = cfg.train.grad_clip > 0 && norm > cfg.train.grad_clip ? (float)(cfg.train.grad_clip / norm) : 1;
         model_adamw(m, lr, clip, step + 1);
@@ -162,13 +182,25 @@ int train_run(const ml_config *cfg_in, const ml_train_opts *opts, ml_train_resul
         int worst_layer;
         maxvio = worst_maxvio(m, &m->stats, &worst_layer);
         steps_timed++;
+        if ((rc = recorder_step(&rec, &cfg, m, st.step, st.tokens_seen, loss, lr, (float)norm, err))) goto done_record;
 
         const int last = st.step == cfg.train.steps;
+        const int logged = last || st.step % cfg.train.log_every == 0;
         const int do_eval = last || (cfg.train.eval_every && st.step % cfg.train.eval_every == 0);
         if (do_eval) {
             val_loss = evaluate(m, &val, cfg.train.eval_batches);
             int l;
             val_maxvio = worst_maxvio(m, &m->eval_stats, &l); /* MaxVio_global: loads on held-out data */
+            const char *keys[] = {"val_loss", "val_maxvio"};
+            const double vals[] = {val_loss, val_maxvio};
+            if ((rc = recorder_eval(&rec, m, st.step, val_loss, err)) ||
+                (rc = recorder_metrics(&rec, st.step, 2, keys, vals, err)))
+                goto done_record;
+        }
+        if (logged) {
+            const char *keys[] = {"loss", "aux_loss", "lr", "grad_norm", "maxvio"};
+            const double vals[] = {loss, aux_sum / cfg.train.accum, lr, norm, maxvio};
+            if ((rc = recorder_metrics(&rec, st.step, 5, keys, vals, err))) goto done_record;
         }
         double t = now_s(), tok_s = (double)steps_timed * tokens_per_step / (t - t_start);
         if (log) {
@@ -177,30 +209,62 @@ int train_run(const ml_config *cfg_in, const ml_train_opts *opts, ml_train_resul
             if (do_eval) fprintf(log, " val %.5f val_maxvio %.4f", val_loss, val_maxvio);
             fputc('\n', log);
         }
-        if (!quiet && (tty || last || do_eval || st.step % cfg.train.log_every == 0)) {
-            char eta[32];
+        /* on a terminal the line refreshes in place (at most 10 times a second) and is kept every log_every
+         * steps; otherwise plain lines every log_every steps */
+        if (!quiet && (logged || do_eval || (tty && t - t_last >= 0.1))) {
+            char eta[32], vbuf[16];
             fmt_duration(eta, sizeof eta, (cfg.train.steps - st.step) * (double)tokens_per_step / tok_s);
-            if (tty && !(last || do_eval || st.step % cfg.train.log_every == 0) && t - t_last < 0.1) continue;
-            t_last = t;
-            char vbuf[16];
             snprintf(vbuf, sizeof vbuf, isnan(val_loss) ? "-" : "%.4f", val_loss);
+            t_last = t;
             fprintf(out, "%sstep %5d/%d | loss %.4f | val %s | lr %.2e | %.0f tok/s | maxvio %.2f (layer %d) | eta %s",
                     tty ? "\r\033[K" : "", st.step, cfg.train.steps, loss, vbuf, lr, tok_s, maxvio, worst_layer, eta);
-            if (!tty || last || do_eval || st.step % cfg.train.log_every == 0) fputc('\n', out);
+            if (logged || do_eval || !tty) fputc('\n', out);
             fflush(out);
         }
         const int stop = opts && opts->stop_after > 0 && st.step == opts->stop_after;
-        if (last || stop || (cfg.train.ckpt_every && st.step % cfg.train.ckpt_every == 0))
-            if ((rc = checkpoint_save(ckpt_path, m, &st, err))) goto done_log;
-        if (stop) break;
+        if (last || stop || (cfg.train.ckpt_every && st.step % cfg.train.ckpt_every == 0)) {
+            /* the trace first: it must hold every step the checkpoint has */
+            if ((rc = recorder_flush(&rec, err)) || (rc = checkpoint_save(ckpt_path, m, &st, err))) goto done_record;
+        } else if (st.step % cfg.trace.flush_every == 0) {
+            if ((rc = recorder_flush(&rec, err))) goto done_record;
+        }
+        if (stop) {
+            final_status = "queued"; /* resumable: not finished, not failed */
+            break;
+        }
+        if (last) final_status = "finished";
     }
     res->steps = st.step;
     res->train_loss = loss;
     res->val_loss = val_loss;
     res->worst_maxvio = maxvio;
     res->tokens_per_s = steps_timed ? (double)steps_timed * tokens_per_step / (now_s() - t_start) : 0;
-    if (!quiet) fprintf(out, "done: %d steps, train loss %.4f, val loss %.4f, checkpoint %s\n", st.step, loss,
-                        val_loss, ckpt_path);
+    if (!strcmp(final_status, "finished") || st.step == cfg.train.steps) {
+        final_status = "finished";
+        const char *keys[] = {"train_loss", "val_loss", "maxvio", "val_maxvio", "tokens_per_s", "steps"};
+        const double vals[] = {loss, val_loss, maxvio, val_maxvio, res->tokens_per_s, st.step};
+        for (int i = 0; i < 6 && !rc; i++) rc = recorder_summary(&rec, keys[i], vals[i], err);
+        /* per-layer MaxVio_global of the final evaluation */
+        for (int l = 0; l < m->L && !rc; l++) {
+            if (!m->layer_k[l]) continue;
+            ml_load_metrics mt;
+            metrics_compute_i64(&mt, m->eval_stats.tokens_per_expert + (size_t)l * m->E, m->E);
+            char key[48];
+            snprintf(key, sizeof key, "layer%d.val_maxvio", l);
+            rc = recorder_summary(&rec, key, mt.maxvio, err);
+        }
+    }
+    if (!quiet && !rc) fprintf(out, "done: %d steps, train loss %.4f, val loss %.4f, checkpoint %s\n", st.step, loss,
+                               val_loss, ckpt_path);
+done_record:
+    sigaction(SIGINT, &old_int, NULL);
+    sigaction(SIGTERM, &old_term, NULL);
+    {
+        ml_err close_err = {0};
+        int crc = recorder_close(&rec, rc && strcmp(final_status, "killed") ? "failed" : final_status,
+                                 rc ? err->msg : NULL, &close_err);
+        if (!rc && crc) rc = crc, *err = close_err;
+    }
 done_log:
     if (log) fclose(log);
 done_model:

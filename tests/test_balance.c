@@ -387,6 +387,7 @@ static void check_policy_resume(const char *data) {
     config_preset(&c, "tiny", NULL);
     snprintf(c.data.dir, sizeof c.data.dir, "%s", data);
     c.train.steps = 10, c.train.eval_every = 0, c.train.eval_batches = 2;
+    c.run.db[0] = 0;
     snprintf(c.balance.policy, sizeof c.balance.policy, "loss_free+topk_schedule");
     snprintf(c.balance.topk_stages, sizeof c.balance.topk_stages,
              "[{layers: \"[2]*2\", until_tokens: 5120}, {layers: \"[1]*2\"}]");

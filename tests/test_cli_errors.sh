@@ -24,7 +24,7 @@ expect() {
 }
 
 [ -f "$tokens/train.bin" ] || { echo "FAIL: $tokens/train.bin missing: run 'moelab data prepare' first"; exit 1; }
-small=(train.batch=2 model.seq_len=16 train.eval_batches=1)
+small=(train.batch=2 model.seq_len=16 train.eval_batches=1 run.db="$tmp/runs.db")
 
 # help
 expect 0 "usage: moelab" -- --help

@@ -55,6 +55,7 @@ static void base_config(ml_config *c, const char *data, const char *run, int ste
     c->train.steps = steps;
     c->train.eval_every = 0;
     c->train.eval_batches = 4;
+    c->run.db[0] = 0; /* no run database: these runs test training, not bookkeeping */
 }
 
 /* Entropy (nats) of the empirical unigram distribution of a shard's tokens. */
