@@ -11,6 +11,7 @@
 #include "cli.h"
 #include "config.h"
 #include "model.h"
+#include "recorder.h"
 #include "rng.h"
 
 static double now_s(void) {
@@ -76,7 +77,18 @@ int cli_bench(int argc, char **argv) {
     ml_rng rng;
     rng_seed(&rng, cfg.seed);
     for (int i = 0; i <= M; i++) tok[i] = (int32_t)(rng_next(&rng) % cfg.model.vocab);
-    double t_fwd = 0, t_bwd = 0, t_opt = 0, t_route = 0;
+    double t_fwd = 0, t_bwd = 0, t_opt = 0, t_route = 0, t_trace = 0;
+    /* tracing as a run does it: a row every step, written every trace.flush_every steps, into a temp folder */
+    char trace_dir[] = "/tmp/moelab_bench_XXXXXX";
+    ml_recorder rec;
+    ml_config rcfg = cfg;
+    int tracing = mkdtemp(trace_dir) != NULL;
+    if (tracing) {
+        snprintf(rcfg.run.dir, sizeof rcfg.run.dir, "%s", trace_dir);
+        rcfg.run.db[0] = 0;
+        rcfg.trace.every = 1;
+        tracing = recorder_open(&rec, &rcfg, m, -1, &err) == 0;
+    }
     for (int s = 0; s < warmup + steps; s++) {
         double t0 = now_s(), r0 = m->routing_seconds;
         model_zero_grad(m);
@@ -88,7 +100,23 @@ int cli_bench(int argc, char **argv) {
         double norm = model_grad_norm(m);
         model_adamw(m, 1e-4f, norm > 1 ? (float)(1 / norm) : 1, s + 1);
         double t3 = now_s();
+        if (tracing) {
+            recorder_step(&rec, &rcfg, m, s + 1, (uint64_t)(s + 1) * M, 0, 1e-4f, (float)norm, &err);
+            if ((s + 1) % rcfg.trace.flush_every == 0) recorder_flush(&rec, &err);
+        }
+        double t4 = now_s();
         if (s >= warmup) t_fwd += t1 - t0, t_bwd += t2 - t1, t_opt += t3 - t2, t_route += m->routing_seconds - r0;
+        if (s >= warmup) t_trace += t4 - t3;
+    }
+    if (tracing) {
+        /* the final flush belongs to the run too: spread it over the timed steps */
+        double t5 = now_s();
+        recorder_close(&rec, NULL, NULL, &err);
+        t_trace += now_s() - t5;
+        char cmd[64];
+        snprintf(cmd, sizeof cmd, "rm -rf %s", trace_dir);
+        if (system(cmd)) { /* best effort */
+        }
     }
     double total = t_fwd + t_bwd + t_opt, tok_s = (double)M * steps / total;
     double attn = 6.0 * cfg.model.layers * cfg.model.seq_len * cfg.model.dim;
@@ -97,10 +125,10 @@ int cli_bench(int argc, char **argv) {
     if (json) {
         printf("{\"preset\": \"%s\", \"tokens_per_step\": %d, \"steps\": %d, \"tokens_per_s\": %.1f, "
                "\"ms_per_step\": %.2f, \"forward_ms\": %.2f, \"backward_ms\": %.2f, \"optimizer_ms\": %.2f, "
-               "\"routing_ms\": %.2f, \"routing_fraction\": %.4f, "
+               "\"routing_ms\": %.2f, \"routing_fraction\": %.4f, \"trace_ms\": %.3f, \"trace_fraction\": %.5f, "
                "\"gflops\": %.2f, \"sgemm_peak_gflops\": %.2f, \"fraction_of_peak\": %.4f, \"params\": %zu}\n",
                cfg.preset, M, steps, tok_s, 1e3 * total / steps, 1e3 * t_fwd / steps, 1e3 * t_bwd / steps,
-               1e3 * t_opt / steps, 1e3 * t_route / steps, t_route / total, gflops, peak, gflops / peak, m->nparams);
+               1e3 * t_opt / steps, 1e3 * t_route / steps, t_route / total, 1e3 * t_trace / steps, t_trace / total, gflops, peak, gflops / peak, m->nparams);
     } else {
         printf("moelab bench: preset %s, %zu parameters, %d tokens/step, %d steps (after %d warmup)\n", cfg.preset,
                m->nparams, M, steps, warmup);
@@ -109,6 +137,8 @@ int cli_bench(int argc, char **argv) {
                1e3 * total / steps, 1e3 * t_fwd / steps, 1e3 * t_bwd / steps, 1e3 * t_opt / steps);
         printf("  routing (router, policies, stats) %6.2f ms  (%.1f%% of the step; balance.policy=%s)\n",
                1e3 * t_route / steps, 100 * t_route / total, cfg.balance.policy);
+        printf("  tracing (row per step, flush/%d) %6.3f ms  (%.2f%% of the step)\n", rcfg.trace.flush_every,
+               1e3 * t_trace / steps, 100 * t_trace / total);
         printf("  throughput                      %8.0f tokens/s\n", tok_s);
         printf("  achieved                        %8.1f GFLOP/s  (%.1f%% of sgemm peak; %.3g FLOP/token)\n",
                gflops, 100 * gflops / peak, flops_tok);
