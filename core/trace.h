@@ -2,7 +2,9 @@
  * step appends one row to extendible, chunked, compressed datasets; evaluations append to /eval. The writer
  * buffers rows in memory and writes them at trace_flush, opening and closing the file each time, so between
  * flushes the file is closed and complete: readable by h5py/h5dump while the run goes on, and intact after a
- * kill -9 up to the last flush. Layout (N logged steps, K evaluations, L layers, E experts):
+ * kill -9 up to the last flush (space is never reused, so even a kill inside a flush leaves the last
+ * flushed state readable: docs/formats.md). Layout (N
+ * logged steps, K evaluations, L layers, E experts):
  *   /step (N) int64, /tokens (N) int64, /loss (N) f32, /lr (N) f32, /grad_norm (N) f32,
  *   /policy_loss (N,L) f32, /load (N,L,E) int32 (after drops), /selected (N,L,E) int32 (before drops),
  *   /gate_mean (N,L,E) f32, /bias (N,L,E) f32, /topk (N,L) int32, /dropped (N,L) int32,
