@@ -142,7 +142,7 @@ static void defaults(ml_config *c) {
     snprintf(c->run.experiment, sizeof c->run.experiment, "default");
     snprintf(c->run.db, sizeof c->run.db, "runs.db");
     c->trace.every = 1;
-    c->trace.flush_every = 50;
+    c->trace.flush_every = 64; /* the trace's chunk depth: flushes write whole chunks (trace.c) */
 }
 
 int config_preset(ml_config *c, const char *name, ml_err *err) {

@@ -45,17 +45,16 @@ enum {
     MAX_COLUMNS = NSTEP_COLUMNS,
 };
 
-/* Chunks hold many rows of ONE layer, so reading one layer over a whole run touches only that layer's chunks.
- * Every flush recompresses the partial last chunk of each column, so (N,L,E) chunks are 256 steps deep, not
- * 1024: measured (tests/bench/trace_bench.c) a flush of 20 rows at 4 x 96 costs 15 ms instead of 80 ms, one
- * of 50 rows at 56 x 96 215 ms instead of 710 ms, while the file grows 4% and reading a layer over 20k
- * steps is no slower (over 100k steps, 391 chunks: 0.5 s from disk). (N) and (N,L) columns are small: their chunks hold 4096 rows. Evaluations
- * are ~100x rarer than steps, hence their shorter chunks. */
+/* Chunks hold rows of ONE layer, so reading one layer over a whole run touches only that layer's chunks.
+ * Step chunks are 64 rows deep, the default trace.flush_every: a flush then writes whole chunks, and since
+ * file space is never reused (create_trace) a flush that ended mid-chunk would leave the superseded partial
+ * chunk behind. Measured (tests/bench/trace_bench.c, small-cpu shape, 10k steps): 256-row chunks flushed
+ * every 20 steps left a 204 MB file for 26 MB of data. Evaluations are ~100x rarer than steps. */
 enum {
-    CHUNK_STEPS = 4096,       /* (N) and (N,L) step columns */
-    CHUNK_STEPS_EXPERT = 256, /* (N,L,E) step columns: chunk (256, 1, E) */
-    CHUNK_EVALS = 1024,
-    CHUNK_EVALS_EXPERT = 64,
+    CHUNK_STEPS = 64,         /* (N) and (N,L) step columns */
+    CHUNK_STEPS_EXPERT = 64,  /* (N,L,E) step columns: chunk (64, 1, E) */
+    CHUNK_EVALS = 64,
+    CHUNK_EVALS_EXPERT = 16,
 };
 
 /* How long an open waits for another process's lock on the file (HDF5 locks it while open: shared for

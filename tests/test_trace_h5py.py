@@ -71,9 +71,9 @@ def check_trace(path):
             check(d.maxshape == (None,) + shape[1:], f"/{name} maxshape {d.maxshape}")
             check(d.compression == "gzip" and d.compression_opts == 1 and d.shuffle,
                   f"/{name} filters {d.compression} {d.compression_opts} shuffle={d.shuffle}")
-        check(f["load"].chunks == (256, 1, E), f"/load chunks {f['load'].chunks}, want (256, 1, {E})")
-        check(f["policy_loss"].chunks == (4096, L), f"/policy_loss chunks {f['policy_loss'].chunks}")
-        check(f["step"].chunks == (4096,), f"/step chunks {f['step'].chunks}")
+        check(f["load"].chunks == (64, 1, E), f"/load chunks {f['load'].chunks}, want (64, 1, {E})")
+        check(f["policy_loss"].chunks == (64, L), f"/policy_loss chunks {f['policy_loss'].chunks}")
+        check(f["step"].chunks == (64,), f"/step chunks {f['step'].chunks}")
         names = {k for k in f.keys() if k != "eval"} | {"eval/" + k for k in f["eval"].keys()}
         extra = sorted(names - set(schema))
         check(not extra, f"datasets outside the schema: {extra}")
