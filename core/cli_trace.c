@@ -122,13 +122,21 @@ static int window_rows(const char *path, const ml_trace_info *info, const char *
     return ML_OK;
 }
 
+/* The trace's shape, --layer checked against it, and the rows of the --steps window. */
+static int open_window(const trace_args *a, const char *path, ml_trace_info *info, int64_t *r0, int64_t *r1,
+                       int64_t **steps, ml_err *err) {
+    int rc = trace_info(path, info, err);
+    if (rc) return rc;
+    if (a->layer >= info->L)
+        return ml_errf(err, ML_EINPUT, "--layer %d: the trace has layers 0..%d", a->layer, info->L - 1);
+    return window_rows(path, info, a->steps, r0, r1, steps, err);
+}
+
 static int trace_summary(const trace_args *a, const char *path, ml_err *err) {
     ml_trace_info info;
-    int rc = trace_info(path, &info, err);
-    if (rc) return rc;
-    if (a->layer >= info.L) return ml_errf(err, ML_EINPUT, "--layer %d: the trace has layers 0..%d", a->layer, info.L - 1);
     int64_t r0, r1, *steps;
-    if ((rc = window_rows(path, &info, a->steps, &r0, &r1, &steps, err))) return rc;
+    int rc = open_window(a, path, &info, &r0, &r1, &steps, err);
+    if (rc) return rc;
     const int64_t n = r1 - r0;
     const int E = info.E;
     if (n <= 0) {
@@ -179,11 +187,9 @@ out:
 
 static int trace_export(const trace_args *a, const char *path, ml_err *err) {
     ml_trace_info info;
-    int rc = trace_info(path, &info, err);
-    if (rc) return rc;
-    if (a->layer >= info.L) return ml_errf(err, ML_EINPUT, "--layer %d: the trace has layers 0..%d", a->layer, info.L - 1);
     int64_t r0, r1, *steps;
-    if ((rc = window_rows(path, &info, a->steps, &r0, &r1, &steps, err))) return rc;
+    int rc = open_window(a, path, &info, &r0, &r1, &steps, err);
+    if (rc) return rc;
     const int64_t n = r1 - r0;
     const int E = info.E;
     int fmt = a->format ? table_format_parse(a->format) : TABLE_CSV;

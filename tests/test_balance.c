@@ -24,17 +24,7 @@
 #include "rng.h"
 #include "train.h"
 
-static int passed, failed;
-#define CHECK(cond, ...)                                                                                       \
-    do {                                                                                                       \
-        if (cond) passed++;                                                                                    \
-        else {                                                                                                 \
-            failed++;                                                                                          \
-            printf("FAIL %s:%d: ", __FILE__, __LINE__);                                                        \
-            printf(__VA_ARGS__);                                                                               \
-            printf("\n");                                                                                      \
-        }                                                                                                      \
-    } while (0)
+#include "check.h"
 #define NEAR(a, b, tol) (fabs((double)(a) - (double)(b)) <= (tol))
 
 /* ---------------------------------------------------------------- loss gradients */

@@ -7,17 +7,7 @@
 #include "config.h"
 #include "model.h"
 
-static int passed, failed;
-#define CHECK(cond, ...)                                                                                       \
-    do {                                                                                                       \
-        if (cond) passed++;                                                                                    \
-        else {                                                                                                 \
-            failed++;                                                                                          \
-            printf("FAIL %s:%d: ", __FILE__, __LINE__);                                                        \
-            printf(__VA_ARGS__);                                                                               \
-            printf("\n");                                                                                      \
-        }                                                                                                      \
-    } while (0)
+#include "check.h"
 
 /* Applies assignments to the tiny preset and expects validation to fail mentioning `want`. */
 static void expect_reject(const char *want, int n, const char *const *assignments) {

@@ -17,17 +17,7 @@
 #include "config.h"
 #include "rundb.h"
 
-static int passed, failed;
-#define CHECK(cond, ...)                                                                                       \
-    do {                                                                                                       \
-        if (cond) passed++;                                                                                    \
-        else {                                                                                                 \
-            failed++;                                                                                          \
-            printf("FAIL %s:%d: ", __FILE__, __LINE__);                                                        \
-            printf(__VA_ARGS__);                                                                               \
-            printf("\n");                                                                                      \
-        }                                                                                                      \
-    } while (0)
+#include "check.h"
 
 static char tmpdir[512];
 

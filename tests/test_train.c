@@ -16,17 +16,7 @@
 #include "shard.h"
 #include "train.h"
 
-static int passed, failed;
-#define CHECK(cond, ...)                                                                                       \
-    do {                                                                                                       \
-        if (cond) passed++;                                                                                    \
-        else {                                                                                                 \
-            failed++;                                                                                          \
-            printf("FAIL %s:%d: ", __FILE__, __LINE__);                                                        \
-            printf(__VA_ARGS__);                                                                               \
-            printf("\n");                                                                                      \
-        }                                                                                                      \
-    } while (0)
+#include "check.h"
 
 static char *slurp(const char *path, size_t *n) {
     FILE *f = fopen(path, "rb");

@@ -37,7 +37,7 @@ double lbl_term(const double *f, const float *scores, float *dscores, int m0, in
     return loss;
 }
 
-static int validate(const ml_config *cfg, ml_err *err) {
+int aux_coef_validate(const ml_config *cfg, ml_err *err) {
     if (!(cfg->balance.aux_coef >= 0))
         return ml_errf(err, ML_EINPUT, "balance.aux_coef: %g must not be negative", cfg->balance.aux_coef);
     return ML_OK;
@@ -55,6 +55,6 @@ const ml_policy policy_aux_loss = {
     .name = "aux_loss",
     .summary = "micro-batch load-balancing loss coef*E*sum f_i P_i (Switch Transformer / GShard)",
     .keys = (const char *const[]){"balance.aux_coef", NULL},
-    .validate = validate,
+    .validate = aux_coef_validate,
     .loss = loss,
 };

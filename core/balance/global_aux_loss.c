@@ -8,12 +8,6 @@
 
 #include "policy.h"
 
-static int validate(const ml_config *cfg, ml_err *err) {
-    if (!(cfg->balance.aux_coef >= 0))
-        return ml_errf(err, ML_EINPUT, "balance.aux_coef: %g must not be negative", cfg->balance.aux_coef);
-    return ML_OK;
-}
-
 static double loss(const ml_config *cfg, const ml_balance_layer *x) {
     double *f = malloc(sizeof(double) * x->E);
     for (int e = 0; e < x->E; e++) f[e] = (double)x->running_selected[e] / ((double)x->running_tokens * x->k);
@@ -26,6 +20,6 @@ const ml_policy policy_global_aux_loss = {
     .name = "global_aux_loss",
     .summary = "aux loss with f counted over the global batch (arXiv 2501.11873)",
     .keys = (const char *const[]){"balance.aux_coef", NULL},
-    .validate = validate,
+    .validate = aux_coef_validate,
     .loss = loss,
 };

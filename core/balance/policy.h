@@ -98,4 +98,7 @@ void balance_print_help(FILE *f);
 double lbl_term(const double *f, const float *scores, float *dscores, int m0, int m1, int E, double coef,
                 double weight);
 
+/* The aux-loss family's check of balance.aux_coef. */
+int aux_coef_validate(const ml_config *cfg, ml_err *err);
+
 #endif

@@ -6,12 +6,6 @@
 
 #include "policy.h"
 
-static int validate(const ml_config *cfg, ml_err *err) {
-    if (!(cfg->balance.aux_coef >= 0))
-        return ml_errf(err, ML_EINPUT, "balance.aux_coef: %g must not be negative", cfg->balance.aux_coef);
-    return ML_OK;
-}
-
 static double loss(const ml_config *cfg, const ml_balance_layer *x) {
     double *f = malloc(sizeof(double) * x->E), total = 0;
     for (int b = 0; b < x->B; b++) {
@@ -29,6 +23,6 @@ const ml_policy policy_seq_aux_loss = {
     .name = "seq_aux_loss",
     .summary = "aux loss per sequence, averaged over the batch (DeepSeek-V2/V3 sequence-wise balance loss)",
     .keys = (const char *const[]){"balance.aux_coef", NULL},
-    .validate = validate,
+    .validate = aux_coef_validate,
     .loss = loss,
 };
