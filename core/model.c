@@ -185,7 +185,8 @@ int model_init(ml_model *m, const ml_config *cfg, const ml_backend *be, int B, i
                       !(m->h_tmp = malloc(sizeof(float) * (ME > M ? ME : M))) |
                       !(m->h_idx = malloc(sizeof(int32_t) * MK)) | !(m->h_route = malloc(sizeof(int32_t) * MK)) |
                       !(m->h_counts = malloc(sizeof(int32_t) * (E ? E : 1))) |
-                      !(m->h_selected = malloc(sizeof(int32_t) * (E ? E : 1)));
+                      !(m->h_selected = malloc(sizeof(int32_t) * (E ? E : 1))) |
+                      !(m->h_bias = malloc(sizeof(float) * m->L * (E ? E : 1)));
     if (m->balance.has_loss)
         /* one slot per layer, plus one that evaluations write into so they never touch a pending backward's */
         host_failed |= !(m->h_dscores = malloc(sizeof(float) * ME * (m->L + 1))) |
@@ -219,7 +220,7 @@ void model_free(ml_model *m) {
             if (p[i]) be->free(p[i]);
     }
     free(m->h_logits), free(m->h_scores), free(m->h_tmp), free(m->h_idx), free(m->h_route);
-    free(m->h_counts), free(m->h_selected), free(m->h_dscores), free(m->h_dlogits);
+    free(m->h_counts), free(m->h_selected), free(m->h_dscores), free(m->h_dlogits), free(m->h_bias);
     route_stats_free(&m->stats);
     route_stats_free(&m->eval_stats);
     memset(m, 0, sizeof *m);
@@ -551,11 +552,10 @@ void model_begin_step(ml_model *m, uint64_t tokens_seen) {
 void model_end_step(ml_model *m) {
     if (!m->balance.has_after_step || !m->E) return;
     const size_t n = (size_t)m->L * m->E;
-    float *bias = malloc(sizeof(float) * n);
+    float *bias = m->h_bias;
     m->be->to_host(bias, m->router_bias, sizeof(float) * n);
     balance_after_step(&m->balance, &m->cfg, &m->stats, m->layer_k, bias);
     m->be->from_host(m->router_bias, bias, sizeof(float) * n);
-    free(bias);
 }
 
 double model_grad_norm(ml_model *m) { return sqrt(m->be->sumsq(m->grads, m->nparams)); }

@@ -76,6 +76,7 @@ typedef struct ml_model {
      * layer's policy gradients (kept from the forward for the backward) */
     float *h_logits, *h_scores, *h_tmp;        /* (M, E) */
     int32_t *h_idx, *h_route, *h_counts, *h_selected; /* (M, kmax), (M, kmax), (E), (E) */
+    float *h_bias;                             /* (L, E) host copy of the biases for the policies */
     float *h_dscores, *h_dlogits;              /* (L, M, E), only when a policy has a loss */
 
     ml_balance balance;                         /* the active policies (balance.policy) */

@@ -10,7 +10,8 @@ double lbl_term(const double *f, const float *scores, float *dscores, int m0, in
                 double weight) {
     const int M = m1 - m0;
     if (M <= 0) return 0;
-    double *P = calloc(E, sizeof(double)), *inv = malloc(sizeof(double) * M);
+    double P[E], *inv = malloc(sizeof(double) * M); /* M doubles: small next to the M x E scores */
+    for (int e = 0; e < E; e++) P[e] = 0;
     for (int m = m0; m < m1; m++) {
         const float *s = scores + (size_t)m * E;
         double sum = 0;
@@ -33,7 +34,7 @@ double lbl_term(const double *f, const float *scores, float *dscores, int m0, in
             for (int e = 0; e < E; e++) d[e] += (float)(c * (f[e] - dot));
         }
     }
-    free(P), free(inv);
+    free(inv);
     return loss;
 }
 

@@ -4,7 +4,6 @@
  * L = coef * E * sum_i f~_i^2 / s. Unlike aux_loss its minimum needs the fractions themselves uniform, not
  * just the mean probabilities. The gradient reaches the logits through f~ and the scores through s. */
 #include <math.h>
-#include <stdlib.h>
 
 #include "policy.h"
 
@@ -16,34 +15,41 @@ static int validate(const ml_config *cfg, ml_err *err) {
     return ML_OK;
 }
 
+/* P~ of token m into p (E values): softmax(logits_m / tau). */
+static void tempered_softmax(const float *l, int E, double tau, double *p) {
+    double mx = l[0], sum = 0;
+    for (int e = 1; e < E; e++) mx = l[e] > mx ? l[e] : mx;
+    for (int e = 0; e < E; e++) sum += (p[e] = exp((l[e] - mx) / tau));
+    for (int e = 0; e < E; e++) p[e] /= sum;
+}
+
 static double loss(const ml_config *cfg, const ml_balance_layer *x) {
     const int M = x->M, E = x->E, k = x->k;
     const double tau = cfg->balance.top1_tau, coef = cfg->balance.top1_coef;
-    double *f = calloc(E, sizeof(double)), *p = malloc(sizeof(double) * (size_t)M * E), s = 0;
+    /* two passes over the tokens (f~ and s first, then the gradient) recompute P~ rather than keep an M x E
+     * array: this runs per layer and micro-batch, and a large allocation there costs page faults */
+    double f[E], p[E], s = 0;
+    for (int e = 0; e < E; e++) f[e] = 0;
     for (int m = 0; m < M; m++) {
-        const float *l = x->logits + (size_t)m * E;
-        double *pm = p + (size_t)m * E, mx = l[0], sum = 0;
-        for (int e = 1; e < E; e++) mx = l[e] > mx ? l[e] : mx;
-        for (int e = 0; e < E; e++) sum += (pm[e] = exp((l[e] - mx) / tau));
-        for (int e = 0; e < E; e++) f[e] += (pm[e] /= sum) / M;
+        tempered_softmax(x->logits + (size_t)m * E, E, tau, p);
+        for (int e = 0; e < E; e++) f[e] += p[e] / M;
         for (int j = 0; j < k; j++) s += x->scores[(size_t)m * E + x->idx[(size_t)m * k + j]] / M;
     }
     double sq = 0;
     for (int e = 0; e < E; e++) sq += f[e] * f[e];
     const double L = coef * E * sq / s;
     if (coef > 0) {
-        /* via f~: dL/df_i = 2 coef E f_i / s, f_i = mean_t softmax(l_t / tau)_i */
         for (int m = 0; m < M; m++) {
-            const double *pm = p + (size_t)m * E;
+            /* via f~: dL/df_i = 2 coef E f_i / s, f_i = mean_t softmax(l_t / tau)_i */
+            tempered_softmax(x->logits + (size_t)m * E, E, tau, p);
             double dot = 0;
-            for (int e = 0; e < E; e++) dot += pm[e] * 2 * coef * E * f[e] / s;
+            for (int e = 0; e < E; e++) dot += p[e] * 2 * coef * E * f[e] / s;
             for (int e = 0; e < E; e++)
-                x->dlogits[(size_t)m * E + e] += (float)(pm[e] * (2 * coef * E * f[e] / s - dot) / (tau * M));
+                x->dlogits[(size_t)m * E + e] += (float)(p[e] * (2 * coef * E * f[e] / s - dot) / (tau * M));
             /* via s: dL/ds = -L / s, s = mean_t sum_j score(t, idx_tj) */
             for (int j = 0; j < k; j++) x->dscores[(size_t)m * E + x->idx[(size_t)m * k + j]] += (float)(-L / s / M);
         }
     }
-    free(f), free(p);
     return L;
 }
 
