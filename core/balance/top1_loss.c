@@ -4,6 +4,7 @@
  * L = coef * E * sum_i f~_i^2 / s. Unlike aux_loss its minimum needs the fractions themselves uniform, not
  * just the mean probabilities. The gradient reaches the logits through f~ and the scores through s. */
 #include <math.h>
+#include <stdint.h>
 
 #include "policy.h"
 
@@ -19,7 +20,7 @@ static int validate(const ml_config *cfg, ml_err *err) {
 static void tempered_softmax(const float *l, int E, double tau, double *p) {
     double mx = l[0], sum = 0;
     for (int e = 1; e < E; e++) mx = l[e] > mx ? l[e] : mx;
-    for (int e = 0; e < E; e++) sum += (p[e] = exp((l[e] - mx) / tau));
+    for (int e = 0; e < E; e++) sum += (p[e] = expf((float)((l[e] - mx) / tau))); /* float exp: 2x cheaper, ~1e-7 */
     for (int e = 0; e < E; e++) p[e] /= sum;
 }
 
@@ -28,19 +29,33 @@ static double loss(const ml_config *cfg, const ml_balance_layer *x) {
     const double tau = cfg->balance.top1_tau, coef = cfg->balance.top1_coef;
     /* two passes over the tokens (f~ and s first, then the gradient) recompute P~ rather than keep an M x E
      * array: this runs per layer and micro-batch, and a large allocation there costs page faults */
-    double f[E], p[E], s = 0;
+    /* first pass in fixed chunks summed in a fixed order: parallel, and the same bits however threads run */
+    enum { CHUNKS = 16 };
+    double part_f[CHUNKS][E], part_s[CHUNKS], f[E], s = 0;
+#pragma omp parallel for
+    for (int c = 0; c < CHUNKS; c++) {
+        double p[E];
+        for (int e = 0; e < E; e++) part_f[c][e] = 0;
+        part_s[c] = 0;
+        for (int m = (int)((int64_t)M * c / CHUNKS); m < (int)((int64_t)M * (c + 1) / CHUNKS); m++) {
+            tempered_softmax(x->logits + (size_t)m * E, E, tau, p);
+            for (int e = 0; e < E; e++) part_f[c][e] += p[e] / M;
+            for (int j = 0; j < k; j++) part_s[c] += x->scores[(size_t)m * E + x->idx[(size_t)m * k + j]] / M;
+        }
+    }
     for (int e = 0; e < E; e++) f[e] = 0;
-    for (int m = 0; m < M; m++) {
-        tempered_softmax(x->logits + (size_t)m * E, E, tau, p);
-        for (int e = 0; e < E; e++) f[e] += p[e] / M;
-        for (int j = 0; j < k; j++) s += x->scores[(size_t)m * E + x->idx[(size_t)m * k + j]] / M;
+    for (int c = 0; c < CHUNKS; c++) {
+        for (int e = 0; e < E; e++) f[e] += part_f[c][e];
+        s += part_s[c];
     }
     double sq = 0;
     for (int e = 0; e < E; e++) sq += f[e] * f[e];
     const double L = coef * E * sq / s;
     if (coef > 0) {
+#pragma omp parallel for
         for (int m = 0; m < M; m++) {
             /* via f~: dL/df_i = 2 coef E f_i / s, f_i = mean_t softmax(l_t / tau)_i */
+            double p[E];
             tempered_softmax(x->logits + (size_t)m * E, E, tau, p);
             double dot = 0;
             for (int e = 0; e < E; e++) dot += p[e] * 2 * coef * E * f[e] / s;
