@@ -12,18 +12,7 @@
 
 #include "shard.h"
 
-static int failures, checks;
-
-#define CHECK(cond, ...)                                                                                               \
-    do {                                                                                                               \
-        checks++;                                                                                                      \
-        if (!(cond)) {                                                                                                 \
-            failures++;                                                                                                \
-            printf("FAIL %s:%d: ", __FILE__, __LINE__);                                                                \
-            printf(__VA_ARGS__);                                                                                       \
-            printf("\n");                                                                                              \
-        }                                                                                                              \
-    } while (0)
+#include "check.h"
 
 static char dir[4096];
 
@@ -142,6 +131,6 @@ int main(void) {
                            "version.bin", "body.bin", "long.bin"};
     for (size_t i = 0; i < sizeof names / sizeof *names; i++) unlink(path_in(names[i]));
     rmdir(dir);
-    printf("test_shard: %s (%d checks, %d failed)\n", failures ? "FAIL" : "PASS", checks, failures);
-    return failures != 0;
+    printf("shard: %d passed, %d failed\n", passed, failed);
+    return failed != 0;
 }
