@@ -9,6 +9,7 @@ int cli_bench(int argc, char **argv);
 int cli_plan(int argc, char **argv);
 int cli_runs(int argc, char **argv);
 int cli_trace(int argc, char **argv);
+int cli_sweep(int argc, char **argv);
 
 #include <stddef.h>
 

@@ -7,14 +7,18 @@
 #include "cli.h"
 #include "balance/policy.h"
 #include "config.h"
+#include "experiment.h"
 #include "model.h"
 #include "train.h"
 
 static void train_usage(FILE *f) {
-    fprintf(f, "usage: moelab train [preset=NAME] [key=value ...] [--resume RUN_DIR|CHECKPOINT]\n\n"
+    fprintf(f, "usage: moelab train [preset=NAME] [key=value ...] [--resume RUN_DIR|CHECKPOINT]\n"
+               "       moelab train FILE.yaml [key=value ...]\n\n"
                "Trains a model. Start from a preset (default tiny) and override any config key with dotted\n"
                "key=value pairs, e.g.\n"
-               "  moelab train preset=small-cpu model.experts=96 train.steps=2000 seed=3\n\n"
+               "  moelab train preset=small-cpu model.experts=96 train.steps=2000 seed=3\n"
+               "or from an experiment file that describes one run (experiments/quickstart.yaml); files with\n"
+               "several runs go to moelab sweep.\n\n"
                "Presets: ");
     for (int i = 0; config_preset_names[i]; i++) fprintf(f, "%s%s", i ? ", " : "", config_preset_names[i]);
     fprintf(f, "\nThe run folder (run.dir, default runs/<preset>-<seed>) receives config.yaml, log.txt and\n"
@@ -47,12 +51,56 @@ static int parse_config(ml_config *cfg, int argc, char **argv, const char **resu
     return config_validate(cfg, err);
 }
 
+static int is_yaml(const char *s) {
+    size_t n = strlen(s);
+    return !strchr(s, '=') && s[0] != '-' &&
+           ((n > 5 && !strcmp(s + n - 5, ".yaml")) || (n > 4 && !strcmp(s + n - 4, ".yml")));
+}
+
+/* `moelab train FILE.yaml [key=value ...]`: the file's one run, in runs/<id> like a sweep's. */
+static int train_file(const char *file, int argc, char **argv) {
+    char **overrides = calloc((size_t)argc + 1, sizeof *overrides);
+    int n = 0;
+    for (int i = 1; i < argc; i++) {
+        if (argv[i] == file) continue;
+        if (argv[i][0] == '-' || !strchr(argv[i], '=')) {
+            fprintf(stderr, "moelab train: with an experiment file, only key=value overrides may follow ('%s')\n",
+                    argv[i]);
+            free(overrides);
+            return 2;
+        }
+        overrides[n++] = argv[i];
+    }
+    ml_experiment x;
+    ml_err err = {0};
+    int rc = experiment_load(&x, file, n, overrides, "runs", &err);
+    free(overrides);
+    if (rc) {
+        fprintf(stderr, "moelab train: %s\n", err.msg);
+        return 2;
+    }
+    if (x.nruns != 1) {
+        fprintf(stderr, "moelab train: %s describes %d runs; run them with: moelab sweep %s\n", file, x.nruns, file);
+        experiment_free(&x);
+        return 2;
+    }
+    ml_config cfg = x.runs[0].cfg;
+    experiment_free(&x);
+    ml_train_opts opts = {0};
+    ml_train_result res;
+    rc = train_run(&cfg, &opts, &res, &err);
+    if (rc) fprintf(stderr, "moelab train: %s\n", err.msg);
+    return rc == ML_OK ? 0 : rc == ML_EINPUT ? 2 : 1;
+}
+
 int cli_train(int argc, char **argv) {
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) return train_usage(stdout), 0;
         if (!strcmp(argv[i], "--help-config")) return config_print_help(stdout), 0;
         if (!strcmp(argv[i], "--help-policies")) return balance_print_help(stdout), 0;
     }
+    for (int i = 1; i < argc; i++)
+        if (is_yaml(argv[i])) return train_file(argv[i], argc, argv);
     ml_config cfg;
     ml_err err = {0};
     const char *resume = NULL;

@@ -193,6 +193,11 @@ static const key_spec *find_key(const char *key) {
     return NULL;
 }
 
+int config_key_type(const char *key) {
+    const key_spec *k = find_key(key);
+    return !k ? ML_KEY_UNKNOWN : k->type == K_STR ? ML_KEY_TEXT : ML_KEY_VALUE;
+}
+
 static int parse_value(ml_config *c, const key_spec *k, const char *v, ml_err *err) {
     char *end = NULL;
     void *p = (char *)c + k->offset;

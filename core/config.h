@@ -98,6 +98,12 @@ void config_write(const ml_config *cfg, FILE *f);
  * quotes (so "balance.aux_coef", "0.00999999978"). The params table of the run database is this list. */
 void config_foreach(const ml_config *cfg, void (*fn)(const char *key, const char *value, void *ctx), void *ctx);
 
+/* What a key holds: ML_KEY_UNKNOWN (not a key), ML_KEY_TEXT (a string such as balance.policy or a list
+ * expression) or ML_KEY_VALUE (a number, boolean or name). Experiment files may give a TEXT key a YAML list,
+ * which becomes its flow text. "preset" is TEXT. */
+enum { ML_KEY_UNKNOWN = 0, ML_KEY_TEXT = 1, ML_KEY_VALUE = 2 };
+int config_key_type(const char *key);
+
 /* Prints every key with its default and meaning (for --help). */
 void config_print_help(FILE *f);
 

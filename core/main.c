@@ -10,6 +10,7 @@ static const struct {
     const char *summary;
 } commands[] = {
     {"train", cli_train, "train a model from a preset and key=value overrides (or resume a run)"},
+    {"sweep", cli_sweep, "run every run of an experiment file (YAML): resumable, in parallel, never twice"},
     {"data", cli_data, "fetch and tokenize the default corpus, or tokenize your own text (llm.c shards)"},
     {"bench", cli_bench, "measure training tokens/s and GFLOP/s against this machine's sgemm peak"},
     {"runs", cli_runs, "list, show, compare and query runs in the run database (SQLite)"},

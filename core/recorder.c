@@ -46,7 +46,7 @@ int recorder_open(ml_recorder *r, const ml_config *cfg, const ml_model *m, int64
     if (!rc && cfg->run.db[0]) {
         rc = rundb_open(&r->db, cfg->run.db, 0, err);
         char hash[17];
-        rundb_config_hash(config_text ? config_text : "", hash);
+        rundb_run_hash(cfg, hash);
         if (!rc) rc = rundb_reap(r->db, 600, err) < 0 ? err->code : ML_OK;
         if (!rc) rc = rundb_add_experiment(r->db, cfg->run.experiment, "", "", err);
         /* a resumed run keeps its row; a fresh run with an existing id replaces nothing: add_run decides */

@@ -536,6 +536,48 @@ int rundb_set_status(ml_rundb *db, const char *id, const char *status, const cha
                       texts, err);
 }
 
+int rundb_claim(ml_rundb *db, const char *id, int retry_failed, ml_err *err) {
+    char pid[32];
+    snprintf(pid, sizeof pid, "%ld", (long)getpid());
+    int rc = begin_write(db, err);
+    if (rc) return rc;
+    sqlite3_stmt *st;
+    rc = prepare(db,
+                 "UPDATE runs SET status = 'running', started = COALESCE(started, " NOW_SQL "), host = ?, "
+                 "pid = CAST(? AS INTEGER), heartbeat = " NOW_SQL ", finished = NULL, error = NULL "
+                 "WHERE id = ? AND (status IN ('queued', 'killed') OR (? AND status = 'failed'))", &st, err);
+    if (rc) return end_write(db, rc, err);
+    bind_text(st, 1, db->host), bind_text(st, 2, pid), bind_text(st, 3, id);
+    sqlite3_bind_int(st, 4, retry_failed != 0);
+    int s = step_done(st), claimed = 0;
+    if (s) rc = fail(db, err, s, "run %s: claiming", id);
+    else claimed = sqlite3_changes(db->db) == 1;
+    sqlite3_finalize(st);
+    rc = end_write(db, rc, err);
+    return rc ? rc : claimed;
+}
+
+int rundb_find_run(ml_rundb *db, const char *experiment, const char *config_hash, ml_run_ref *ref, ml_err *err) {
+    sqlite3_stmt *st;
+    int rc = prepare(db,
+                     "SELECT id, status, run_dir FROM runs WHERE experiment IS ? AND config_hash = ? "
+                     "ORDER BY created DESC, rowid DESC LIMIT 1", &st, err);
+    if (rc) return rc;
+    bind_text(st, 1, experiment && experiment[0] ? experiment : NULL), bind_text(st, 2, config_hash);
+    int s = sqlite3_step(st), found = 0;
+    if (s == SQLITE_ROW) {
+        const char *dir = (const char *)sqlite3_column_text(st, 2);
+        snprintf(ref->id, sizeof ref->id, "%s", (const char *)sqlite3_column_text(st, 0));
+        snprintf(ref->status, sizeof ref->status, "%s", (const char *)sqlite3_column_text(st, 1));
+        snprintf(ref->run_dir, sizeof ref->run_dir, "%s", dir ? dir : "");
+        found = 1;
+    } else if (s != SQLITE_DONE) {
+        rc = fail(db, err, s, "finding a run of experiment %s", experiment ? experiment : "(none)");
+    }
+    sqlite3_finalize(st);
+    return rc ? rc : found;
+}
+
 int rundb_heartbeat(ml_rundb *db, const char *id, ml_err *err) {
     return update_run(db, id, "heartbeat", "UPDATE runs SET heartbeat = " NOW_SQL " WHERE id = ?", 0, NULL, err);
 }
@@ -689,6 +731,20 @@ int rundb_query(ml_rundb *db, const char *sql, int (*row)(void *ctx, int ncol, c
         sqlite3_finalize(st);
     }
     return rc;
+}
+
+void rundb_run_hash(const ml_config *cfg, char out[17]) {
+    ml_config c = *cfg;
+    memset(&c.run, 0, sizeof c.run);
+    char *text = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&text, &len);
+    if (f) {
+        config_write(&c, f);
+        fclose(f);
+    }
+    rundb_config_hash(text ? text : "", out);
+    free(text);
 }
 
 void rundb_config_hash(const char *config_text, char out[17]) {

@@ -14,6 +14,7 @@
 #ifndef MOELAB_RUNDB_H
 #define MOELAB_RUNDB_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "config.h"
@@ -64,7 +65,27 @@ int rundb_reap(ml_rundb *db, int stale_seconds, ml_err *err);
 int rundb_query(ml_rundb *db, const char *sql, int (*row)(void *ctx, int ncol, char **names, char **values),
                 void *ctx, ml_err *err);
 
-/* The FNV-1a hash of a config text, as 16 hex digits (identifies a run's resolved config). */
+/* The FNV-1a hash of a text, as 16 hex digits. */
 void rundb_config_hash(const char *config_text, char out[17]);
+
+/* The hash that identifies a run: that of its resolved config (config_write) without the run.* keys, which
+ * say where a run lives and what it is called, not what it computes. */
+void rundb_run_hash(const ml_config *cfg, char out[17]);
+
+/* A run found by rundb_find_run. */
+typedef struct {
+    char id[128];
+    char status[16];
+    char run_dir[512];
+} ml_run_ref;
+
+/* Finds the newest run of experiment with this config hash: returns 1 and fills ref, 0 when there is none,
+ * or an error. */
+int rundb_find_run(ml_rundb *db, const char *experiment, const char *config_hash, ml_run_ref *ref, ml_err *err);
+
+/* Claims a run for this process atomically: sets it 'running' (as rundb_set_status does) only if its status
+ * is 'queued' or 'killed', or 'failed' when retry_failed. Returns 1 when claimed, 0 when the run is not
+ * claimable (finished, failed, or running elsewhere), or an error. Two processes never both claim a run. */
+int rundb_claim(ml_rundb *db, const char *id, int retry_failed, ml_err *err);
 
 #endif

@@ -211,6 +211,14 @@ int train_run(const ml_config *cfg_in, const ml_train_opts *opts, ml_train_resul
         }
         /* on a terminal the line refreshes in place (at most 10 times a second) and is kept every log_every
          * steps; otherwise plain lines every log_every steps */
+        const int report = logged || do_eval || t - t_last >= 0.1;
+        if (report && opts && opts->on_progress) {
+            ml_train_progress p = {.step = st.step, .steps = cfg.train.steps, .loss = loss, .val_loss = val_loss,
+                                   .maxvio = maxvio, .worst_layer = worst_layer, .tokens_per_s = tok_s,
+                                   .eta_s = (cfg.train.steps - st.step) * (double)tokens_per_step / tok_s};
+            opts->on_progress(opts->progress_ctx, &p);
+            if (quiet) t_last = t;
+        }
         if (!quiet && (logged || do_eval || (tty && t - t_last >= 0.1))) {
             char eta[32], vbuf[16];
             fmt_duration(eta, sizeof eta, (cfg.train.steps - st.step) * (double)tokens_per_step / tok_s);

@@ -8,10 +8,23 @@
 #include "config.h"
 #include "err.h"
 
+/* Where a run stands, as the progress line shows it (for a caller that draws its own, like moelab sweep). */
+typedef struct {
+    int step, steps;
+    float loss, val_loss; /* val_loss NaN before the first evaluation */
+    float maxvio;         /* the worst MoE layer's MaxVio at this step */
+    int worst_layer;
+    double tokens_per_s, eta_s;
+} ml_train_progress;
+
 typedef struct {
     int quiet;          /* no progress output */
     FILE *progress;     /* where progress goes (stdout by default) */
     int stop_after;     /* > 0: checkpoint and return after this many steps of the run (time-sliced jobs) */
+    /* called when the progress line would be drawn (at most 10 times a second, and every log_every steps),
+     * even when quiet */
+    void (*on_progress)(void *ctx, const ml_train_progress *p);
+    void *progress_ctx;
 } ml_train_opts;
 
 /* Final numbers of a run. */
