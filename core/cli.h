@@ -10,6 +10,8 @@ int cli_plan(int argc, char **argv);
 int cli_runs(int argc, char **argv);
 int cli_trace(int argc, char **argv);
 int cli_sweep(int argc, char **argv);
+int cli_plot(int argc, char **argv);
+int cli_reproduce(int argc, char **argv);
 
 #include <stddef.h>
 

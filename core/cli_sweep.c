@@ -53,7 +53,9 @@ static int dry_run(const ml_experiment *x, const char *db, int retry_failed, int
         for (int a = 0; a < x->naxes; a++) grid *= x->axes[a].values.n;
         for (int v = 0; v < x->nvariants; v++) crossed += x->variants[v].cross;
         printf("experiment %s (%s): %d run%s", x->name, x->path, x->nruns, x->nruns == 1 ? "" : "s");
-        if (x->nvariants)
+        if (x->nvariants && !x->naxes)
+            printf(" = %d variant%s", x->nvariants, x->nvariants == 1 ? "" : "s");
+        else if (x->nvariants)
             printf(" = %d variant%s crossed with %d sweep point%s + %d alone", crossed, crossed == 1 ? "" : "s", grid,
                    grid == 1 ? "" : "s", x->nvariants - crossed);
         else if (x->naxes)

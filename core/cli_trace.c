@@ -11,6 +11,7 @@
 #include "rundb.h"
 #include "table.h"
 #include "trace.h"
+#include "window.h"
 
 static int is_file(const char *p) {
     struct stat st;
@@ -55,18 +56,6 @@ int cli_resolve_trace(const char *run, const char *db_path, char *out, size_t ca
     return ML_OK;
 }
 
-/* Parses "A:B" (either side may be empty) into an inclusive step window. */
-static int parse_window(const char *s, int64_t *a, int64_t *b) {
-    const char *colon = strchr(s, ':');
-    if (!colon) return -1;
-    char *end;
-    *a = colon == s ? INT64_MIN : strtoll(s, &end, 10);
-    if (colon != s && end != colon) return -1;
-    *b = colon[1] ? strtoll(colon + 1, &end, 10) : INT64_MAX;
-    if (colon[1] && *end) return -1;
-    return 0;
-}
-
 typedef struct {
     const char *run, *db, *steps, *format, *what;
     int layer, metrics;
@@ -105,23 +94,6 @@ static int parse_args(int argc, char **argv, trace_args *a, ml_err *err) {
     return ML_OK;
 }
 
-/* Finds the rows [r0, r1) whose step lies in the window. */
-static int window_rows(const char *path, const ml_trace_info *info, const char *steps, int64_t *r0, int64_t *r1,
-                       int64_t **step_out, ml_err *err) {
-    int64_t a = INT64_MIN, b = INT64_MAX;
-    if (steps && parse_window(steps, &a, &b))
-        return ml_errf(err, ML_EINPUT, "--steps: '%s' is not A:B (either side may be empty)", steps);
-    int64_t *st = malloc(sizeof(int64_t) * (info->nsteps ? info->nsteps : 1));
-    int rc = info->nsteps ? trace_read_i64(path, "step", 0, info->nsteps, st, err) : 0;
-    if (rc) return free(st), rc;
-    *r0 = 0;
-    while (*r0 < info->nsteps && st[*r0] < a) (*r0)++;
-    *r1 = *r0;
-    while (*r1 < info->nsteps && st[*r1] <= b) (*r1)++;
-    *step_out = st;
-    return ML_OK;
-}
-
 /* The trace's shape, --layer checked against it, and the rows of the --steps window. */
 static int open_window(const trace_args *a, const char *path, ml_trace_info *info, int64_t *r0, int64_t *r1,
                        int64_t **steps, ml_err *err) {
@@ -129,7 +101,7 @@ static int open_window(const trace_args *a, const char *path, ml_trace_info *inf
     if (rc) return rc;
     if (a->layer >= info->L)
         return ml_errf(err, ML_EINPUT, "--layer %d: the trace has layers 0..%d", a->layer, info->L - 1);
-    return window_rows(path, info, a->steps, r0, r1, steps, err);
+    return window_rows(path, info, a->steps, "--steps", r0, r1, steps, err);
 }
 
 static int trace_summary(const trace_args *a, const char *path, ml_err *err) {

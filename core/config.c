@@ -211,7 +211,7 @@ static int parse_value(ml_config *c, const key_spec *k, const char *v, ml_err *e
         break;
     }
     case K_U64: {
-        if (*v == '-') return ml_errf(err, ML_EINPUT, "%s: '%s' is not a non-negative integer", k->key, v);
+        if (!isdigit((unsigned char)*v)) return ml_errf(err, ML_EINPUT, "%s: '%s' is not a non-negative integer", k->key, v);
         unsigned long long u = strtoull(v, &end, 10);
         if (end == v || *end || errno) return ml_errf(err, ML_EINPUT, "%s: '%s' is not an integer", k->key, v);
         *(uint64_t *)p = u;
@@ -219,8 +219,8 @@ static int parse_value(ml_config *c, const key_spec *k, const char *v, ml_err *e
     }
     case K_FLOAT: {
         double d = strtod(v, &end);
-        if (end == v || *end || errno || !isfinite(d))
-            return ml_errf(err, ML_EINPUT, "%s: '%s' is not a finite number", k->key, v);
+        if (end == v || *end || errno || !isfinite(d) || !isfinite((float)d))
+            return ml_errf(err, ML_EINPUT, "%s: '%s' is not a finite number (in float range)", k->key, v);
         *(float *)p = (float)d;
         break;
     }
@@ -231,6 +231,8 @@ static int parse_value(ml_config *c, const key_spec *k, const char *v, ml_err *e
         break;
     case K_STR:
         if (strlen(v) >= k->size) return ml_errf(err, ML_EINPUT, "%s: value longer than %zu bytes", k->key, k->size - 1);
+        for (const char *c = v; *c; c++) /* config.yaml holds one key per line */
+            if (iscntrl((unsigned char)*c)) return ml_errf(err, ML_EINPUT, "%s: value holds a control character", k->key);
         snprintf((char *)p, k->size, "%s", v);
         break;
     case K_ENUM:

@@ -34,7 +34,7 @@ static int fail(walk *w, int line, const char *fmt, ...) {
     va_start(ap, fmt);
     vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
-    if (line > 0) return ml_errf(w->err, ML_EINPUT, "%.100s:%d: %s", w->path, line, msg);
+    if (line > 0) return ml_errf(w->err, ML_EINPUT, "%.300s:%d: %.700s", w->path, line, msg);
     return ml_errf(w->err, ML_EINPUT, "command line: %s", msg);
 }
 
@@ -358,7 +358,7 @@ static int parse_seeds(walk *w, ml_experiment *x, const yaml_node_t *n) {
         if (rc) return rc;
         errno = 0;
         unsigned long long s = strtoull(buf, &end, 10);
-        if (end == buf || *end || errno || buf[0] == '-')
+        if (end == buf || *end || errno || !isdigit((unsigned char)buf[0]))
             return fail(w, line_of(item), "seeds: '%s' is not a non-negative integer", buf);
         for (int j = 0; j < x->nseeds; j++)
             if (x->seeds[j] == s) return fail(w, line_of(item), "seeds: %llu appears twice", s);
@@ -490,9 +490,12 @@ static const ml_override *source_of(const ml_experiment *x, const ml_run_spec *r
     return NULL;
 }
 
+/* Ids go into folder names, SQL literals and comma-separated lists (--runs A,B): the name's commas become
+ * dots and anything outside [A-Za-z0-9._=+-] an underscore. */
 static void sanitize(char *s) {
     for (; *s; s++)
-        if (!isalnum((unsigned char)*s) && !strchr("._=+,-", *s)) *s = '_';
+        if (*s == ',') *s = '.';
+        else if (!isalnum((unsigned char)*s) && !strchr("._=+-", *s)) *s = '_';
 }
 
 /* Resolves run r (variant, axis_index and seed set) into its config, name, hash and id. */
@@ -510,19 +513,34 @@ static int resolve(walk *w, ml_experiment *x, ml_run_spec *r, const char *runs_d
     for (int i = 0; i < x->cli.n && !rc; i++) rc = apply(w, cfg, &x->cli.items[i]);
     if (rc) return rc;
 
-    /* name: variant, axis values, seed */
-    char name[sizeof r->name] = "";
+    /* name: variant, axis values, seed. A value longer than 48 bytes shows its start and '~' and a hash of the
+     * whole, and so does a name longer than r->name holds: runs that differ only past a cut keep distinct names. */
+    char full[8192] = "", h[17];
     size_t len = 0;
 #define APPEND(...) \
     do { \
-        if (len < sizeof name) len += (size_t)snprintf(name + len, sizeof name - len, __VA_ARGS__); \
+        if (len < sizeof full) len += (size_t)snprintf(full + len, sizeof full - len, __VA_ARGS__); \
     } while (0)
     if (r->variant >= 0) APPEND("%s", x->variants[r->variant].name);
-    for (int a = 0; a < x->naxes; a++)
-        if (axis_value(x, r, a)) APPEND("%s%s=%.48s", len ? "," : "", x->axes[a].label, axis_value(x, r, a)->value);
+    for (int a = 0; a < x->naxes; a++) {
+        const ml_override *o = axis_value(x, r, a);
+        if (!o) continue;
+        if (strlen(o->value) <= 48) {
+            APPEND("%s%s=%s", len ? "," : "", x->axes[a].label, o->value);
+        } else {
+            rundb_config_hash(o->value, h);
+            APPEND("%s%s=%.40s~%.6s", len ? "," : "", x->axes[a].label, o->value, h);
+        }
+    }
     if (x->nseeds) APPEND("%sseed=%" PRIu64, len ? "," : "", r->seed);
 #undef APPEND
-    snprintf(r->name, sizeof r->name, "%s", name[0] ? name : "run");
+    if (len < sizeof r->name) {
+        snprintf(r->name, sizeof r->name, "%.127s", full[0] ? full : "run");
+    } else { /* hashes what fits in full: ~60 axes of <= 178 bytes each */
+        rundb_config_hash(full, h);
+        snprintf(r->name, sizeof r->name, "%.*s~%.8s", (int)sizeof r->name - 10, full, h);
+    }
+    const char *name = full[0] ? r->name : "";
 
     r->line = x->seeds_line;
     if (r->variant >= 0) r->line = x->variants[r->variant].line;
@@ -530,12 +548,19 @@ static int resolve(walk *w, ml_experiment *x, ml_run_spec *r, const char *runs_d
         if (axis_value(x, r, a)) r->line = axis_value(x, r, a)->line;
     if (r->line <= 0) r->line = 1;
 
+    /* id: <experiment>-<name>-<hash prefix>. When the name part is cut or sanitized, the whole hash follows it:
+     * no two runs share a hash (check_unique), so no two share an id. */
     rundb_run_hash(cfg, r->hash);
-    char id[sizeof r->id];
-    if (name[0]) snprintf(id, sizeof id, "%.60s-%.57s", x->name, name);
-    else snprintf(id, sizeof id, "%.60s", x->name);
+    char id[sizeof r->id], part[sizeof r->name];
+    snprintf(part, sizeof part, "%s", name);
+    sanitize(part);
+    char dotted[sizeof r->name];
+    snprintf(dotted, sizeof dotted, "%s", name);
+    for (char *c = dotted; *c; c++) *c = *c == ',' ? '.' : *c;
+    const int exact = strlen(part) <= 57 && !strcmp(part, dotted); /* only the commas changed */
+    snprintf(id, sizeof id, "%.60s%s%.*s", x->name, name[0] ? "-" : "", exact ? 57 : 48, part);
     sanitize(id);
-    snprintf(r->id, sizeof r->id, "%.120s-%.6s", id, r->hash);
+    snprintf(r->id, sizeof r->id, "%.118s-%.*s", id, exact ? 6 : 16, r->hash);
 
     snprintf(cfg->run.experiment, sizeof cfg->run.experiment, "%s", x->name);
     snprintf(cfg->run.id, sizeof cfg->run.id, "%s", r->id);
@@ -560,6 +585,9 @@ static int resolve(walk *w, ml_experiment *x, ml_run_spec *r, const char *runs_d
 static int cmp_hash(const void *a, const void *b) {
     return strcmp((*(ml_run_spec *const *)a)->hash, (*(ml_run_spec *const *)b)->hash);
 }
+static int cmp_id(const void *a, const void *b) {
+    return strcmp((*(ml_run_spec *const *)a)->id, (*(ml_run_spec *const *)b)->id);
+}
 static int cmp_name(const void *a, const void *b) {
     return strcmp((*(ml_run_spec *const *)a)->name, (*(ml_run_spec *const *)b)->name);
 }
@@ -578,6 +606,11 @@ static int check_unique(walk *w, ml_experiment *x) {
             rc = fail(w, later->line, "runs '%s' and '%s' have the same config (a value that changes nothing?)",
                       earlier->name, later->name);
         }
+    qsort(order, (size_t)x->nruns, sizeof *order, cmp_id);
+    for (int i = 1; i < x->nruns && !rc; i++)
+        if (!strcmp(order[i - 1]->id, order[i]->id))
+            rc = fail(w, order[i]->line, "runs '%s' and '%s' would share the id %s", order[i - 1]->name, order[i]->name,
+                      order[i]->id);
     qsort(order, (size_t)x->nruns, sizeof *order, cmp_name);
     for (int i = 1; i < x->nruns && !rc; i++)
         if (!strcmp(order[i - 1]->name, order[i]->name))

@@ -57,7 +57,7 @@ typedef struct {
 
 typedef struct {
     char name[128];  /* unique in the experiment: "variant,label=value,...,seed=N" ("run" when nothing varies) */
-    char id[128];    /* <experiment>-<name>-<hash prefix>, with characters outside [A-Za-z0-9._=+,-] as '_' */
+    char id[128];    /* <experiment>-<name>-<hash prefix>; commas as '.', other characters outside [A-Za-z0-9._=+-] as '_' */
     char hash[17];   /* rundb_run_hash(&cfg): the run's identity */
     int variant;     /* index into variants, -1 = none */
     int *axis_index; /* per axis: the index of this run's value, -1 when its variant stands alone */

@@ -15,6 +15,8 @@ static const struct {
     {"bench", cli_bench, "measure training tokens/s and GFLOP/s against this machine's sgemm peak"},
     {"runs", cli_runs, "list, show, compare and query runs in the run database (SQLite)"},
     {"trace", cli_trace, "per-layer imbalance summaries and CSV/JSON export of a run's load trace (HDF5)"},
+    {"plot", cli_plot, "figures (gnuplot): load heatmaps, min/max deviation per layer, f/p per expert, loss, MaxVio"},
+    {"reproduce", cli_reproduce, "reproduce the Sigma-MoE-Tiny load-balancing figures: sweep + report (HTML)"},
     {"plan", cli_plan, "parameters, memory and FLOPs of a config, before running it"},
 };
 
@@ -22,7 +24,7 @@ static void usage(FILE *f) {
     fprintf(f, "moelab: a simulator and profiler for load balancing in Mixture-of-Experts language models\n\n"
                "usage: moelab <command> [options]\n\ncommands:\n");
     for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
-        fprintf(f, "  %-8s %s\n", commands[i].name, commands[i].summary);
+        fprintf(f, "  %-10s %s\n", commands[i].name, commands[i].summary);
     fprintf(f, "\n'moelab <command> --help' describes a command. Exit codes: 0 ok, 1 run failed, 2 bad usage or input.\n");
 }
 

@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "dataloader.h"
+#include "resources.h"
 #include "rundb.h"
 #include "table.h"
 #include "train.h"
@@ -89,18 +90,6 @@ static int has_checkpoint(const char *dir) {
     return access(path, R_OK) == 0;
 }
 
-static int mkdirs(const char *path) {
-    char buf[600];
-    snprintf(buf, sizeof buf, "%s", path);
-    for (char *p = buf + 1; *p; p++)
-        if (*p == '/') {
-            *p = 0;
-            if (mkdir(buf, 0755) && errno != EEXIST) return -1;
-            *p = '/';
-        }
-    return mkdir(buf, 0755) && errno != EEXIST ? -1 : 0;
-}
-
 static const char *db_path_of(const ml_experiment *x, const ml_sweep_opts *o) {
     if (o && o->db_path && o->db_path[0]) return o->db_path;
     return x->nruns ? x->runs[0].cfg.run.db : "";
@@ -123,7 +112,7 @@ static int status_cb(void *ctx, int ncol, char **names, char **values) {
     return 1;
 }
 
-/* Run ids hold no quotes (experiment.c keeps them to [A-Za-z0-9._=+,-]), so they go into SQL as literals. */
+/* Run ids hold no quotes (experiment.c keeps them to [A-Za-z0-9._=+-]), so they go into SQL as literals. */
 static int read_status(ml_rundb *db, const char *id, status_row *r, ml_err *err) {
     char sql[400];
     memset(r, 0, sizeof *r);
@@ -374,7 +363,7 @@ static int start_run(sweeper *s, int i, slot *sl, ml_err *err) {
                     : HELD;
         return 0;
     }
-    if (mkdirs(s->ref[i].run_dir)) return ml_errf(err, ML_EINPUT, "%s: %s", s->ref[i].run_dir, strerror(errno));
+    if (make_dirs(s->ref[i].run_dir)) return ml_errf(err, ML_EINPUT, "%s: %s", s->ref[i].run_dir, strerror(errno));
     int fds[2];
     if (pipe2(fds, O_CLOEXEC)) return ml_errf(err, ML_ERUN, "pipe: %s", strerror(errno));
     sl->run = i;
@@ -612,6 +601,16 @@ int sweep_run(const ml_experiment *x, const ml_sweep_opts *o, ml_err *err) {
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
     s.threads = ncpu > s.nslots ? (int)(ncpu / s.nslots) : 1;
 
+    char db_dir[512];
+    snprintf(db_dir, sizeof db_dir, "%s", s.db);
+    char *slash = strrchr(db_dir, '/');
+    if (slash && slash != db_dir) {
+        *slash = 0;
+        if (make_dirs(db_dir)) {
+            rc = ml_errf(err, ML_EINPUT, "%s: %s", db_dir, strerror(errno));
+            goto done;
+        }
+    }
     if ((rc = sync_runs(&s, err))) goto done;
     const int finished_before = count_state(&s, FINISHED), failed_before = count_state(&s, FAILED);
     fprintf(s.out, "sweep %s: %d runs (%d finished before, %d failed before%s), %d worker%s, database %s\n", x->name,

@@ -21,16 +21,7 @@ import h5py
 import numpy as np
 
 moelab, tokens = sys.argv[1], sys.argv[2]
-passed = failed = 0
-
-
-def check(cond, what):
-    global passed, failed
-    if cond:
-        passed += 1
-    else:
-        failed += 1
-        print("FAIL:", what)
+from checks import check, finish
 
 
 def run(*args, expect=0):
@@ -157,5 +148,4 @@ s = run("runs", "list", "--db", other, expect=2)
 check("other.db" in s.stderr, f"foreign SQLite db named: {s.stderr}")
 
 subprocess.run(["rm", "-rf", tmp])
-print(f"runs_e2e: {passed} passed, {failed} failed")
-sys.exit(1 if failed else 0)
+finish("runs_e2e")

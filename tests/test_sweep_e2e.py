@@ -24,16 +24,7 @@ import h5py
 import numpy as np
 
 moelab, tokens = os.path.abspath(sys.argv[1]), os.path.abspath(sys.argv[2])
-passed = failed = 0
-
-
-def check(cond, what):
-    global passed, failed
-    if cond:
-        passed += 1
-    else:
-        failed += 1
-        print("FAIL:", what, flush=True)
+from checks import check, finish
 
 
 tmp = tempfile.mkdtemp(prefix="moelab_sweep_")
@@ -266,5 +257,4 @@ check(db_rows(os.path.join(tmp, "one.db"), "SELECT value FROM params WHERE key =
 p = run("train", sw, expect=2)
 check("describes 8 runs" in p.stderr and "moelab sweep" in p.stderr, f"train refuses a sweep: {p.stderr.strip()}")
 
-print(f"sweep_e2e: {passed} passed, {failed} failed")
-sys.exit(1 if failed else 0)
+finish("sweep_e2e")

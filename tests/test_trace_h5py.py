@@ -21,16 +21,7 @@ except ImportError as e:
     print(f"test_trace_h5py.py: {e} (install python3-h5py)", file=sys.stderr)
     sys.exit(2)
 
-passed = failed = 0
-
-
-def check(cond, what):
-    global passed, failed
-    if cond:
-        passed += 1
-    else:
-        failed += 1
-        print(f"FAIL: {what}")
+from checks import check, finish
 
 
 def load_of(s, l, e):
@@ -112,8 +103,7 @@ def main():
             check(run.returncode == 0, f"{arg} --keep {path} exited {run.returncode}:\n{run.stdout[-2000:]}")
             if os.path.exists(path + ".expected.json"):
                 check_trace(path)
-    print(f"trace_h5py: {passed} passed, {failed} failed")
-    sys.exit(1 if failed else 0)
+    finish("trace_h5py")
 
 
 if __name__ == "__main__":
