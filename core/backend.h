@@ -68,4 +68,8 @@ typedef struct ml_backend {
 /* The CPU backend (OpenBLAS + OpenMP). */
 const ml_backend *backend_cpu(void);
 
+/* A backend by name: "cpu", "cuda" (ML_EINPUT when moelab was built without it or no GPU is usable, naming
+ * why) or "auto" (cuda when usable, else cpu). NULL or "" = cpu. Returns 0 or ML_EINPUT (-2) with msg. */
+int backend_select(const char *name, const ml_backend **be, char *msg, size_t cap);
+
 #endif

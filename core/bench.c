@@ -12,6 +12,9 @@
 #include "config.h"
 #include "model.h"
 #include "recorder.h"
+#ifdef ML_HAVE_CUDA
+#include "backend_cuda.h"
+#endif
 #include "rng.h"
 
 static double now_s(void) {
@@ -39,10 +42,12 @@ int cli_bench(int argc, char **argv) {
     ml_config cfg;
     config_preset(&cfg, "small-cpu", NULL);
     int steps = 10, warmup = 2, json = 0;
+    const char *backend = "cpu";
     ml_err err = {0};
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
-            printf("usage: moelab bench [preset=NAME] [key=value ...] [--steps N] [--warmup N] [--json]\n\n"
+            printf("usage: moelab bench [preset=NAME] [key=value ...] [--steps N] [--warmup N] [--json]\n"
+                   "                    [--backend cpu|cuda|auto]\n\n"
                    "Times training steps (forward + backward + AdamW) of a preset (default small-cpu) on random\n"
                    "tokens and reports tokens/s, achieved GFLOP/s (6 x active params + attention per token) and\n"
                    "its fraction of this machine's sgemm peak, measured first.\n");
@@ -51,6 +56,7 @@ int cli_bench(int argc, char **argv) {
         if (!strcmp(argv[i], "--steps") && i + 1 < argc) steps = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--warmup") && i + 1 < argc) warmup = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--json")) json = 1;
+        else if (!strcmp(argv[i], "--backend") && i + 1 < argc) backend = argv[++i];
         else if (config_set(&cfg, argv[i], &err)) {
             fprintf(stderr, "moelab bench: %s\n", err.msg);
             return 2;
@@ -64,9 +70,19 @@ int cli_bench(int argc, char **argv) {
         fprintf(stderr, "moelab bench: %s\n", err.msg);
         return 2;
     }
+    const ml_backend *be;
+    char why[512];
+    if (backend_select(backend, &be, why, sizeof why)) {
+        fprintf(stderr, "moelab bench: %s\n", why);
+        return 2;
+    }
+#ifdef ML_HAVE_CUDA
+    double peak = strcmp(be->name, "cuda") ? sgemm_peak(2048, 5) : cuda_sgemm_peak(8192, 5);
+#else
     double peak = sgemm_peak(2048, 5);
+#endif
     ml_model *m = calloc(1, sizeof *m);
-    if (model_init(m, &cfg, backend_cpu(), cfg.train.batch, 0, &err)) {
+    if (model_init(m, &cfg, be, cfg.train.batch, 0, &err)) {
         fprintf(stderr, "moelab bench: %s\n", err.msg);
         free(m);
         return 1;
@@ -94,11 +110,14 @@ int cli_bench(int argc, char **argv) {
         model_zero_grad(m);
         model_begin_step(m, 0);
         model_forward(m, tok, tok + 1);
+        be->sync(); /* device backends run asynchronously: time finished work */
         double t1 = now_s();
         model_backward(m, 1.0f);
+        be->sync();
         double t2 = now_s();
         double norm = model_grad_norm(m);
         model_adamw(m, 1e-4f, norm > 1 ? (float)(1 / norm) : 1, s + 1);
+        be->sync();
         double t3 = now_s();
         if (tracing) {
             recorder_step(&rec, &rcfg, m, s + 1, (uint64_t)(s + 1) * M, 0, 1e-4f, (float)norm, &err);
@@ -126,13 +145,14 @@ int cli_bench(int argc, char **argv) {
         printf("{\"preset\": \"%s\", \"tokens_per_step\": %d, \"steps\": %d, \"tokens_per_s\": %.1f, "
                "\"ms_per_step\": %.2f, \"forward_ms\": %.2f, \"backward_ms\": %.2f, \"optimizer_ms\": %.2f, "
                "\"routing_ms\": %.2f, \"routing_fraction\": %.4f, \"trace_ms\": %.3f, \"trace_fraction\": %.5f, "
-               "\"gflops\": %.2f, \"sgemm_peak_gflops\": %.2f, \"fraction_of_peak\": %.4f, \"params\": %zu}\n",
+               "\"gflops\": %.2f, \"sgemm_peak_gflops\": %.2f, \"fraction_of_peak\": %.4f, \"params\": %zu, "
+               "\"backend\": \"%s\"}\n",
                cfg.preset, M, steps, tok_s, 1e3 * total / steps, 1e3 * t_fwd / steps, 1e3 * t_bwd / steps,
-               1e3 * t_opt / steps, 1e3 * t_route / steps, t_route / total, 1e3 * t_trace / steps, t_trace / total, gflops, peak, gflops / peak, m->nparams);
+               1e3 * t_opt / steps, 1e3 * t_route / steps, t_route / total, 1e3 * t_trace / steps, t_trace / total, gflops, peak, gflops / peak, m->nparams, be->name);
     } else {
-        printf("moelab bench: preset %s, %zu parameters, %d tokens/step, %d steps (after %d warmup)\n", cfg.preset,
-               m->nparams, M, steps, warmup);
-        printf("  sgemm peak (2048^3, best of 5)  %8.1f GFLOP/s\n", peak);
+        printf("moelab bench: preset %s, backend %s, %zu parameters, %d tokens/step, %d steps (after %d warmup)\n",
+               cfg.preset, be->name, m->nparams, M, steps, warmup);
+        printf("  sgemm peak (%s, best of 5)  %8.1f GFLOP/s\n", strcmp(be->name, "cuda") ? "2048^3" : "8192^3", peak);
         printf("  step                            %8.2f ms  (forward %.2f, backward %.2f, optimizer %.2f)\n",
                1e3 * total / steps, 1e3 * t_fwd / steps, 1e3 * t_bwd / steps, 1e3 * t_opt / steps);
         printf("  routing (router, policies, stats) %6.2f ms  (%.1f%% of the step; balance.policy=%s)\n",

@@ -24,12 +24,14 @@ static void train_usage(FILE *f) {
     fprintf(f, "\nThe run folder (run.dir, default runs/<preset>-<seed>) receives config.yaml, log.txt and\n"
                "checkpoint.bin. --resume continues a run bit for bit from its checkpoint; --stop-after N\n"
                "checkpoints and stops after step N (the schedule still targets train.steps).\n"
+               "  --backend B       cpu (default), cuda or auto (cuda when a GPU is usable)\n"
                "  --help-config     list every key with its default and meaning\n"
                "  --help-policies   list the load-balancing policies (balance.policy) and their keys\n");
 }
 
 /* Builds a config from argv's key=value pairs (a preset= pair first applies that preset). */
-static int parse_config(ml_config *cfg, int argc, char **argv, const char **resume, int *stop_after, ml_err *err) {
+static int parse_config(ml_config *cfg, int argc, char **argv, const char **resume, int *stop_after,
+                        const char **backend, ml_err *err) {
     config_preset(cfg, "tiny", NULL);
     for (int i = 1; i < argc; i++)
         if (!strncmp(argv[i], "preset=", 7) && config_set(cfg, argv[i], err)) return ML_EINPUT;
@@ -38,6 +40,11 @@ static int parse_config(ml_config *cfg, int argc, char **argv, const char **resu
             if (!stop_after || i + 1 >= argc || atoi(argv[i + 1]) < 1)
                 return ml_errf(err, ML_EINPUT, "--stop-after needs a positive step number");
             *stop_after = atoi(argv[++i]);
+            continue;
+        }
+        if (!strcmp(argv[i], "--backend")) {
+            if (!backend || i + 1 >= argc) return ml_errf(err, ML_EINPUT, "--backend needs cpu, cuda or auto");
+            *backend = argv[++i];
             continue;
         }
         if (!strcmp(argv[i], "--resume")) {
@@ -61,8 +68,13 @@ static int is_yaml(const char *s) {
 static int train_file(const char *file, int argc, char **argv) {
     char **overrides = calloc((size_t)argc + 1, sizeof *overrides);
     int n = 0;
+    const char *backend = NULL;
     for (int i = 1; i < argc; i++) {
         if (argv[i] == file) continue;
+        if (!strcmp(argv[i], "--backend") && i + 1 < argc) {
+            backend = argv[++i];
+            continue;
+        }
         if (argv[i][0] == '-' || !strchr(argv[i], '=')) {
             fprintf(stderr, "moelab train: with an experiment file, only key=value overrides may follow ('%s')\n",
                     argv[i]);
@@ -86,7 +98,7 @@ static int train_file(const char *file, int argc, char **argv) {
     }
     ml_config cfg = x.runs[0].cfg;
     experiment_free(&x);
-    ml_train_opts opts = {0};
+    ml_train_opts opts = {.backend = backend};
     ml_train_result res;
     rc = train_run(&cfg, &opts, &res, &err);
     if (rc) fprintf(stderr, "moelab train: %s\n", err.msg);
@@ -105,7 +117,7 @@ int cli_train(int argc, char **argv) {
     ml_err err = {0};
     const char *resume = NULL;
     ml_train_opts opts = {0};
-    if (parse_config(&cfg, argc, argv, &resume, &opts.stop_after, &err)) {
+    if (parse_config(&cfg, argc, argv, &resume, &opts.stop_after, &opts.backend, &err)) {
         fprintf(stderr, "moelab train: %s\n", err.msg);
         return 2;
     }
@@ -154,7 +166,7 @@ int cli_plan(int argc, char **argv) {
         }
     ml_config cfg;
     ml_err err = {0};
-    if (parse_config(&cfg, argc, argv, NULL, NULL, &err)) {
+    if (parse_config(&cfg, argc, argv, NULL, NULL, NULL, &err)) {
         fprintf(stderr, "moelab plan: %s\n", err.msg);
         return 2;
     }

@@ -16,6 +16,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "backend.h"
 #include "dataloader.h"
 #include "resources.h"
 #include "rundb.h"
@@ -256,7 +257,8 @@ __attribute__((noreturn)) static void worker(const sweeper *s, int run, const sl
     snprintf(cfg.run.db, sizeof cfg.run.db, "%s", s->db);
     cfg.run.resume[0] = 0;
     if (sl->resumed) snprintf(cfg.run.resume, sizeof cfg.run.resume, "%.490s/checkpoint.bin", dir);
-    ml_train_opts o = {.quiet = 1, .on_progress = on_worker_progress, .progress_ctx = &wfd};
+    ml_train_opts o = {.quiet = 1, .on_progress = on_worker_progress, .progress_ctx = &wfd,
+                       .backend = sl->gpu[0] ? "cuda" : "cpu"};
     ml_train_result res;
     ml_err err = {0};
     int rc = train_run(&cfg, &o, &res, &err);
@@ -581,9 +583,9 @@ int sweep_run(const ml_experiment *x, const ml_sweep_opts *o, ml_err *err) {
     if (o->gpus) {
         ngpus = parse_gpus(o->gpus, gpus, 64, err);
         if (ngpus < 0) return ngpus;
-#ifndef ML_HAVE_CUDA
-        return ml_errf(err, ML_EINPUT, "--gpus: this moelab was built without the CUDA backend (meson setup -Dcuda=enabled)");
-#endif
+        const ml_backend *be;
+        char why[512];
+        if (backend_select("cuda", &be, why, sizeof why)) return ml_errf(err, ML_EINPUT, "--gpus: %s", why);
     }
     if (o->jobs < 1) return ml_errf(err, ML_EINPUT, "--jobs: %d must be at least 1", o->jobs);
     int rc = check_data(x, err);
@@ -597,7 +599,7 @@ int sweep_run(const ml_experiment *x, const ml_sweep_opts *o, ml_err *err) {
         free(s.ref), free(s.state), free(s.slots);
         return ml_errf(err, ML_ERUN, "out of memory");
     }
-    for (int k = 0; k < ngpus; k++) snprintf(s.slots[k].gpu, sizeof s.slots[k].gpu, "%s", gpus[k]);
+    for (int k = 0; k < ngpus; k++) snprintf(s.slots[k].gpu, sizeof s.slots[k].gpu, "%.15s", gpus[k]);
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
     s.threads = ncpu > s.nslots ? (int)(ncpu / s.nslots) : 1;
 

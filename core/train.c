@@ -106,8 +106,17 @@ int train_run(const ml_config *cfg_in, const ml_train_opts *opts, ml_train_resul
         loader_close(&train);
         return rc;
     }
+    const ml_backend *be;
+    char why[512];
+    if (backend_select(opts ? opts->backend : NULL, &be, why, sizeof why)) {
+        rc = ml_errf(err, ML_EINPUT, "%s", why);
+        goto done_loaders;
+    }
     ml_model *m = calloc(1, sizeof *m);
-    if ((rc = model_init(m, &cfg, backend_cpu(), B, 0, err))) goto done_loaders;
+    if ((rc = model_init(m, &cfg, be, B, 0, err))) {
+        free(m);
+        goto done_loaders;
+    }
     if ((rc = mkdirs(cfg.run.dir, err))) goto done_model;
     snprintf(ckpt_path, sizeof ckpt_path, "%s/checkpoint.bin", cfg.run.dir);
 

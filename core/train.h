@@ -21,6 +21,7 @@ typedef struct {
     int quiet;          /* no progress output */
     FILE *progress;     /* where progress goes (stdout by default) */
     int stop_after;     /* > 0: checkpoint and return after this many steps of the run (time-sliced jobs) */
+    const char *backend; /* "cpu" (NULL), "cuda" or "auto" (backend_select) */
     /* called when the progress line would be drawn (at most 10 times a second, and every log_every steps),
      * even when quiet */
     void (*on_progress)(void *ctx, const ml_train_progress *p);
