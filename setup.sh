@@ -22,4 +22,4 @@ fi
 [ -f build/build.ninja ] || meson setup build
 ninja -C build
 build/moelab data prepare
-echo "setup: done. Try: build/moelab train preset=small-cpu"
+echo "setup: done. Try: build/moelab train experiments/quickstart.yaml"
