@@ -176,10 +176,16 @@ def bench(args):
     ref.moe = MOE[args.moe]
     seed = int(kv.get("seed", 1337))
     gen = torch.Generator().manual_seed(seed)
-    P = init_params(c, ref.f32(kv["model.init_std"]), gen)
+    dev = torch.device(args.device)
+    P = {n: w.detach().to(dev).requires_grad_(True) for n, w in init_params(c, ref.f32(kv["model.init_std"]), gen).items()}
     M = c.B * c.T
-    stream = torch.randint(0, c.V, (M + 1,), generator=gen)
+    stream = torch.randint(0, c.V, (M + 1,), generator=gen).to(dev)
     tokens, targets = stream[:-1].view(c.B, c.T), stream[1:].view(c.B, c.T)
+    # GPU kernels run asynchronously: time finished work (fp32 throughout, no TF32, like moelab's fp32 mode)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     decay = [w for n, w in P.items() if not ref.is_norm(n)]
     no_decay = [w for n, w in P.items() if ref.is_norm(n)]
     params = decay + no_decay
@@ -188,15 +194,19 @@ def bench(args):
     t_fwd = t_bwd = t_opt = 0.0
     loss = float("nan")
     for s in range(args.warmup + args.steps):
+        sync()
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         _, ce, aux, _, _ = ref.forward(c, P, tokens, targets, new_state(c))
         total = ce + aux
+        sync()
         t1 = time.perf_counter()
         total.backward()
+        sync()
         t2 = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(params, 1.0)  # moelab bench clips the global norm at 1 every step
         opt.step()
+        sync()
         t3 = time.perf_counter()
         if s >= args.warmup:
             t_fwd, t_bwd, t_opt = t_fwd + t1 - t0, t_bwd + t2 - t1, t_opt + t3 - t2
@@ -204,7 +214,7 @@ def bench(args):
     total_s = t_fwd + t_bwd + t_opt
     tok_s = M * args.steps / total_s
     flops_tok = 6 * active_params(c) + 6.0 * c.L * c.T * c.C
-    res = {"impl": "pytorch-eager", "torch": torch.__version__, "threads": torch.get_num_threads(),
+    res = {"impl": "pytorch-eager", "torch": torch.__version__, "device": str(dev), "threads": torch.get_num_threads(),
            "moe": args.moe, "preset": kv.get("preset", "?"), "tokens_per_step": M, "steps": args.steps,
            "tokens_per_s": round(tok_s, 1), "ms_per_step": round(1e3 * total_s / args.steps, 2),
            "forward_ms": round(1e3 * t_fwd / args.steps, 2), "backward_ms": round(1e3 * t_bwd / args.steps, 2),
@@ -257,6 +267,7 @@ def main():
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                     help="torch.set_num_threads (default: all cores)")
     ap.add_argument("--moe", choices=sorted(MOE), default="grouped")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the GPU comparison for moelab bench --backend cuda)")
     ap.add_argument("--foreach", dest="foreach", action="store_const", const=True, default=None,
                     help="multi-tensor (foreach) AdamW (default: torch's own choice, per-tensor on the CPU)")
     ap.add_argument("--no-foreach", dest="foreach", action="store_const", const=False, help="per-tensor AdamW")

@@ -186,7 +186,8 @@ def rope(x, T, hd, theta):
     i = torch.arange(half, dtype=torch.float64)
     freq = theta ** (-2.0 * i / hd)
     ang = torch.arange(T, dtype=torch.float64)[:, None] * freq[None, :]
-    cos, sin = ang.cos().to(x.dtype)[None, :, None, :], ang.sin().to(x.dtype)[None, :, None, :]
+    cos = ang.cos().to(device=x.device, dtype=x.dtype)[None, :, None, :]
+    sin = ang.sin().to(device=x.device, dtype=x.dtype)[None, :, None, :]
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
@@ -273,7 +274,7 @@ def forward(c, P, tokens, targets, state):
     routing = {"margin": math.inf, "counts": []}
     x = P["wte"][tokens.flatten()]
     aux_layers = [x.new_zeros(()) for _ in range(c.L)]
-    mask = torch.ones(T, T, dtype=torch.bool).tril()
+    mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
     for l in range(c.L):
         p = f"layers.{l}."
         h = rmsnorm(x, P[p + "attn_norm"], c.eps)
