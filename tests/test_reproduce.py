@@ -96,6 +96,13 @@ p = subprocess.run([moelab, *args], capture_output=True, text=True)
 check(p.returncode == 0 and "10 finished before" in p.stdout and "started" not in p.stdout,
       "a second invocation reruns nothing")
 
+# the other scales' files are valid too (they run for an hour on a CPU, or need a GPU)
+paper = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "experiments", "paper")
+for scale, n in (("small", 10), ("gpu", 5)):
+    p = subprocess.run([moelab, "sweep", os.path.join(paper, scale + ".yaml"), "--dry-run", "--db",
+                        os.path.join(tmp, "none.db")], capture_output=True, text=True)
+    check(p.returncode == 0 and f"{n} runs" in p.stdout, f"experiments/paper/{scale}.yaml expands to {n} runs: "
+          f"{p.stderr.strip()[-200:]}")
 p = subprocess.run([moelab, "reproduce", "paper", "--scale", "huge"], capture_output=True, text=True)
 check(p.returncode == 2 and "huge" in p.stderr, "unknown scale: exit 2")
 
