@@ -29,6 +29,16 @@ static int read_loads(const char *trace, const char *dataset, int layer, int64_t
     return rc;
 }
 
+/* sum[e] = the loads of rows [i0, i1) of load (rows of E); returns their total. */
+static double sum_rows(const int32_t *load, int64_t i0, int64_t i1, int E, double *sum) {
+    double total = 0;
+    for (int e = 0; e < E; e++) sum[e] = 0;
+    for (int64_t i = i0; i < i1; i++)
+        for (int e = 0; e < E; e++) sum[e] += load[i * E + e];
+    for (int e = 0; e < E; e++) total += sum[e];
+    return total;
+}
+
 static double ratio_z(double load, double uniform, int log) {
     double z = uniform > 0 ? load / uniform : 0;
     if (!log) return z;
@@ -59,11 +69,7 @@ int plotdata_heatmap_layer(const char *trace, int layer, int64_t r0, int64_t r1,
             (long long)n, (long long)bins, log ? "log2(load/uniform)" : "load/uniform");
     for (int64_t b = 0; b < bins && !rc; b++) {
         const int64_t i0 = b * n / bins, i1 = (b + 1) * n / bins;
-        double total = 0, x = 0.5 * (double)(step[i0] + step[i1 - 1]);
-        for (int e = 0; e < E; e++) sum[e] = 0;
-        for (int64_t i = i0; i < i1; i++)
-            for (int e = 0; e < E; e++) sum[e] += load[i * E + e];
-        for (int e = 0; e < E; e++) total += sum[e];
+        const double x = 0.5 * (double)(step[i0] + step[i1 - 1]), total = sum_rows(load, i0, i1, E, sum);
         for (int e = 0; e < E; e++) {
             double z = ratio_z(sum[e], total / E, log);
             zhi = fmax(zhi, z);
@@ -119,11 +125,7 @@ static int layer_sums(const char *trace, int layer, int64_t r0, int64_t r1, int 
     int32_t *load;
     int rc = read_loads(trace, "load", layer, r0, r1, E, &load, err);
     if (rc) return rc;
-    for (int e = 0; e < E; e++) sum[e] = 0;
-    for (int64_t i = 0; i < (r1 - r0); i++)
-        for (int e = 0; e < E; e++) sum[e] += load[i * E + e];
-    *total = 0;
-    for (int e = 0; e < E; e++) *total += sum[e];
+    *total = sum_rows(load, 0, r1 - r0, E, sum);
     free(load);
     return ML_OK;
 }
@@ -169,9 +171,7 @@ int plotdata_deviation_training(const char *trace, const int *layers, int nlayer
         fprintf(out, "# layer %d\n# step min_dev max_dev\n", layers[j]);
         for (int64_t b = 0; b < bins; b++) {
             const int64_t i0 = b * n / bins, i1 = (b + 1) * n / bins;
-            for (int e = 0; e < E; e++) sum[e] = 0;
-            for (int64_t i = i0; i < i1; i++)
-                for (int e = 0; e < E; e++) sum[e] += load[i * E + e];
+            sum_rows(load, i0, i1, E, sum);
             ml_load_metrics m;
             metrics_compute(&m, sum, E);
             if (m.total > 0) fprintf(out, "%.6g %.6g %.6g\n", 0.5 * (double)(step[i0] + step[i1 - 1]), m.min_dev, m.max_dev);

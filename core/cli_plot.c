@@ -217,18 +217,6 @@ static void free_list(char **l) {
     free(l);
 }
 
-/* SQL text literal: single quotes doubled. */
-static char *sql_lit(const char *s) {
-    char *q = malloc(2 * strlen(s) + 3), *o = q;
-    *o++ = '\'';
-    for (; *s; s++) {
-        if (*s == '\'') *o++ = '\'';
-        *o++ = *s;
-    }
-    *o++ = '\'', *o = 0;
-    return q;
-}
-
 typedef struct {
     curve_run *r;
     int what; /* 0 params, 1 metric y, 2 metric v */
@@ -284,7 +272,7 @@ static int load_runs(const plot_args *a, curve_run **out, int *nout, ml_err *err
     if (a->runs) {
         char *copy = strdup(a->runs), *save = NULL;
         for (char *t = strtok_r(copy, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
-            char *q = sql_lit(t);
+            char *q = rundb_quote(t);
             char **found = NULL;
             snprintf(sql, sizeof sql, "SELECT id FROM runs WHERE id = %s", q);
             free(q);
@@ -296,7 +284,7 @@ static int load_runs(const plot_args *a, curve_run **out, int *nout, ml_err *err
         }
         free(copy);
     } else {
-        char *q = sql_lit(a->experiment);
+        char *q = rundb_quote(a->experiment);
         snprintf(sql, sizeof sql, "SELECT id FROM runs WHERE experiment = %s ORDER BY name, id", q);
         free(q);
         rc = rundb_query(db, sql, collect_text, &ids, err);
@@ -309,7 +297,7 @@ static int load_runs(const plot_args *a, curve_run **out, int *nout, ml_err *err
     for (int i = 0; i < n && !rc; i++) {
         curve_run *r = &runs[i];
         snprintf(r->id, sizeof r->id, "%s", ids[i]);
-        char *q = sql_lit(ids[i]);
+        char *q = rundb_quote(ids[i]);
         char **one = NULL;
         snprintf(sql, sizeof sql, "SELECT COALESCE(name, id) FROM runs WHERE id = %s", q);
         rundb_query(db, sql, collect_text, &one, err);

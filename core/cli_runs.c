@@ -35,19 +35,6 @@ static void runs_usage(FILE *f) {
                "Runs whose process died are shown as killed.\n");
 }
 
-/* SQL string literal of s (single quotes doubled); malloc'd. */
-static char *sql_quote(const char *s) {
-    char *q = malloc(2 * strlen(s) + 3), *o = q;
-    *o++ = '\'';
-    for (; *s; s++) {
-        if (*s == '\'') *o++ = '\'';
-        *o++ = *s;
-    }
-    *o++ = '\'';
-    *o = 0;
-    return q;
-}
-
 static int add_row(void *ctx, int ncol, char **names, char **values) {
     ml_table *t = ctx;
     if (t->ncol == 0) table_init(t, ncol, (const char *const *)names);
@@ -81,12 +68,12 @@ static int runs_list(ml_rundb *db, const runs_args *a, int fmt, ml_err *err) {
                " (SELECT value FROM params p WHERE p.run = r.id AND p.key = 'balance.policy') AS policy"
                " FROM runs r WHERE 1");
     if (a->experiment) {
-        char *q = sql_quote(a->experiment);
+        char *q = rundb_quote(a->experiment);
         fprintf(f, " AND r.experiment = %s", q);
         free(q);
     }
     if (a->status) {
-        char *q = sql_quote(a->status);
+        char *q = rundb_quote(a->status);
         fprintf(f, " AND r.status = %s", q);
         free(q);
     }
@@ -94,7 +81,7 @@ static int runs_list(ml_rundb *db, const runs_args *a, int fmt, ml_err *err) {
         const char *eq = strchr(a->where[i], '=');
         char key[128];
         snprintf(key, sizeof key, "%.*s", (int)(eq - a->where[i]), a->where[i]);
-        char *qk = sql_quote(key), *qv = sql_quote(eq + 1), *end;
+        char *qk = rundb_quote(key), *qv = rundb_quote(eq + 1), *end;
         double num = strtod(eq + 1, &end);
         if (eq[1] && !*end && isfinite(num))
             fprintf(f, " AND EXISTS (SELECT 1 FROM params p WHERE p.run = r.id AND p.key = %s AND"
@@ -118,7 +105,7 @@ static int count_rows(void *ctx, int ncol, char **names, char **values) {
 }
 
 static int run_exists(ml_rundb *db, const char *id, ml_err *err) {
-    char *q = sql_quote(id), sql[512];
+    char *q = rundb_quote(id), sql[512];
     snprintf(sql, sizeof sql, "SELECT 1 FROM runs WHERE id = %s", q);
     free(q);
     int n = 0;
@@ -170,7 +157,7 @@ static int runs_show(ml_rundb *db, const runs_args *a, int fmt, ml_err *err) {
     const char *id = a->pos[0];
     int rc = run_exists(db, id, err);
     if (rc) return rc;
-    char *q = sql_quote(id), sql[1024];
+    char *q = rundb_quote(id), sql[1024];
     if (fmt == TABLE_JSON) printf("{\"run\": ");
     snprintf(sql, sizeof sql,
              "SELECT id, experiment, name, status, created, started, finished, host, pid, heartbeat, backend,"
@@ -228,7 +215,7 @@ static int runs_compare(ml_rundb *db, const runs_args *a, int fmt, ml_err *err) 
     size_t len = 0, ilen = 0;
     FILE *fi = open_memstream(&ids, &ilen);
     for (int i = 0; i < a->npos; i++) {
-        char *q = sql_quote(a->pos[i]);
+        char *q = rundb_quote(a->pos[i]);
         fprintf(fi, "%s%s", i ? ", " : "", q);
         free(q);
     }
@@ -237,7 +224,7 @@ static int runs_compare(ml_rundb *db, const runs_args *a, int fmt, ml_err *err) 
     FILE *f = open_memstream(&sql, &len);
     fprintf(f, "SELECT k.key AS key");
     for (int i = 0; i < a->npos; i++) {
-        char *q = sql_quote(a->pos[i]);
+        char *q = rundb_quote(a->pos[i]);
         fprintf(f, ", (SELECT value FROM params p WHERE p.run = %s AND p.key = k.key) AS %s", q, q);
         free(q);
     }
@@ -253,7 +240,7 @@ static int runs_compare(ml_rundb *db, const runs_args *a, int fmt, ml_err *err) 
         f = open_memstream(&sql, &len);
         fprintf(f, "SELECT k.key AS metric");
         for (int i = 0; i < a->npos; i++) {
-            char *q = sql_quote(a->pos[i]);
+            char *q = rundb_quote(a->pos[i]);
             fprintf(f, ", (SELECT printf('%%.6g', value) FROM summary s WHERE s.run = %s AND s.key = k.key) AS %s", q, q);
             free(q);
         }

@@ -35,17 +35,8 @@ int cli_resolve_trace(const char *run, const char *db_path, char *out, size_t ca
     int rc = rundb_open(&db, db_path, 1, err);
     if (rc) return rc;
     char sql[600], found[1024] = "";
-    char *q = NULL;
-    /* quote the id for SQL: double every single quote */
-    size_t n = strlen(run);
-    q = malloc(2 * n + 1);
-    char *o = q;
-    for (const char *p = run; *p; p++) {
-        if (*p == '\'') *o++ = '\'';
-        *o++ = *p;
-    }
-    *o = 0;
-    snprintf(sql, sizeof sql, "SELECT COALESCE(trace_path, '') FROM runs WHERE id = '%s'", q);
+    char *q = rundb_quote(run);
+    snprintf(sql, sizeof sql, "SELECT COALESCE(trace_path, '') FROM runs WHERE id = %s", q);
     free(q);
     rc = rundb_query(db, sql, first_value, found, err);
     rundb_close(db);

@@ -337,10 +337,11 @@ int cli_reproduce(int argc, char **argv) {
             snprintf(trace, sizeof trace, "%s/trace.h5", ref.run_dir);
             if (!vs[v].first_id[0]) snprintf(vs[v].first_id, sizeof vs[v].first_id, "%s", ref.id);
             if ((rc = add_run_stats(&vs[v], trace, L, &err))) break;
-            char sql[400];
+            char sql[400], *q = rundb_quote(ref.id);
             two_values t = {0};
-            snprintf(sql, sizeof sql, "SELECT key, value FROM summary WHERE run = '%s' AND key IN ('val_loss', "
-                                      "'val_maxvio')", ref.id);
+            snprintf(sql, sizeof sql, "SELECT key, value FROM summary WHERE run = %s AND key IN ('val_loss', "
+                                      "'val_maxvio')", q);
+            free(q);
             rundb_query(rdb, sql, summary_cb, &t, &err);
             if (t.found[0] && t.found[1]) vs[v].val_loss += t.v[0], vs[v].val_maxvio += t.v[1], vs[v].nval++;
         }

@@ -733,6 +733,19 @@ int rundb_query(ml_rundb *db, const char *sql, int (*row)(void *ctx, int ncol, c
     return rc;
 }
 
+char *rundb_quote(const char *s) {
+    char *q = malloc(2 * strlen(s) + 3), *o = q;
+    if (!q) abort();
+    *o++ = '\'';
+    for (; *s; s++) {
+        if (*s == '\'') *o++ = '\'';
+        *o++ = *s;
+    }
+    *o++ = '\'';
+    *o = 0;
+    return q;
+}
+
 void rundb_run_hash(const ml_config *cfg, char out[17]) {
     ml_config c = *cfg;
     memset(&c.run, 0, sizeof c.run);

@@ -65,6 +65,9 @@ int rundb_reap(ml_rundb *db, int stale_seconds, ml_err *err);
 int rundb_query(ml_rundb *db, const char *sql, int (*row)(void *ctx, int ncol, char **names, char **values),
                 void *ctx, ml_err *err);
 
+/* s as an SQL string literal ('...' with single quotes doubled), malloc'd: for building rundb_query text. */
+char *rundb_quote(const char *s);
+
 /* The FNV-1a hash of a text, as 16 hex digits. */
 void rundb_config_hash(const char *config_text, char out[17]);
 

@@ -78,12 +78,6 @@ static double now_s(void) {
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-static void fmt_duration(char *buf, size_t n, double s) {
-    if (!isfinite(s) || s < 0) s = 0;
-    int t = (int)(s + 0.5);
-    if (t >= 3600) snprintf(buf, n, "%dh%02dm", t / 3600, t / 60 % 60);
-    else snprintf(buf, n, "%dm%02ds", t / 60, t % 60);
-}
 
 static int has_checkpoint(const char *dir) {
     char path[600];
@@ -113,12 +107,11 @@ static int status_cb(void *ctx, int ncol, char **names, char **values) {
     return 1;
 }
 
-/* Run ids hold no quotes (experiment.c keeps them to [A-Za-z0-9._=+-]), so they go into SQL as literals. */
 static int read_status(ml_rundb *db, const char *id, status_row *r, ml_err *err) {
-    char sql[400];
+    char sql[400], *q = rundb_quote(id);
     memset(r, 0, sizeof *r);
-    if (strchr(id, '\'')) return ml_errf(err, ML_EINPUT, "run id %s holds a quote", id);
-    snprintf(sql, sizeof sql, "SELECT status, error FROM runs WHERE id = '%s'", id);
+    snprintf(sql, sizeof sql, "SELECT status, error FROM runs WHERE id = %s", q);
+    free(q);
     return rundb_query(db, sql, status_cb, r, err);
 }
 
@@ -293,7 +286,7 @@ static void progress_text(const sweeper *s, const slot *sl, char *buf, size_t n)
         return;
     }
     char eta[32], val[24];
-    fmt_duration(eta, sizeof eta, sl->p.eta_s);
+    train_fmt_duration(eta, sizeof eta, sl->p.eta_s);
     snprintf(val, sizeof val, isnan(sl->p.val_loss) ? "-" : "%.4f", sl->p.val_loss);
     snprintf(buf, n, "%-28s step %5d/%-5d | loss %.4f | val %s | maxvio %.2f (layer %d) | eta %s", r->name, sl->p.step,
              sl->p.steps, sl->p.loss, val, sl->p.maxvio, sl->p.worst_layer, eta);
@@ -317,7 +310,7 @@ static void draw_progress(sweeper *s, int force) {
     s->last_draw = t;
     erase_progress(s);
     char el[32];
-    fmt_duration(el, sizeof el, t - s->t0);
+    train_fmt_duration(el, sizeof el, t - s->t0);
     const int held = count_state(s, HELD);
     fprintf(s->out, "sweep %s: %d/%d done, %d failed, %d running%s | %s%s\n", s->x->name, count_state(s, FINISHED),
             s->x->nruns, count_state(s, FAILED), count_state(s, ACTIVE), held ? ", some held by other processes" : "",
@@ -423,12 +416,13 @@ static int summary_cb(void *ctx, int ncol, char **names, char **v) {
 static void read_summary(ml_rundb *db, const char *id, run_summary *r) {
     memset(r, 0, sizeof *r);
     r->layer = -1;
-    char sql[800];
+    char sql[800], *q = rundb_quote(id);
     snprintf(sql, sizeof sql,
-             "SELECT (SELECT value FROM summary WHERE run = '%s' AND key = 'val_loss'), m.value, m.key FROM "
-             "(SELECT 1) LEFT JOIN (SELECT key, value FROM summary WHERE run = '%s' AND key LIKE 'layer%%.val_maxvio' "
+             "SELECT (SELECT value FROM summary WHERE run = %s AND key = 'val_loss'), m.value, m.key FROM "
+             "(SELECT 1) LEFT JOIN (SELECT key, value FROM summary WHERE run = %s AND key LIKE 'layer%%.val_maxvio' "
              "ORDER BY value DESC LIMIT 1) m",
-             id, id);
+             q, q);
+    free(q);
     ml_err ignore;
     rundb_query(db, sql, summary_cb, r, &ignore);
 }
@@ -467,7 +461,7 @@ static void finish_run(sweeper *s, slot *sl, int wstatus) {
     }
     sl->pid = 0;
     char took[32];
-    fmt_duration(took, sizeof took, now_s() - sl->started);
+    train_fmt_duration(took, sizeof took, now_s() - sl->started);
     if (!strcmp(row.status, "finished")) {
         s->state[i] = FINISHED;
         char val[24] = "-", mv[48] = "-";
@@ -690,7 +684,7 @@ int sweep_run(const ml_experiment *x, const ml_sweep_opts *o, ml_err *err) {
     if (!rc) {
         const int finished = count_state(&s, FINISHED), failed = count_state(&s, FAILED);
         char el[32];
-        fmt_duration(el, sizeof el, now_s() - s.t0);
+        train_fmt_duration(el, sizeof el, now_s() - s.t0);
         fprintf(s.out, "sweep %s: %d of %d runs finished, %d failed, in %s\n", x->name, finished, x->nruns, failed, el);
         if (s.stopping)
             rc = ml_errf(err, ML_ERUN, "interrupted; run the same command again to resume the unfinished runs");

@@ -7,7 +7,6 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -17,6 +16,7 @@
 #include "metrics.h"
 #include "model.h"
 #include "recorder.h"
+#include "resources.h"
 
 static volatile sig_atomic_t stop_signal;
 static void on_stop_signal(int sig) { stop_signal = sig; }
@@ -37,18 +37,6 @@ static double now_s(void) {
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-static int mkdirs(const char *path, ml_err *err) {
-    char buf[1024];
-    snprintf(buf, sizeof buf, "%s", path);
-    for (char *p = buf + 1; *p; p++)
-        if (*p == '/') {
-            *p = 0;
-            if (mkdir(buf, 0755) && errno != EEXIST) return ml_errf(err, ML_EINPUT, "%s: %s", buf, strerror(errno));
-            *p = '/';
-        }
-    if (mkdir(buf, 0755) && errno != EEXIST) return ml_errf(err, ML_EINPUT, "%s: %s", buf, strerror(errno));
-    return ML_OK;
-}
 
 /* The worst MoE layer's MaxVio over a step's loads (analysis/metrics.c). */
 static float worst_maxvio(const ml_model *m, const ml_route_stats *st, int *worst_layer) {
@@ -79,7 +67,7 @@ static float evaluate(ml_model *m, ml_loader *val, int batches) {
     return (float)(sum / batches);
 }
 
-static void fmt_duration(char *buf, size_t n, double s) {
+void train_fmt_duration(char *buf, size_t n, double s) {
     if (!isfinite(s) || s < 0) s = 0;
     int t = (int)(s + 0.5);
     if (t >= 3600) snprintf(buf, n, "%dh%02dm", t / 3600, t / 60 % 60);
@@ -117,7 +105,10 @@ int train_run(const ml_config *cfg_in, const ml_train_opts *opts, ml_train_resul
         free(m);
         goto done_loaders;
     }
-    if ((rc = mkdirs(cfg.run.dir, err))) goto done_model;
+    if (make_dirs(cfg.run.dir)) {
+        rc = ml_errf(err, ML_EINPUT, "%s: %s", cfg.run.dir, strerror(errno));
+        goto done_model;
+    }
     snprintf(ckpt_path, sizeof ckpt_path, "%s/checkpoint.bin", cfg.run.dir);
 
     ml_train_state st = {0};
@@ -230,7 +221,7 @@ int train_run(const ml_config *cfg_in, const ml_train_opts *opts, ml_train_resul
         }
         if (!quiet && (logged || do_eval || (tty && t - t_last >= 0.1))) {
             char eta[32], vbuf[16];
-            fmt_duration(eta, sizeof eta, (cfg.train.steps - st.step) * (double)tokens_per_step / tok_s);
+            train_fmt_duration(eta, sizeof eta, (cfg.train.steps - st.step) * (double)tokens_per_step / tok_s);
             snprintf(vbuf, sizeof vbuf, isnan(val_loss) ? "-" : "%.4f", val_loss);
             t_last = t;
             fprintf(out, "%sstep %5d/%d | loss %.4f | val %s | lr %.2e | %.0f tok/s | maxvio %.2f (layer %d) | eta %s",

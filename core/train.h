@@ -35,6 +35,9 @@ typedef struct {
     double tokens_per_s;
 } ml_train_result;
 
+/* A duration as "4m02s" or "1h07m" (progress lines). */
+void train_fmt_duration(char *buf, size_t n, double seconds);
+
 /* Learning rate at step (0-based): linear warmup to lr, then cosine to lr * min_lr_ratio at train.steps. */
 float train_lr(const ml_config *cfg, int step);
 

@@ -536,13 +536,17 @@ static void cu_unpermute_backward(float *dye, float *dgate, const float *dout, c
 
 // ---- cross-entropy (one block per row) ----
 
+__device__ float row_max(const float *l, int V, float *shared) {
+    float mx = -INFINITY;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) mx = fmaxf(mx, l[i]);
+    return block_max(mx, shared);
+}
+
 __global__ void k_crossentropy_forward(float *losses, const float *logits, const int32_t *targets, int V) {
     __shared__ float shf[RBLOCK];
     __shared__ double shd[RBLOCK];
     const float *l = logits + (size_t)blockIdx.x * V;
-    float mx = -INFINITY;
-    for (int i = threadIdx.x; i < V; i += blockDim.x) mx = fmaxf(mx, l[i]);
-    mx = block_max(mx, shf);
+    const float mx = row_max(l, V, shf);
     double sum = 0;
     for (int i = threadIdx.x; i < V; i += blockDim.x) sum += expf(l[i] - mx);
     sum = block_sum(sum, shd);
@@ -552,9 +556,7 @@ __global__ void k_crossentropy_backward(float *dlogits, const float *logits, con
     __shared__ float shf[RBLOCK];
     const float *l = logits + (size_t)blockIdx.x * V;
     float *d = dlogits + (size_t)blockIdx.x * V;
-    float mx = -INFINITY;
-    for (int i = threadIdx.x; i < V; i += blockDim.x) mx = fmaxf(mx, l[i]);
-    mx = block_max(mx, shf);
+    const float mx = row_max(l, V, shf);
     float sum = 0;
     for (int i = threadIdx.x; i < V; i += blockDim.x) sum += expf(l[i] - mx);
     sum = block_sum(sum, shf);

@@ -144,19 +144,22 @@ check(db_rows(db, "SELECT count(*) FROM runs")[0][0] == 8, "8 rows after the edi
 
 
 # ---- kill -9 of the runner alone, then of the runner with its workers ----
-def kill_midway(yaml, dbp, whole_group, after):
-    proc = subprocess.Popen([moelab, "sweep", yaml, "--jobs", "2", "--db", dbp], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    # wait until some run has made progress
-    deadline = time.time() + 60
+def wait_for_progress(dbp, after=0, timeout=60):
+    """Waits until two logged losses at step >= after are in the database (the sweep is under way)."""
+    deadline = time.time() + timeout
     while time.time() < deadline:
         time.sleep(0.3)
         try:
-            n = db_rows(dbp, "SELECT count(*) FROM metrics WHERE key = 'loss' AND step >= ?", after)[0][0]
+            if db_rows(dbp, "SELECT count(*) FROM metrics WHERE key = 'loss' AND step >= ?", after)[0][0] >= 2:
+                return
         except sqlite3.Error:
-            n = 0
-        if n >= 2:
-            break
+            pass
+
+
+def kill_midway(yaml, dbp, whole_group, after):
+    proc = subprocess.Popen([moelab, "sweep", yaml, "--jobs", "2", "--db", dbp], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_for_progress(dbp, after)
     if whole_group:
         os.killpg(proc.pid, signal.SIGKILL)
     else:
@@ -197,14 +200,7 @@ sweep:
 cdb = os.path.join(tmp, "c.db")
 proc = subprocess.Popen([moelab, "sweep", cy, "--jobs", "2", "--db", cdb], stdout=subprocess.PIPE,
                         stderr=subprocess.PIPE, text=True)
-deadline = time.time() + 60
-while time.time() < deadline:
-    time.sleep(0.3)
-    try:
-        if db_rows(cdb, "SELECT count(*) FROM metrics WHERE key = 'loss'")[0][0] >= 2:
-            break
-    except sqlite3.Error:
-        pass
+wait_for_progress(cdb)
 proc.send_signal(signal.SIGINT)
 out, errs = proc.communicate(timeout=60)
 check(proc.returncode == 1, f"Ctrl-C: exit 1 (got {proc.returncode})")
