@@ -10,6 +10,13 @@
 
 #include "ops_types.h"
 
+/* What the model will ask of a backend, for its scratch: the largest activation any GEMM gets (floats), the
+ * tokens per micro-batch, the largest k, the experts, the model width and the attention shape. */
+typedef struct ml_backend_plan {
+    size_t max_gemm_floats;
+    int M, kmax, E, C, B, T, H, KV, hd;
+} ml_backend_plan;
+
 typedef struct ml_backend {
     const char *name;
 
@@ -20,6 +27,11 @@ typedef struct ml_backend {
     void (*to_host)(void *host, const void *src, size_t bytes);
     void (*from_host)(void *dst, const void *host, size_t bytes);
     void (*sync)(void);
+    /* optional (NULL on the CPU): called once by model_init, before any step. prepare sizes the backend's
+     * scratch so that no step allocates; bind_params names the fp32 master weights, which a mixed-precision
+     * backend shadows in bf16 (every write to them goes through this table: from_host, memset0, adamw). */
+    void (*prepare)(const struct ml_backend_plan *plan);
+    void (*bind_params)(const float *params, size_t n);
 
     void (*encoder_forward)(float *out, const int32_t *tokens, const float *wte, int M, int C);
     void (*encoder_backward)(float *dwte, const float *dout, const int32_t *tokens, int M, int C);
@@ -33,10 +45,13 @@ typedef struct ml_backend {
                          int hd);
     void (*rope_backward)(float *dinp, const float *dout, const float *cos_t, const float *sin_t, int B, int T,
                           int nh, int hd);
+    /* att is the backend's saved attention state, attention_state_floats(B, T, H) floats: the CPU keeps the
+     * probabilities (B,H,T,T), the CUDA backend (flash-style) the softmax statistics (2 x B,H,T) */
+    size_t (*attention_state_floats)(int B, int T, int H);
     void (*attention_forward)(float *out, float *att, const float *q, const float *k, const float *v, int B, int T,
                               int H, int KV, int hd);
-    void (*attention_backward)(float *dq, float *dk, float *dv, const float *dout, const float *att, const float *q,
-                               const float *k, const float *v, int B, int T, int H, int KV, int hd);
+    void (*attention_backward)(float *dq, float *dk, float *dv, const float *dout, const float *out, float *att,
+                               const float *q, const float *k, const float *v, int B, int T, int H, int KV, int hd);
     void (*swiglu_forward)(float *out, const float *h, int M, int F);
     void (*swiglu_backward)(float *dh, const float *dout, const float *h, int M, int F);
     void (*add_forward)(float *out, const float *a, const float *b, size_t n);
@@ -45,6 +60,9 @@ typedef struct ml_backend {
     void (*router_backward)(float *dlogits, const float *dgate, const float *dprobs, const float *logits,
                             const float *probs, const int32_t *idx, const float *gate, int M,
                             const ml_router_params *p);
+    /* routing statistics of one micro-batch, reduced where the scores live: psum(E) = sum over tokens of
+     * probs(t,e) / sum_e' probs(t,e') (double), selected(E) = choices per expert in idx(M,k) (-1 skipped) */
+    void (*route_stats)(double *psum, int32_t *selected, const float *probs, const int32_t *idx, int M, int k, int E);
     /* counting sort of the choices idx(M,k) by expert (idx -1 = dropped): counts(E), offsets(E+1), slot(M*k) */
     void (*moe_dispatch)(int32_t *counts, int32_t *offsets, int32_t *slot, const int32_t *idx, int M, int k, int E);
     void (*permute_forward)(float *xe, const float *inp, const int32_t *slot, int M, int k, int C);
@@ -68,8 +86,9 @@ typedef struct ml_backend {
 /* The CPU backend (OpenBLAS + OpenMP). */
 const ml_backend *backend_cpu(void);
 
-/* A backend by name: "cpu", "cuda" (ML_EINPUT when moelab was built without it or no GPU is usable, naming
- * why) or "auto" (cuda when usable, else cpu). NULL or "" = cpu. Returns 0 or ML_EINPUT (-2) with msg. */
+/* A backend by name: "cpu", "cuda" (bf16 GEMMs, fp32 master weights), "cuda-fp32" (ML_EINPUT for either when
+ * moelab was built without CUDA or no GPU is usable, naming why) or "auto" (cuda when usable, else cpu).
+ * NULL or "" = cpu. Returns 0 or ML_EINPUT (-2) with msg. */
 int backend_select(const char *name, const ml_backend **be, char *msg, size_t cap);
 
 #endif

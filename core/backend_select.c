@@ -10,16 +10,18 @@
 
 int backend_select(const char *name, const ml_backend **be, char *msg, size_t cap) {
     if (!name || !name[0] || !strcmp(name, "cpu")) return *be = backend_cpu(), ML_OK;
-    if (strcmp(name, "cuda") && strcmp(name, "auto"))
-        return snprintf(msg, cap, "--backend: '%s' is not cpu, cuda or auto", name), ML_EINPUT;
+    const int fp32 = !strcmp(name, "cuda-fp32");
+    if (strcmp(name, "cuda") && !fp32 && strcmp(name, "auto"))
+        return snprintf(msg, cap, "--backend: '%s' is not cpu, cuda, cuda-fp32 or auto", name), ML_EINPUT;
 #ifdef ML_HAVE_CUDA
     char why[256];
-    if (cuda_available(why, sizeof why)) return *be = backend_cuda(), ML_OK;
+    if (cuda_available(why, sizeof why)) return *be = fp32 ? backend_cuda_fp32() : backend_cuda(), ML_OK;
     if (!strcmp(name, "auto")) return *be = backend_cpu(), ML_OK;
-    return snprintf(msg, cap, "--backend cuda: no usable GPU (%s)", why), ML_EINPUT;
+    return snprintf(msg, cap, "--backend %s: no usable GPU (%s)", name, why), ML_EINPUT;
 #else
     if (!strcmp(name, "auto")) return *be = backend_cpu(), ML_OK;
-    return snprintf(msg, cap, "--backend cuda: this moelab was built without the CUDA backend (no nvcc at build time)"),
+    return snprintf(msg, cap, "--backend %s: this moelab was built without the CUDA backend (no nvcc at build time)",
+                    name),
            ML_EINPUT;
 #endif
 }

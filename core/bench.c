@@ -1,6 +1,8 @@
-/* bench.c: `moelab bench`: training throughput of a preset on this machine. Measures the sgemm peak first
- * (the best of several large multi-threaded GEMMs), then times forward, backward and the optimizer over
- * a number of steps and reports tokens/s, achieved GFLOP/s and the fraction of the peak. */
+/* bench.c: `moelab bench`: training throughput of a preset on this machine. Measures the GEMM peak first
+ * (the best of several large GEMMs: multi-threaded sgemm on the CPU, cuBLAS bf16 or fp32 on a GPU), then
+ * times forward, backward and the optimizer over a number of steps and reports tokens/s, achieved GFLOP/s,
+ * MFU (6 x active parameters per token against that peak) and, on a GPU, a per-op breakdown from CUDA
+ * events over a few more steps. */
 #include <cblas.h>
 #include <math.h>
 #include <stdio.h>
@@ -47,10 +49,11 @@ int cli_bench(int argc, char **argv) {
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
             printf("usage: moelab bench [preset=NAME] [key=value ...] [--steps N] [--warmup N] [--json]\n"
-                   "                    [--backend cpu|cuda|auto]\n\n"
+                   "                    [--backend cpu|cuda|cuda-fp32|auto]\n\n"
                    "Times training steps (forward + backward + AdamW) of a preset (default small-cpu) on random\n"
-                   "tokens and reports tokens/s, achieved GFLOP/s (6 x active params + attention per token) and\n"
-                   "its fraction of this machine's sgemm peak, measured first.\n");
+                   "tokens and reports tokens/s, achieved GFLOP/s (6 x active params + attention per token),\n"
+                   "MFU (6 x active params per token) against this machine's GEMM peak, measured first (sgemm\n"
+                   "on the CPU; cuBLAS bf16 for cuda, fp32 for cuda-fp32), and on a GPU the time per op.\n");
             return 0;
         }
         if (!strcmp(argv[i], "--steps") && i + 1 < argc) steps = atoi(argv[++i]);
@@ -76,8 +79,10 @@ int cli_bench(int argc, char **argv) {
         fprintf(stderr, "moelab bench: %s\n", why);
         return 2;
     }
+    const int on_gpu = !strncmp(be->name, "cuda", 4), bf16 = !strcmp(be->name, "cuda");
+    const char *peak_kind = on_gpu ? (bf16 ? "cuBLAS bf16 8192^3" : "cuBLAS fp32 8192^3") : "sgemm 2048^3";
 #ifdef ML_HAVE_CUDA
-    double peak = strcmp(be->name, "cuda") ? sgemm_peak(2048, 5) : cuda_sgemm_peak(8192, 5);
+    double peak = on_gpu ? cuda_gemm_peak(8192, 5, bf16) : sgemm_peak(2048, 5);
 #else
     double peak = sgemm_peak(2048, 5);
 #endif
@@ -105,7 +110,11 @@ int cli_bench(int argc, char **argv) {
         rcfg.trace.every = 1;
         tracing = recorder_open(&rec, &rcfg, m, -1, &err) == 0;
     }
+    long allocs_before = 0;
     for (int s = 0; s < warmup + steps; s++) {
+#ifdef ML_HAVE_CUDA
+        if (on_gpu && s == warmup) allocs_before = cuda_alloc_count();
+#endif
         double t0 = now_s(), r0 = m->routing_seconds;
         model_zero_grad(m);
         model_begin_step(m, 0);
@@ -137,22 +146,59 @@ int cli_bench(int argc, char **argv) {
         if (system(cmd)) { /* best effort */
         }
     }
+    /* the per-op breakdown: a few more steps with an event pair around every op (they cost a little, so
+     * they are not part of the timing above) */
+    enum { MAX_OPS = 64 };
+    ml_op_time ops[MAX_OPS];
+    int nops = 0, prof_steps = steps < 3 ? steps : 3;
+    long step_allocs = 0;
+    double prof_total = 0;
+#ifdef ML_HAVE_CUDA
+    if (on_gpu) {
+        step_allocs = cuda_alloc_count() - allocs_before;
+        cuda_profile_start();
+        for (int s = 0; s < prof_steps; s++) {
+            model_zero_grad(m);
+            model_begin_step(m, 0);
+            model_forward(m, tok, tok + 1);
+            model_backward(m, 1.0f);
+            double norm = model_grad_norm(m);
+            model_adamw(m, 1e-4f, norm > 1 ? (float)(1 / norm) : 1, warmup + steps + s + 1);
+        }
+        nops = cuda_profile_stop(ops, MAX_OPS);
+        for (int i = 0; i < nops; i++) prof_total += ops[i].ms;
+        for (int i = 1; i < nops; i++) /* slowest first */
+            for (int j = i; j > 0 && ops[j].ms > ops[j - 1].ms; j--) {
+                ml_op_time t = ops[j];
+                ops[j] = ops[j - 1], ops[j - 1] = t;
+            }
+    }
+#else
+    (void)allocs_before;
+#endif
     double total = t_fwd + t_bwd + t_opt, tok_s = (double)M * steps / total;
     double attn = 6.0 * cfg.model.layers * cfg.model.seq_len * cfg.model.dim;
     double flops_tok = 6 * model_active_params(&cfg) + attn;
-    double gflops = flops_tok * tok_s / 1e9;
+    double gflops = flops_tok * tok_s / 1e9, mfu = 6 * model_active_params(&cfg) * tok_s / 1e9 / peak;
     if (json) {
         printf("{\"preset\": \"%s\", \"tokens_per_step\": %d, \"steps\": %d, \"tokens_per_s\": %.1f, "
                "\"ms_per_step\": %.2f, \"forward_ms\": %.2f, \"backward_ms\": %.2f, \"optimizer_ms\": %.2f, "
                "\"routing_ms\": %.2f, \"routing_fraction\": %.4f, \"trace_ms\": %.3f, \"trace_fraction\": %.5f, "
-               "\"gflops\": %.2f, \"sgemm_peak_gflops\": %.2f, \"fraction_of_peak\": %.4f, \"params\": %zu, "
-               "\"backend\": \"%s\"}\n",
+               "\"gflops\": %.2f, \"peak_gflops\": %.2f, \"peak_kind\": \"%s\", \"fraction_of_peak\": %.4f, "
+               "\"mfu\": %.4f, \"params\": %zu, \"active_params\": %.0f, \"backend\": \"%s\", "
+               "\"step_allocations\": %ld, \"ops\": {",
                cfg.preset, M, steps, tok_s, 1e3 * total / steps, 1e3 * t_fwd / steps, 1e3 * t_bwd / steps,
-               1e3 * t_opt / steps, 1e3 * t_route / steps, t_route / total, 1e3 * t_trace / steps, t_trace / total, gflops, peak, gflops / peak, m->nparams, be->name);
+               1e3 * t_opt / steps, 1e3 * t_route / steps, t_route / total, 1e3 * t_trace / steps, t_trace / total,
+               gflops, peak, peak_kind, gflops / peak, mfu, m->nparams, model_active_params(&cfg), be->name,
+               step_allocs);
+        for (int i = 0; i < nops; i++)
+            printf("%s\"%s\": {\"ms_per_step\": %.3f, \"calls_per_step\": %.1f}", i ? ", " : "", ops[i].op,
+                   ops[i].ms / prof_steps, (double)ops[i].calls / prof_steps);
+        printf("}}\n");
     } else {
         printf("moelab bench: preset %s, backend %s, %zu parameters, %d tokens/step, %d steps (after %d warmup)\n",
                cfg.preset, be->name, m->nparams, M, steps, warmup);
-        printf("  sgemm peak (%s, best of 5)  %8.1f GFLOP/s\n", strcmp(be->name, "cuda") ? "2048^3" : "8192^3", peak);
+        printf("  GEMM peak (%s, best of 5) %8.1f GFLOP/s\n", peak_kind, peak);
         printf("  step                            %8.2f ms  (forward %.2f, backward %.2f, optimizer %.2f)\n",
                1e3 * total / steps, 1e3 * t_fwd / steps, 1e3 * t_bwd / steps, 1e3 * t_opt / steps);
         printf("  routing (router, policies, stats) %6.2f ms  (%.1f%% of the step; balance.policy=%s)\n",
@@ -160,8 +206,17 @@ int cli_bench(int argc, char **argv) {
         printf("  tracing (row per step, flush/%d) %6.3f ms  (%.2f%% of the step)\n", rcfg.trace.flush_every,
                1e3 * t_trace / steps, 100 * t_trace / total);
         printf("  throughput                      %8.0f tokens/s\n", tok_s);
-        printf("  achieved                        %8.1f GFLOP/s  (%.1f%% of sgemm peak; %.3g FLOP/token)\n",
+        printf("  achieved                        %8.1f GFLOP/s  (%.1f%% of the GEMM peak; %.3g FLOP/token)\n",
                gflops, 100 * gflops / peak, flops_tok);
+        printf("  MFU (6 x %.3g active params)    %8.1f%%\n", model_active_params(&cfg), 100 * mfu);
+        if (on_gpu) {
+            printf("  device allocations during the timed steps: %ld\n", step_allocs);
+            printf("  per op (CUDA events, mean of %d more steps; %.2f ms in ops per step):\n", prof_steps,
+                   prof_total / prof_steps);
+            for (int i = 0; i < nops; i++)
+                printf("    %-26s %9.3f ms  %5.1f%%  %6.1f calls\n", ops[i].op, ops[i].ms / prof_steps,
+                       100 * ops[i].ms / prof_total, (double)ops[i].calls / prof_steps);
+        }
     }
     free(tok);
     model_free(m);

@@ -24,7 +24,8 @@ static void train_usage(FILE *f) {
     fprintf(f, "\nThe run folder (run.dir, default runs/<preset>-<seed>) receives config.yaml, log.txt and\n"
                "checkpoint.bin. --resume continues a run bit for bit from its checkpoint; --stop-after N\n"
                "checkpoints and stops after step N (the schedule still targets train.steps).\n"
-               "  --backend B       cpu (default), cuda or auto (cuda when a GPU is usable)\n"
+               "  --backend B       cpu (default); cuda (bf16 GEMMs, fp32 master weights); cuda-fp32 (fp32\n"
+               "                    everywhere, for verification); auto (cuda when a GPU is usable, else cpu)\n"
                "  --help-config     list every key with its default and meaning\n"
                "  --help-policies   list the load-balancing policies (balance.policy) and their keys\n");
 }
@@ -43,7 +44,7 @@ static int parse_config(ml_config *cfg, int argc, char **argv, const char **resu
             continue;
         }
         if (!strcmp(argv[i], "--backend")) {
-            if (!backend || i + 1 >= argc) return ml_errf(err, ML_EINPUT, "--backend needs cpu, cuda or auto");
+            if (!backend || i + 1 >= argc) return ml_errf(err, ML_EINPUT, "--backend needs cpu, cuda, cuda-fp32 or auto");
             *backend = argv[++i];
             continue;
         }

@@ -144,7 +144,7 @@ int model_init(ml_model *m, const ml_config *cfg, const ml_backend *be, int B, i
             x->q_rstd = ALLOC_F(&a, M * m->H), x->k_rstd = ALLOC_F(&a, M * m->KV);
         }
         x->q = ALLOC_F(&a, M * Hd), x->k = ALLOC_F(&a, M * KVd);
-        x->att = ALLOC_F(&a, (size_t)B * m->H * m->T * m->T);
+        x->att = ALLOC_F(&a, be->attention_state_floats(B, m->T, m->H));
         x->atty = ALLOC_F(&a, M * Hd);
         x->res_mid = ALLOC_F(&a, M * C);
         x->ln2 = ALLOC_F(&a, M * C), x->rstd2 = ALLOC_F(&a, M);
@@ -180,13 +180,15 @@ int model_init(ml_model *m, const ml_config *cfg, const ml_backend *be, int B, i
         m->d_probs = ALLOC_F(&a, M * E), m->d_rlogits = ALLOC_F(&a, M * E);
     }
     m->router_bias = ALLOC_F(&a, (size_t)m->L * (E ? E : 1));
+    m->d_rstats = take(&a, (sizeof(double) + sizeof(int32_t)) * (E ? E : 1));
     const size_t ME = M * (E ? E : 1);
     int host_failed = !(m->h_logits = malloc(sizeof(float) * ME)) | !(m->h_scores = malloc(sizeof(float) * ME)) |
                       !(m->h_tmp = malloc(sizeof(float) * (ME > M ? ME : M))) |
                       !(m->h_idx = malloc(sizeof(int32_t) * MK)) | !(m->h_route = malloc(sizeof(int32_t) * MK)) |
                       !(m->h_counts = malloc(sizeof(int32_t) * (E ? E : 1))) |
                       !(m->h_selected = malloc(sizeof(int32_t) * (E ? E : 1))) |
-                      !(m->h_bias = malloc(sizeof(float) * m->L * (E ? E : 1)));
+                      !(m->h_bias = malloc(sizeof(float) * m->L * (E ? E : 1))) |
+                      !(m->h_psum = malloc((sizeof(double) + sizeof(int32_t)) * (E ? E : 1)));
     if (m->balance.has_loss)
         /* one slot per layer, plus one that evaluations write into so they never touch a pending backward's */
         host_failed |= !(m->h_dscores = malloc(sizeof(float) * ME * (m->L + 1))) |
@@ -196,6 +198,18 @@ int model_init(ml_model *m, const ml_config *cfg, const ml_backend *be, int B, i
         model_free(m);
         return ml_errf(err, ML_ERUN, "out of memory allocating activations for train.batch=%d", B);
     }
+    if (be->prepare) {
+        /* the widest activation a GEMM gets (weights are the backend's own business): logits and their
+         * gradient (M, V), the router's (M, E), the FFNs' and attention's (widest), the experts' (M k, 2F) */
+        size_t widest_gemm = M * (widest > (size_t)m->V ? widest : (size_t)m->V);
+        widest_gemm = widest_gemm > M * E ? widest_gemm : M * E;
+        if (E && K) widest_gemm = widest_gemm > MK * 2 * m->F ? widest_gemm : MK * 2 * m->F;
+        widest_gemm = widest_gemm > MK * C ? widest_gemm : MK * C;
+        ml_backend_plan plan = {.max_gemm_floats = widest_gemm, .M = (int)M, .kmax = m->kmax,
+                                .E = m->E, .C = m->C, .B = B, .T = m->T, .H = m->H, .KV = m->KV, .hd = m->hd};
+        be->prepare(&plan);
+    }
+    if (be->bind_params) be->bind_params(m->params, m->nparams);
     /* the RoPE table is computed on the host, like every constant, then copied to the backend */
     float *cs = malloc(sizeof(float) * m->T * m->hd), *sn = cs + (size_t)m->T * m->hd / 2;
     rope_table(cs, sn, m->T, m->hd, cfg->model.rope_theta);
@@ -211,7 +225,7 @@ void model_free(ml_model *m) {
     void *arena_ptrs[] = {m->params, m->grads, m->adam_m, m->adam_v, m->res_final, m->lnf, m->rstdf, m->logits,
                           m->losses, m->rope_cos, m->rope_sin, m->tokens, m->targets, m->d_res, m->d_ln, m->d_a,
                           m->d_b, m->d_q, m->d_k, m->d_v, m->d_qn, m->d_kn, m->d_logits, m->d_xe, m->d_eh13,
-                          m->d_eact, m->d_ye, m->d_gate, m->d_probs, m->d_rlogits, m->router_bias};
+                          m->d_eact, m->d_ye, m->d_gate, m->d_probs, m->d_rlogits, m->router_bias, m->d_rstats};
     for (size_t i = 0; i < sizeof arena_ptrs / sizeof arena_ptrs[0]; i++)
         if (arena_ptrs[i]) be->free(arena_ptrs[i]);
     for (int l = 0; l < m->L; l++) {
@@ -221,6 +235,7 @@ void model_free(ml_model *m) {
     }
     free(m->h_logits), free(m->h_scores), free(m->h_tmp), free(m->h_idx), free(m->h_route);
     free(m->h_counts), free(m->h_selected), free(m->h_dscores), free(m->h_dlogits), free(m->h_bias);
+    free(m->h_psum);
     route_stats_free(&m->stats);
     route_stats_free(&m->eval_stats);
     memset(m, 0, sizeof *m);
@@ -307,9 +322,12 @@ static void moe_block_forward(ml_model *m, int l, float *out, int record) {
     ml_balance_layer ctx = {.layer = l, .M = M, .E = E, .k = k, .B = m->B, .T = m->T,
                             .logits = m->h_logits, .scores = m->h_scores, .idx = m->h_idx};
 
+    /* the policies run on the host: they get copies of what they read; the statistics are reduced on the
+     * backend, so a policy-free layer moves only 3E numbers */
+    const int host_scores = bal->has_loss || bal->has_cap, host_logits = bal->has_loss || bal->has_assign;
     double t0 = now_s();
     be->matmul_forward(x->logits, x->ln2, w->router, M, C, E);
-    be->to_host(m->h_logits, x->logits, sizeof(float) * M * E);
+    if (host_logits) be->to_host(m->h_logits, x->logits, sizeof(float) * M * E);
     if (bal->has_assign) {
         ctx.stream = policy_stream(m, l);
         balance_assign(bal, &m->cfg, &ctx, m->h_idx);
@@ -317,10 +335,13 @@ static void moe_block_forward(ml_model *m, int l, float *out, int record) {
         rp.given_idx = 1;
     }
     be->router_forward(x->probs, x->idx, x->gate, x->logits, bias, M, &rp);
-    be->to_host(m->h_scores, x->probs, sizeof(float) * M * E);
-    be->to_host(m->h_idx, x->idx, sizeof(int32_t) * M * k);
-    memset(m->h_selected, 0, sizeof(int32_t) * E);
-    for (int i = 0; i < M * k; i++) m->h_selected[m->h_idx[i]]++;
+    be->route_stats((double *)m->d_rstats, (int32_t *)((double *)m->d_rstats + E), x->probs, x->idx, M, k, E);
+    be->to_host(m->h_psum, m->d_rstats, (sizeof(double) + sizeof(int32_t)) * E);
+    memcpy(m->h_selected, m->h_psum + E, sizeof(int32_t) * E);
+    if (host_scores) {
+        be->to_host(m->h_scores, x->probs, sizeof(float) * M * E);
+        be->to_host(m->h_idx, x->idx, sizeof(int32_t) * M * k);
+    }
     ctx.selected = m->h_selected;
 
     const int32_t *route = x->idx;
@@ -356,15 +377,9 @@ static void moe_block_forward(ml_model *m, int l, float *out, int record) {
     /* statistics: loads after drops, choices, mean normalised score, drops */
     be->to_host(m->h_counts, x->counts, sizeof(int32_t) * E);
     int64_t *load = st->tokens_per_expert + (size_t)l * E, *sel = st->selected + (size_t)l * E;
-    double *gate_mean = st->gate_mean_sum + (size_t)l * E, *P = (double *)m->h_tmp;
-    for (int e = 0; e < E; e++) load[e] += m->h_counts[e], sel[e] += m->h_selected[e], P[e] = 0;
-    for (int t = 0; t < M; t++) {
-        const float *s = m->h_scores + (size_t)t * E;
-        double sum = 0;
-        for (int e = 0; e < E; e++) sum += s[e];
-        for (int e = 0; e < E; e++) P[e] += s[e] / sum;
-    }
-    for (int e = 0; e < E; e++) gate_mean[e] += P[e] / M;
+    double *gate_mean = st->gate_mean_sum + (size_t)l * E;
+    for (int e = 0; e < E; e++)
+        load[e] += m->h_counts[e], sel[e] += m->h_selected[e], gate_mean[e] += m->h_psum[e] / M;
     st->dropped[l] += dropped;
 
     if (bal->has_loss) {
@@ -497,7 +512,7 @@ static void attention_block_backward(ml_model *m, int l) {
     be->memset0(m->d_q, sizeof(float) * M * H * hd);
     be->memset0(m->d_k, sizeof(float) * M * KV * hd);
     be->memset0(m->d_v, sizeof(float) * M * KV * hd);
-    be->attention_backward(m->d_q, m->d_k, m->d_v, d_atty, x->att, x->q, x->k, x->v, B, T, H, KV, hd);
+    be->attention_backward(m->d_q, m->d_k, m->d_v, d_atty, x->atty, x->att, x->q, x->k, x->v, B, T, H, KV, hd);
     be->memset0(m->d_qn, sizeof(float) * M * H * hd);
     be->memset0(m->d_kn, sizeof(float) * M * KV * hd);
     be->rope_backward(m->d_qn, m->d_q, m->rope_cos, m->rope_sin, B, T, H, hd);

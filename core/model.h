@@ -77,6 +77,8 @@ typedef struct ml_model {
     float *h_logits, *h_scores, *h_tmp;        /* (M, E) */
     int32_t *h_idx, *h_route, *h_counts, *h_selected; /* (M, kmax), (M, kmax), (E), (E) */
     float *h_bias;                             /* (L, E) host copy of the biases for the policies */
+    void *d_rstats;                            /* backend: one layer's route_stats (E doubles, then E ints) */
+    double *h_psum;                            /* (E) host copy of d_rstats's score sums */
     float *h_dscores, *h_dlogits;              /* (L, M, E), only when a policy has a loss */
 
     ml_balance balance;                         /* the active policies (balance.policy) */

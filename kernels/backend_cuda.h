@@ -1,4 +1,4 @@
-/* backend_cuda.h: the CUDA backend (kernels/ops_cuda.cu): the op table of core/backend.h on one NVIDIA GPU. */
+/* backend_cuda.h: the CUDA backend (kernels/): the op table of core/backend.h on one NVIDIA GPU. */
 #ifndef MOELAB_BACKEND_CUDA_H
 #define MOELAB_BACKEND_CUDA_H
 
@@ -9,10 +9,33 @@
 /* 1 when a CUDA device can be used (why receives its name), 0 otherwise (why receives the reason). */
 int cuda_available(char *why, size_t cap);
 
-/* The CUDA op table (fp32), creating the cuBLAS handle on first use. Call only when cuda_available. */
+/* The CUDA op tables, creating the cuBLAS handle on first use; call only when cuda_available.
+ * backend_cuda ("cuda"): bf16 tensor-core GEMMs with fp32 accumulation, fp32 master weights, optimizer state
+ * and every other op. backend_cuda_fp32 ("cuda-fp32"): fp32 everywhere, for verification against the CPU. */
 const ml_backend *backend_cuda(void);
+const ml_backend *backend_cuda_fp32(void);
 
-/* The best of reps fp32 cuBLAS GEMMs of n x n x n, in GFLOP/s (the peak moelab bench compares with). */
-double cuda_sgemm_peak(int n, int reps);
+/* The best of reps n x n x n cuBLAS GEMMs in GFLOP/s: bf16 inputs (fp32 accumulation and output, as the
+ * training GEMMs) or fp32 throughout. */
+double cuda_gemm_peak(int n, int reps, int bf16_inputs);
+
+/* Per-op timing with CUDA events: between start and stop every table entry records an event pair; stop
+ * waits for the device and sums the pairs by op (up to cap ops, in first-seen order); returns their number. */
+typedef struct {
+    const char *op;
+    double ms;
+    long calls;
+} ml_op_time;
+void cuda_profile_start(void);
+int cuda_profile_stop(ml_op_time *out, int cap);
+
+/* device allocations so far (cudaMalloc calls, the workspace's included): constant across steps when the
+ * model's prepare() sized the scratch */
+long cuda_alloc_count(void);
+
+/* The experts' GEMMs: 1 = cublasGemmGroupedBatchedEx (the default; MOELAB_GROUPED_GEMM=loop turns it off),
+ * 0 = one GEMM per expert. active is 0 when cuBLAS refused the grouped call and the loop took over. */
+void cuda_set_grouped_gemm(int on);
+int cuda_grouped_gemm_active(void);
 
 #endif

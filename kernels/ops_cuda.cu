@@ -1,65 +1,12 @@
-// ops_cuda.cu: the CUDA backend's op table in fp32 (cuBLAS for the GEMMs, straightforward kernels for the rest):
-// the same contracts as core/cpu/ops_cpu_decl.h, so core/model.c runs unchanged on one NVIDIA GPU. This first
-// version is written for correctness and determinism (no atomics: every output element has one writer and
-// sums run in a fixed order); bf16 tensor cores, a fused flash-style attention and cuBLAS's grouped GEMM are
-// the next steps (kernels/README.md). Every CUDA and cuBLAS call is checked and names its op on failure.
-#include <cublas_v2.h>
-#include <cuda_runtime.h>
-#include <math.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
+// ops_cuda.cu: the CUDA backend's ops other than the GEMMs (gemm_cuda.cu) and attention (attention_cuda.cu),
+// with the same contracts as core/cpu/ops_cpu_decl.h, in fp32: embedding, RMSNorm, RoPE, SwiGLU, router
+// scores and top-k with selection bias, the routing statistics, the counting-sort dispatch, permute and
+// unpermute, cross-entropy, AdamW (which also refreshes the bf16 weight shadow) and the sum of squares.
+// Deterministic by construction: no floating-point atomics; every output element has one writer and sums run
+// in a fixed order, so the same seed gives the same run.
+#include "cuda_common.cuh"
 
-extern "C" {
-#include "backend.h"
-#include "backend_cuda.h"
-#include "config.h"
-}
-
-static cublasHandle_t blas;
-
-static void die(const char *op, const char *what) {
-    fprintf(stderr, "moelab cuda: %s: %s\n", op, what);
-    exit(1);
-}
-#define CK(op, call)                                                                   \
-    do {                                                                               \
-        cudaError_t e_ = (call);                                                       \
-        if (e_ != cudaSuccess) die(op, cudaGetErrorString(e_));                        \
-    } while (0)
-#define BK(op, call)                                                                   \
-    do {                                                                               \
-        cublasStatus_t s_ = (call);                                                    \
-        if (s_ != CUBLAS_STATUS_SUCCESS) die(op, cublasGetStatusString(s_));           \
-    } while (0)
-// a kernel launch: checks the launch itself; errors inside the kernel surface at the next sync
-#define LAUNCH(op, grid, block, kernel, ...)                                           \
-    do {                                                                               \
-        if ((grid) > 0) {                                                              \
-            kernel<<<(grid), (block)>>>(__VA_ARGS__);                                  \
-            CK(op, cudaGetLastError());                                                \
-        }                                                                              \
-    } while (0)
-
-static unsigned blocks(size_t n, int per = 256) { return (unsigned)((n + per - 1) / per); }
-
-// ---- memory ----
-
-static void *cu_alloc(size_t bytes) {
-    void *p = NULL;
-    CK("alloc", cudaMalloc(&p, bytes ? bytes : 64));
-    CK("alloc", cudaMemset(p, 0, bytes ? bytes : 64));
-    return p;
-}
-static void cu_free(void *p) { CK("free", cudaFree(p)); }
-static void cu_memset0(void *p, size_t bytes) { CK("memset0", cudaMemset(p, 0, bytes)); }
-static void cu_to_host(void *host, const void *src, size_t bytes) {
-    CK("to_host", cudaMemcpy(host, src, bytes, cudaMemcpyDeviceToHost));
-}
-static void cu_from_host(void *dst, const void *host, size_t bytes) {
-    CK("from_host", cudaMemcpy(dst, host, bytes, cudaMemcpyHostToDevice));
-}
-static void cu_sync(void) { CK("sync", cudaDeviceSynchronize()); }
+static unsigned blocks(size_t n, int per = 256) { return ml_blocks(n, per); }
 
 // ---- embedding ----
 
@@ -76,97 +23,13 @@ __global__ void k_encoder_backward(float *dwte, const float *dout, const int32_t
     for (int m = 0; m < M; m++) dwte[(size_t)tokens[m] * C + c] += dout[(size_t)m * C + c];
 }
 static void cu_encoder_forward(float *out, const int32_t *tokens, const float *wte, int M, int C) {
+    PROF("encoder_forward");
     LAUNCH("encoder_forward", blocks((size_t)M * C), 256, k_encoder_forward, out, tokens, wte, M, C);
 }
 static void cu_encoder_backward(float *dwte, const float *dout, const int32_t *tokens, int M, int C) {
+    PROF("encoder_backward");
     LAUNCH("encoder_backward", blocks(C), 256, k_encoder_backward, dwte, dout, tokens, M, C);
 }
-
-// ---- GEMMs (row-major operands seen by column-major cuBLAS as their transposes) ----
-
-// out(M,N) = inp(M,K) @ w(N,K)^T  <=>  out^T = w . inp^T
-static void gemm_nt(const char *op, float *out, const float *inp, const float *w, int M, int K, int N, float beta) {
-    const float one = 1;
-    BK(op, cublasSgemm(blas, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, &one, w, K, inp, K, &beta, out, N));
-}
-// dinp(M,K) += dout(M,N) @ w(N,K)
-static void gemm_nn_acc(const char *op, float *dinp, const float *dout, const float *w, int M, int K, int N) {
-    const float one = 1;
-    BK(op, cublasSgemm(blas, CUBLAS_OP_N, CUBLAS_OP_N, K, M, N, &one, w, K, dout, N, &one, dinp, K));
-}
-// dw(N,K) += dout(M,N)^T @ inp(M,K)
-static void gemm_tn_acc(const char *op, float *dw, const float *dout, const float *inp, int M, int K, int N) {
-    const float one = 1;
-    BK(op, cublasSgemm(blas, CUBLAS_OP_N, CUBLAS_OP_T, K, N, M, &one, inp, K, dout, N, &one, dw, K));
-}
-
-static void cu_matmul_forward(float *out, const float *inp, const float *w, int M, int K, int N) {
-    if (M > 0) gemm_nt("matmul_forward", out, inp, w, M, K, N, 0);
-}
-static void cu_matmul_backward(float *dinp, float *dw, const float *dout, const float *inp, const float *w, int M,
-                               int K, int N) {
-    if (M == 0) return;
-    if (dinp) gemm_nn_acc("matmul_backward", dinp, dout, w, M, K, N);
-    gemm_tn_acc("matmul_backward", dw, dout, inp, M, K, N);
-}
-
-// experts: one GEMM per non-empty expert, row ranges from the offsets (copied to the host: E + 1 ints)
-static void host_offsets(const char *op, int32_t *h, const int32_t *offsets, int E) {
-    CK(op, cudaMemcpy(h, offsets, sizeof(int32_t) * (E + 1), cudaMemcpyDeviceToHost));
-}
-static void cu_grouped_matmul_forward(float *out, const float *inp, const float *w, const int32_t *offsets, int E,
-                                      int K, int N) {
-    int32_t *h = (int32_t *)malloc(sizeof(int32_t) * (E + 1));
-    host_offsets("grouped_matmul_forward", h, offsets, E);
-    for (int e = 0; e < E; e++) {
-        int n = h[e + 1] - h[e];
-        if (n > 0)
-            gemm_nt("grouped_matmul_forward", out + (size_t)h[e] * N, inp + (size_t)h[e] * K, w + (size_t)e * N * K, n,
-                    K, N, 0);
-    }
-    free(h);
-}
-static void cu_grouped_matmul_backward(float *dinp, float *dw, const float *dout, const float *inp, const float *w,
-                                       const int32_t *offsets, int E, int K, int N) {
-    int32_t *h = (int32_t *)malloc(sizeof(int32_t) * (E + 1));
-    host_offsets("grouped_matmul_backward", h, offsets, E);
-    for (int e = 0; e < E; e++) {
-        int n = h[e + 1] - h[e];
-        if (n == 0) continue; // an empty expert's weight gradient stays as it was
-        const float *go = dout + (size_t)h[e] * N, *x = inp + (size_t)h[e] * K;
-        if (dinp) gemm_nn_acc("grouped_matmul_backward", dinp + (size_t)h[e] * K, go, w + (size_t)e * N * K, n, K, N);
-        gemm_tn_acc("grouped_matmul_backward", dw + (size_t)e * N * K, go, x, n, K, N);
-    }
-    free(h);
-}
-
-// ---- block reductions (fixed order: deterministic) ----
-
-template <typename T> __device__ T block_sum(T v, T *shared) {
-    int t = threadIdx.x;
-    shared[t] = v;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (t < s) shared[t] += shared[t + s];
-        __syncthreads();
-    }
-    T r = shared[0];
-    __syncthreads();
-    return r;
-}
-__device__ float block_max(float v, float *shared) {
-    int t = threadIdx.x;
-    shared[t] = v;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (t < s) shared[t] = fmaxf(shared[t], shared[t + s]);
-        __syncthreads();
-    }
-    float r = shared[0];
-    __syncthreads();
-    return r;
-}
-#define RBLOCK 256
 
 // ---- RMSNorm ----
 
@@ -191,20 +54,38 @@ __global__ void k_rmsnorm_backward_dx(float *dinp, const float *dout, const floa
     float r = rstd[row], coef = (float)(dot / C) * r * r * r;
     for (int c = threadIdx.x; c < C; c += blockDim.x) dinp[row * C + c] += r * g[c] * w[c] - coef * x[c];
 }
-__global__ void k_rmsnorm_backward_dw(float *dw, const float *dout, const float *inp, const float *rstd, int M, int C) {
+// dw(C) += sum over rows of dout * inp * rstd: rows split into chunks (one partial per chunk and column),
+// then the partials summed in chunk order
+#define NORM_CHUNKS 64
+__global__ void k_rmsnorm_backward_dw_part(double *part, const float *dout, const float *inp, const float *rstd, int M,
+                                           int C) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x, ch = blockIdx.y;
+    if (c >= C) return;
+    int lo = (int)((long long)M * ch / NORM_CHUNKS), hi = (int)((long long)M * (ch + 1) / NORM_CHUNKS);
+    double acc = 0;
+    for (int m = lo; m < hi; m++) acc += (double)dout[(size_t)m * C + c] * inp[(size_t)m * C + c] * rstd[m];
+    part[(size_t)ch * C + c] = acc;
+}
+__global__ void k_colsum_add(float *dw, const double *part, int chunks, int C) {
     int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
     double acc = 0;
-    for (int m = 0; m < M; m++) acc += (double)dout[(size_t)m * C + c] * inp[(size_t)m * C + c] * rstd[m];
+    for (int ch = 0; ch < chunks; ch++) acc += part[(size_t)ch * C + c];
     dw[c] += (float)acc;
 }
 static void cu_rmsnorm_forward(float *out, float *rstd, const float *inp, const float *w, int M, int C, float eps) {
+    PROF("rmsnorm_forward");
     LAUNCH("rmsnorm_forward", M, RBLOCK, k_rmsnorm_forward, out, rstd, inp, w, C, eps);
 }
 static void cu_rmsnorm_backward(float *dinp, float *dw, const float *dout, const float *inp, const float *w,
                                 const float *rstd, int M, int C) {
+    PROF("rmsnorm_backward");
     LAUNCH("rmsnorm_backward", M, RBLOCK, k_rmsnorm_backward_dx, dinp, dout, inp, w, rstd, C);
-    LAUNCH("rmsnorm_backward", blocks(C), 256, k_rmsnorm_backward_dw, dw, dout, inp, rstd, M, C);
+    if (M == 0) return;
+    double *part = (double *)ml_ws(WS_REDUCE, sizeof(double) * NORM_CHUNKS * C);
+    dim3 grid(blocks(C), NORM_CHUNKS);
+    LAUNCH_SMEM("rmsnorm_backward", grid, 256, 0, k_rmsnorm_backward_dw_part, part, dout, inp, rstd, M, C);
+    LAUNCH("rmsnorm_backward", blocks(C), 256, k_colsum_add, dw, part, NORM_CHUNKS, C);
 }
 
 // ---- RoPE ----
@@ -229,105 +110,13 @@ __global__ void k_rope(float *out, const float *inp, const float *cs, const floa
     }
 }
 static void cu_rope_forward(float *out, const float *inp, const float *cs, const float *sn, int B, int T, int nh, int hd) {
+    PROF("rope_forward");
     LAUNCH("rope_forward", blocks((size_t)B * T * nh * (hd / 2)), 256, k_rope, out, inp, cs, sn, B, T, nh, hd, 0);
 }
 static void cu_rope_backward(float *dinp, const float *dout, const float *cs, const float *sn, int B, int T, int nh,
                              int hd) {
+    PROF("rope_backward");
     LAUNCH("rope_backward", blocks((size_t)B * T * nh * (hd / 2)), 256, k_rope, dinp, dout, cs, sn, B, T, nh, hd, 1);
-}
-
-// ---- causal grouped-query attention (one thread per query row; att keeps the probabilities) ----
-
-__global__ void k_attention_forward(float *out, float *att, const float *q, const float *k, const float *v, int B, int T,
-                                    int H, int KV, int hd) {
-    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-    if (i >= (size_t)B * H * T) return;
-    int t = (int)(i % T), h = (int)(i / T % H), b = (int)(i / ((size_t)T * H));
-    const int kh = h / (H / KV);
-    const float scale = rsqrtf((float)hd);
-    const float *qt = q + (((size_t)b * T + t) * H + h) * hd;
-    float *a = att + (((size_t)b * H + h) * T + t) * T;
-    float mx = -INFINITY;
-    for (int s = 0; s <= t; s++) {
-        const float *ks = k + (((size_t)b * T + s) * KV + kh) * hd;
-        float dot = 0;
-        for (int d = 0; d < hd; d++) dot += qt[d] * ks[d];
-        a[s] = dot * scale;
-        mx = fmaxf(mx, a[s]);
-    }
-    float sum = 0;
-    for (int s = 0; s <= t; s++) sum += (a[s] = expf(a[s] - mx));
-    for (int s = 0; s <= t; s++) a[s] /= sum;
-    for (int s = t + 1; s < T; s++) a[s] = 0;
-    float *o = out + (((size_t)b * T + t) * H + h) * hd;
-    for (int d = 0; d < hd; d++) {
-        float acc = 0;
-        for (int s = 0; s <= t; s++) acc += a[s] * v[(((size_t)b * T + s) * KV + kh) * hd + d];
-        o[d] = acc;
-    }
-}
-// dq and the softmax gradient ds(B,H,T,T) per query row
-__global__ void k_attention_backward_q(float *dq, float *ds, const float *dout, const float *att, const float *k,
-                                       const float *v, int B, int T, int H, int KV, int hd) {
-    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-    if (i >= (size_t)B * H * T) return;
-    int t = (int)(i % T), h = (int)(i / T % H), b = (int)(i / ((size_t)T * H));
-    const int kh = h / (H / KV);
-    const float scale = rsqrtf((float)hd);
-    const float *a = att + (((size_t)b * H + h) * T + t) * T, *go = dout + (((size_t)b * T + t) * H + h) * hd;
-    float *dsr = ds + (((size_t)b * H + h) * T + t) * T;
-    float sum = 0;
-    for (int s = 0; s <= t; s++) {
-        const float *vs = v + (((size_t)b * T + s) * KV + kh) * hd;
-        float dp = 0;
-        for (int d = 0; d < hd; d++) dp += go[d] * vs[d];
-        dsr[s] = dp;
-        sum += a[s] * dp;
-    }
-    for (int s = 0; s <= t; s++) dsr[s] = a[s] * (dsr[s] - sum) * scale;
-    float *dqt = dq + (((size_t)b * T + t) * H + h) * hd;
-    for (int d = 0; d < hd; d++) {
-        float acc = 0;
-        for (int s = 0; s <= t; s++) acc += dsr[s] * k[(((size_t)b * T + s) * KV + kh) * hd + d];
-        dqt[d] += acc;
-    }
-}
-// dk, dv per (b, s, kv head, d): sums over the group's query heads and the rows t >= s
-__global__ void k_attention_backward_kv(float *dk, float *dv, const float *ds, const float *dout, const float *att,
-                                        const float *q, int B, int T, int H, int KV, int hd) {
-    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-    if (i >= (size_t)B * T * KV * hd) return;
-    int d = (int)(i % hd), kh = (int)(i / hd % KV), s = (int)(i / ((size_t)hd * KV) % T), b = (int)(i / ((size_t)hd * KV * T));
-    const int group = H / KV;
-    float ak = 0, av = 0;
-    for (int h = kh * group; h < (kh + 1) * group; h++)
-        for (int t = s; t < T; t++) {
-            size_t r = (((size_t)b * H + h) * T + t) * T + s, qi = (((size_t)b * T + t) * H + h) * hd + d;
-            ak += ds[r] * q[qi];
-            av += att[r] * dout[qi];
-        }
-    dk[i] += ak;
-    dv[i] += av;
-}
-static float *ds_buf;
-static size_t ds_cap;
-static void cu_attention_forward(float *out, float *att, const float *q, const float *k, const float *v, int B, int T,
-                                 int H, int KV, int hd) {
-    LAUNCH("attention_forward", blocks((size_t)B * H * T, 128), 128, k_attention_forward, out, att, q, k, v, B, T, H,
-           KV, hd);
-}
-static void cu_attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *att, const float *q,
-                                  const float *k, const float *v, int B, int T, int H, int KV, int hd) {
-    size_t need = (size_t)B * H * T * T;
-    if (need > ds_cap) { // sized by the first backward, kept for every later step
-        if (ds_buf) CK("attention_backward", cudaFree(ds_buf));
-        CK("attention_backward", cudaMalloc(&ds_buf, need * sizeof(float)));
-        ds_cap = need;
-    }
-    LAUNCH("attention_backward", blocks((size_t)B * H * T, 128), 128, k_attention_backward_q, dq, ds_buf, dout, att, k,
-           v, B, T, H, KV, hd);
-    LAUNCH("attention_backward", blocks((size_t)B * T * KV * hd), 256, k_attention_backward_kv, dk, dv, ds_buf, dout,
-           att, q, B, T, H, KV, hd);
 }
 
 // ---- SwiGLU, add ----
@@ -353,18 +142,21 @@ __global__ void k_add(float *out, const float *a, const float *b, size_t n) {
     if (i < n) out[i] = a[i] + b[i];
 }
 static void cu_swiglu_forward(float *out, const float *h, int M, int F) {
+    PROF("swiglu_forward");
     LAUNCH("swiglu_forward", blocks((size_t)M * F), 256, k_swiglu_forward, out, h, M, F);
 }
 static void cu_swiglu_backward(float *dh, const float *dout, const float *h, int M, int F) {
+    PROF("swiglu_backward");
     LAUNCH("swiglu_backward", blocks((size_t)M * F), 256, k_swiglu_backward, dh, dout, h, M, F);
 }
 static void cu_add_forward(float *out, const float *a, const float *b, size_t n) {
+    PROF("add_forward");
     LAUNCH("add_forward", blocks(n), 256, k_add, out, a, b, n);
 }
 
 // ---- router (one thread per token, the CPU's exact rules: ties go to the lower index) ----
 
-#define MAX_E 1024
+#define MAX_E ML_CUDA_MAX_E
 __global__ void k_router_forward(float *probs, int32_t *idx, float *gate, const float *logits, const float *bias, int M,
                                  ml_router_params p) {
     int m = blockIdx.x * blockDim.x + threadIdx.x;
@@ -438,30 +230,142 @@ __global__ void k_router_backward(float *dlogits, const float *dgate, const floa
 }
 static void cu_router_forward(float *probs, int32_t *idx, float *gate, const float *logits, const float *bias, int M,
                               const ml_router_params *p) {
-    if (p->E > MAX_E) die("router_forward", "more than 1024 experts");
+    PROF("router_forward");
+    if (p->E > MAX_E) ml_cuda_die("router_forward", "more than 1024 experts");
     LAUNCH("router_forward", blocks(M, 128), 128, k_router_forward, probs, idx, gate, logits, bias, M, *p);
 }
 static void cu_router_backward(float *dlogits, const float *dgate, const float *dprobs, const float *logits,
                                const float *probs, const int32_t *idx, const float *gate, int M,
                                const ml_router_params *p) {
+    PROF("router_backward");
     (void)logits;
     LAUNCH("router_backward", blocks(M, 128), 128, k_router_backward, dlogits, dgate, dprobs, probs, idx, gate, M, *p);
 }
 
-// ---- dispatch: stable counting sort by expert (one thread: M*k is small next to the GEMMs) ----
+// ---- routing statistics: row sums, per-chunk column partials, then the partials in chunk order ----
 
-__global__ void k_moe_dispatch(int32_t *counts, int32_t *offsets, int32_t *slot, const int32_t *idx, int M, int k, int E) {
-    for (int e = 0; e < E; e++) counts[e] = 0;
-    for (int i = 0; i < M * k; i++)
-        if (idx[i] >= 0) counts[idx[i]]++;
-    offsets[0] = 0;
-    for (int e = 0; e < E; e++) offsets[e + 1] = offsets[e] + counts[e];
-    for (int e = 0; e < E; e++) counts[e] = offsets[e]; // fill pointers, restored below
-    for (int i = 0; i < M * k; i++) slot[i] = idx[i] >= 0 ? counts[idx[i]]++ : -1;
-    for (int e = 0; e < E; e++) counts[e] = offsets[e + 1] - offsets[e];
+#define STAT_ROWS 128
+__global__ void k_row_sums(double *rs, const float *probs, int M, int E) {
+    int m = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (m >= M) return;
+    double acc = 0;
+    for (int e = lane; e < E; e += 32) acc += probs[(size_t)m * E + e];
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if (lane == 0) rs[m] = acc;
+}
+__global__ void k_route_stats_part(double *psum_part, int32_t *sel_part, const float *probs, const double *rs,
+                                   const int32_t *idx, int M, int k, int E) {
+    const int ch = blockIdx.x, lo = ch * STAT_ROWS, hi = min(M, lo + STAT_ROWS);
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+        double acc = 0;
+        int cnt = 0;
+        for (int m = lo; m < hi; m++) {
+            acc += probs[(size_t)m * E + e] / rs[m];
+            for (int j = 0; j < k; j++) cnt += idx[(size_t)m * k + j] == e;
+        }
+        psum_part[(size_t)ch * E + e] = acc;
+        sel_part[(size_t)ch * E + e] = cnt;
+    }
+}
+__global__ void k_route_stats_sum(double *psum, int32_t *selected, const double *psum_part, const int32_t *sel_part,
+                                  int chunks, int E) {
+    int e = blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= E) return;
+    double acc = 0;
+    int cnt = 0;
+    for (int ch = 0; ch < chunks; ch++) acc += psum_part[(size_t)ch * E + e], cnt += sel_part[(size_t)ch * E + e];
+    psum[e] = acc, selected[e] = cnt;
+}
+static void cu_route_stats(double *psum, int32_t *selected, const float *probs, const int32_t *idx, int M, int k,
+                           int E) {
+    PROF("route_stats");
+    if (M == 0) {
+        CK("route_stats", cudaMemsetAsync(psum, 0, sizeof(double) * E));
+        CK("route_stats", cudaMemsetAsync(selected, 0, sizeof(int32_t) * E));
+        return;
+    }
+    const int chunks = (M + STAT_ROWS - 1) / STAT_ROWS;
+    char *w = (char *)ml_ws(WS_REDUCE, sizeof(double) * M + (sizeof(double) + sizeof(int32_t)) * (size_t)chunks * E);
+    double *rs = (double *)w, *pp = rs + M;
+    int32_t *sp = (int32_t *)(pp + (size_t)chunks * E);
+    LAUNCH("route_stats", blocks(M, 8), 256, k_row_sums, rs, probs, M, E);
+    LAUNCH("route_stats", chunks, 128, k_route_stats_part, pp, sp, probs, rs, idx, M, k, E);
+    LAUNCH("route_stats", blocks(E, 128), 128, k_route_stats_sum, psum, selected, pp, sp, chunks, E);
+}
+
+// ---- dispatch: a stable counting sort of the M k choices by expert, in chunks of 256 choices. Within a warp
+// the lanes that chose the same expert find each other (__match_any_sync) and rank by lane; warps rank by
+// warp, chunks by chunk: slot = offsets[e] + earlier chunks' e + earlier warps' e + earlier lanes' e. ----
+
+#define DISPATCH_CHUNK 256
+// the per-warp histogram of this chunk in sh (8 x E, zeroed here); returns this thread's rank in its warp
+__device__ int chunk_warp_histogram(int32_t *sh, const int32_t *idx, int n, int E, int *my_e) {
+    const int i = blockIdx.x * DISPATCH_CHUNK + threadIdx.x, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    for (int j = threadIdx.x; j < 8 * E; j += blockDim.x) sh[j] = 0;
+    __syncthreads();
+    int e = i < n ? idx[i] : -1;
+    unsigned peers = __match_any_sync(0xffffffffu, e);
+    int rank = __popc(peers & ((1u << lane) - 1));
+    if (e >= 0 && rank == 0) sh[warp * E + e] = __popc(peers);
+    __syncthreads();
+    *my_e = e;
+    return rank;
+}
+__global__ void k_dispatch_count(int32_t *chunk_counts, const int32_t *idx, int n, int E) {
+    extern __shared__ int32_t sh[];
+    int e;
+    chunk_warp_histogram(sh, idx, n, E, &e);
+    for (int x = threadIdx.x; x < E; x += blockDim.x) {
+        int c = 0;
+        for (int w = 0; w < 8; w++) c += sh[w * E + x];
+        chunk_counts[(size_t)blockIdx.x * E + x] = c;
+    }
+}
+// one block: counts, offsets, and each chunk's base per expert (in place of its counts)
+__global__ void k_dispatch_scan(int32_t *counts, int32_t *offsets, int32_t *chunk_base, int chunks, int E) {
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+        int c = 0;
+        for (int ch = 0; ch < chunks; ch++) {
+            int x = chunk_base[(size_t)ch * E + e];
+            chunk_base[(size_t)ch * E + e] = c;
+            c += x;
+        }
+        counts[e] = c;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        offsets[0] = 0;
+        for (int e = 0; e < E; e++) offsets[e + 1] = offsets[e] + counts[e];
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < E; e += blockDim.x)
+        for (int ch = 0; ch < chunks; ch++) chunk_base[(size_t)ch * E + e] += offsets[e];
+}
+__global__ void k_dispatch_slots(int32_t *slot, const int32_t *chunk_base, const int32_t *idx, int n, int E) {
+    extern __shared__ int32_t sh[];
+    int e, rank = chunk_warp_histogram(sh, idx, n, E, &e);
+    const int i = blockIdx.x * DISPATCH_CHUNK + threadIdx.x, warp = threadIdx.x / 32;
+    if (i >= n) return;
+    if (e < 0) {
+        slot[i] = -1;
+        return;
+    }
+    int before = 0;
+    for (int w = 0; w < warp; w++) before += sh[w * E + e];
+    slot[i] = chunk_base[(size_t)blockIdx.x * E + e] + before + rank;
 }
 static void cu_moe_dispatch(int32_t *counts, int32_t *offsets, int32_t *slot, const int32_t *idx, int M, int k, int E) {
-    LAUNCH("moe_dispatch", 1, 1, k_moe_dispatch, counts, offsets, slot, idx, M, k, E);
+    PROF("moe_dispatch");
+    if (E > ML_CUDA_MAX_E) ml_cuda_die("moe_dispatch", "more than 1024 experts");
+    const int n = M * k, chunks = (n + DISPATCH_CHUNK - 1) / DISPATCH_CHUNK;
+    int32_t *chunk = (int32_t *)ml_ws(WS_DISPATCH, sizeof(int32_t) * (size_t)(chunks ? chunks : 1) * E);
+    const size_t smem = sizeof(int32_t) * 8 * E;
+    if (smem > 48 * 1024) ml_cuda_die("moe_dispatch", "too many experts for the shared-memory histogram");
+    dim3 grid(chunks);
+    LAUNCH_SMEM("moe_dispatch", grid, DISPATCH_CHUNK, smem, k_dispatch_count, chunk, idx, n, E);
+    LAUNCH("moe_dispatch", 1, 1024, k_dispatch_scan, counts, offsets, chunk, chunks, E);
+    LAUNCH_SMEM("moe_dispatch", grid, DISPATCH_CHUNK, smem, k_dispatch_slots, slot, chunk, idx, n, E);
+    ml_offsets_publish(offsets, E);
 }
 
 // ---- permute / unpermute ----
@@ -518,17 +422,21 @@ __global__ void k_unpermute_backward_dgate(float *dgate, const float *dout, cons
     if (threadIdx.x == 0 && r >= 0) dgate[mj] += dot;
 }
 static void cu_permute_forward(float *xe, const float *inp, const int32_t *slot, int M, int k, int C) {
+    PROF("permute_forward");
     LAUNCH("permute_forward", blocks((size_t)M * k * C), 256, k_permute_forward, xe, inp, slot, M, k, C);
 }
 static void cu_permute_backward(float *dinp, const float *dxe, const int32_t *slot, int M, int k, int C) {
+    PROF("permute_backward");
     LAUNCH("permute_backward", blocks((size_t)M * C), 256, k_permute_backward, dinp, dxe, slot, M, k, C);
 }
 static void cu_unpermute_forward(float *out, const float *ye, const float *gate, const int32_t *slot, int M, int k,
                                  int C) {
+    PROF("unpermute_forward");
     LAUNCH("unpermute_forward", blocks((size_t)M * C), 256, k_unpermute_forward, out, ye, gate, slot, M, k, C);
 }
 static void cu_unpermute_backward(float *dye, float *dgate, const float *dout, const float *ye, const float *gate,
                                   const int32_t *slot, int M, int k, int C) {
+    PROF("unpermute_backward");
     LAUNCH("unpermute_backward", blocks((size_t)M * k * C), 256, k_unpermute_backward_dye, dye, dout, gate, slot, M, k,
            C);
     LAUNCH("unpermute_backward", M * k, RBLOCK, k_unpermute_backward_dgate, dgate, dout, ye, slot, M, k, C);
@@ -565,30 +473,37 @@ __global__ void k_crossentropy_backward(float *dlogits, const float *logits, con
     if (threadIdx.x == 0) d[targets[blockIdx.x]] -= scale;
 }
 static void cu_crossentropy_forward(float *losses, const float *logits, const int32_t *targets, int M, int V) {
+    PROF("crossentropy_forward");
     LAUNCH("crossentropy_forward", M, RBLOCK, k_crossentropy_forward, losses, logits, targets, V);
 }
 static void cu_crossentropy_backward(float *dlogits, const float *logits, const int32_t *targets, float scale, int M,
                                      int V) {
+    PROF("crossentropy_backward");
     LAUNCH("crossentropy_backward", M, RBLOCK, k_crossentropy_backward, dlogits, logits, targets, scale, V);
 }
 
 // ---- AdamW, sum of squares ----
 
-__global__ void k_adamw(float *param, const float *grad, float *m, float *v, size_t n, float lr, float beta1,
-                        float beta2, float eps, float wd, float grad_scale, float c1, float c2) {
+// AdamW on the fp32 master weights; when they are shadowed in bf16 (the "cuda" table) the shadow is written
+// in the same pass, so the next step's GEMMs see the new weights
+__global__ void k_adamw(float *param, bf16 *shadow, const float *grad, float *m, float *v, size_t n, float lr,
+                        float beta1, float beta2, float eps, float wd, float grad_scale, float c1, float c2) {
     size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
     if (i >= n) return;
     float g = grad[i] * grad_scale;
     m[i] = beta1 * m[i] + (1 - beta1) * g;
     v[i] = beta2 * v[i] + (1 - beta2) * g * g;
     float mh = m[i] * c1, vh = v[i] * c2;
-    param[i] -= lr * (mh / (sqrtf(vh) + eps) + wd * param[i]);
+    float p = param[i] - lr * (mh / (sqrtf(vh) + eps) + wd * param[i]);
+    param[i] = p;
+    if (shadow) shadow[i] = __float2bfloat16_rn(p);
 }
 static void cu_adamw_update(float *param, const float *grad, float *m, float *v, size_t n, float lr, float beta1,
                             float beta2, float eps, float weight_decay, float grad_scale, int t) {
+    PROF("adamw_update");
     const float c1 = (float)(1.0 / (1.0 - pow(beta1, t))), c2 = (float)(1.0 / (1.0 - pow(beta2, t)));
-    LAUNCH("adamw_update", blocks(n), 256, k_adamw, param, grad, m, v, n, lr, beta1, beta2, eps, weight_decay, grad_scale,
-           c1, c2);
+    LAUNCH("adamw_update", blocks(n), 256, k_adamw, param, ml_shadow_range(param, n), grad, m, v, n, lr, beta1, beta2,
+           eps, weight_decay, grad_scale, c1, c2);
 }
 
 #define SUMSQ_BLOCKS 256
@@ -600,9 +515,9 @@ __global__ void k_sumsq(double *part, const float *x, size_t n) {
     acc = block_sum(acc, sh);
     if (threadIdx.x == 0) part[blockIdx.x] = acc;
 }
-static double *sumsq_part;
+static double *sumsq_part; // allocated with the table
 static double cu_sumsq(const float *x, size_t n) {
-    if (!sumsq_part) CK("sumsq", cudaMalloc(&sumsq_part, sizeof(double) * SUMSQ_BLOCKS));
+    PROF("sumsq");
     LAUNCH("sumsq", SUMSQ_BLOCKS, RBLOCK, k_sumsq, sumsq_part, x, n);
     double h[SUMSQ_BLOCKS], total = 0;
     CK("sumsq", cudaMemcpy(h, sumsq_part, sizeof h, cudaMemcpyDeviceToHost));
@@ -610,76 +525,21 @@ static double cu_sumsq(const float *x, size_t n) {
     return total;
 }
 
-// ---- the peak the benchmark compares with ----
-
-extern "C" double cuda_sgemm_peak(int n, int reps) {
-    backend_cuda(); // the handle
-    float *a, *b, *c;
-    size_t bytes = sizeof(float) * (size_t)n * n;
-    CK("sgemm_peak", cudaMalloc(&a, bytes));
-    CK("sgemm_peak", cudaMalloc(&b, bytes));
-    CK("sgemm_peak", cudaMalloc(&c, bytes));
-    CK("sgemm_peak", cudaMemset(a, 0, bytes));
-    CK("sgemm_peak", cudaMemset(b, 0, bytes));
-    cudaEvent_t t0, t1;
-    CK("sgemm_peak", cudaEventCreate(&t0));
-    CK("sgemm_peak", cudaEventCreate(&t1));
-    const float one = 1, zero = 0;
-    double best = 0;
-    for (int r = 0; r < reps + 1; r++) { // the first is a warmup
-        CK("sgemm_peak", cudaEventRecord(t0));
-        BK("sgemm_peak", cublasSgemm(blas, CUBLAS_OP_N, CUBLAS_OP_N, n, n, n, &one, a, n, b, n, &zero, c, n));
-        CK("sgemm_peak", cudaEventRecord(t1));
-        CK("sgemm_peak", cudaEventSynchronize(t1));
-        float ms;
-        CK("sgemm_peak", cudaEventElapsedTime(&ms, t0, t1));
-        double gf = 2.0 * n * (double)n * n / (ms * 1e-3) / 1e9;
-        if (r > 0 && gf > best) best = gf;
-    }
-    cudaEventDestroy(t0), cudaEventDestroy(t1);
-    cudaFree(a), cudaFree(b), cudaFree(c);
-    return best;
-}
-
 // ---- the table ----
 
-extern "C" int cuda_available(char *why, size_t cap) {
-    int n = 0;
-    cudaError_t e = cudaGetDeviceCount(&n);
-    if (e != cudaSuccess || n == 0) {
-        snprintf(why, cap, "%s", e != cudaSuccess ? cudaGetErrorString(e) : "no CUDA device");
-        return 0;
-    }
-    cudaDeviceProp prop;
-    CK("cuda_available", cudaGetDeviceProperties(&prop, 0));
-    snprintf(why, cap, "%s (sm_%d%d, %.0f GiB)", prop.name, prop.major, prop.minor, prop.totalGlobalMem / 1073741824.0);
-    return 1;
-}
-
-extern "C" const ml_backend *backend_cuda(void) {
-    static ml_backend b;
-    if (!blas) {
-        BK("cublasCreate", cublasCreate(&blas));
-        // fp32 mode: true fp32 GEMMs (no TF32), so the GPU matches the CPU op for op
-        BK("cublasSetMathMode", cublasSetMathMode(blas, CUBLAS_DEFAULT_MATH));
-        b.name = "cuda";
-        b.alloc = cu_alloc, b.free = cu_free, b.memset0 = cu_memset0, b.to_host = cu_to_host;
-        b.from_host = cu_from_host, b.sync = cu_sync;
-        b.encoder_forward = cu_encoder_forward, b.encoder_backward = cu_encoder_backward;
-        b.matmul_forward = cu_matmul_forward, b.matmul_backward = cu_matmul_backward;
-        b.rmsnorm_forward = cu_rmsnorm_forward, b.rmsnorm_backward = cu_rmsnorm_backward;
-        b.rope_forward = cu_rope_forward, b.rope_backward = cu_rope_backward;
-        b.attention_forward = cu_attention_forward, b.attention_backward = cu_attention_backward;
-        b.swiglu_forward = cu_swiglu_forward, b.swiglu_backward = cu_swiglu_backward;
-        b.add_forward = cu_add_forward;
-        b.router_forward = cu_router_forward, b.router_backward = cu_router_backward;
-        b.moe_dispatch = cu_moe_dispatch;
-        b.permute_forward = cu_permute_forward, b.permute_backward = cu_permute_backward;
-        b.unpermute_forward = cu_unpermute_forward, b.unpermute_backward = cu_unpermute_backward;
-        b.grouped_matmul_forward = cu_grouped_matmul_forward, b.grouped_matmul_backward = cu_grouped_matmul_backward;
-        b.crossentropy_forward = cu_crossentropy_forward, b.crossentropy_backward = cu_crossentropy_backward;
-        b.adamw_update = cu_adamw_update;
-        b.sumsq = cu_sumsq;
-    }
-    return &b;
+void ml_cuda_fill_ops(ml_backend *b) {
+    if (!sumsq_part) CK("sumsq", cudaMalloc(&sumsq_part, sizeof(double) * SUMSQ_BLOCKS));
+    b->encoder_forward = cu_encoder_forward, b->encoder_backward = cu_encoder_backward;
+    b->rmsnorm_forward = cu_rmsnorm_forward, b->rmsnorm_backward = cu_rmsnorm_backward;
+    b->rope_forward = cu_rope_forward, b->rope_backward = cu_rope_backward;
+    b->swiglu_forward = cu_swiglu_forward, b->swiglu_backward = cu_swiglu_backward;
+    b->add_forward = cu_add_forward;
+    b->router_forward = cu_router_forward, b->router_backward = cu_router_backward;
+    b->route_stats = cu_route_stats;
+    b->moe_dispatch = cu_moe_dispatch;
+    b->permute_forward = cu_permute_forward, b->permute_backward = cu_permute_backward;
+    b->unpermute_forward = cu_unpermute_forward, b->unpermute_backward = cu_unpermute_backward;
+    b->crossentropy_forward = cu_crossentropy_forward, b->crossentropy_backward = cu_crossentropy_backward;
+    b->adamw_update = cu_adamw_update;
+    b->sumsq = cu_sumsq;
 }

@@ -29,6 +29,29 @@ static void cpu_moe_dispatch(int32_t *counts, int32_t *offsets, int32_t *slot, c
     for (int i = 0; i < M * k; i++) slot[i] = idx[i] >= 0 ? fill[idx[i]]++ : -1;
 }
 
+/* the probabilities (B,H,T,T): the backward reads them instead of recomputing */
+static size_t cpu_attention_state_floats(int B, int T, int H) { return (size_t)B * H * T * T; }
+static void cpu_attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *out, float *att,
+                                   const float *q, const float *k, const float *v, int B, int T, int H, int KV,
+                                   int hd) {
+    (void)out;
+    attention_backward(dq, dk, dv, dout, att, q, k, v, B, T, H, KV, hd);
+}
+
+static void cpu_route_stats(double *psum, int32_t *selected, const float *probs, const int32_t *idx, int M, int k,
+                            int E) {
+    memset(psum, 0, sizeof(double) * E);
+    memset(selected, 0, sizeof(int32_t) * E);
+    for (int t = 0; t < M; t++) {
+        const float *s = probs + (size_t)t * E;
+        double sum = 0;
+        for (int e = 0; e < E; e++) sum += s[e];
+        for (int e = 0; e < E; e++) psum[e] += s[e] / sum;
+    }
+    for (int i = 0; i < M * k; i++)
+        if (idx[i] >= 0) selected[idx[i]]++;
+}
+
 const ml_backend *backend_cpu(void) {
     static const ml_backend b = {
         .name = "cpu",
@@ -46,13 +69,15 @@ const ml_backend *backend_cpu(void) {
         .rmsnorm_backward = rmsnorm_backward,
         .rope_forward = rope_forward,
         .rope_backward = rope_backward,
+        .attention_state_floats = cpu_attention_state_floats,
         .attention_forward = attention_forward,
-        .attention_backward = attention_backward,
+        .attention_backward = cpu_attention_backward,
         .swiglu_forward = swiglu_forward,
         .swiglu_backward = swiglu_backward,
         .add_forward = add_forward,
         .router_forward = router_forward,
         .router_backward = router_backward,
+        .route_stats = cpu_route_stats,
         .moe_dispatch = cpu_moe_dispatch,
         .permute_forward = permute_forward,
         .permute_backward = permute_backward,

@@ -1,0 +1,117 @@
+// cuda_common.cuh: what every file of the CUDA backend shares: error checks that name the op, launches, the
+// deterministic block reductions, the cuBLAS handle, the scratch workspace, bf16 weight shadows and the
+// per-op CUDA-event profiler. Everything runs on the legacy default stream, in issue order.
+#pragma once
+
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+extern "C" {
+#include "backend.h"
+#include "backend_cuda.h"
+#include "config.h"
+}
+
+typedef __nv_bfloat16 bf16;
+
+#define ML_CUDA_MAX_E 1024 // experts per layer the router and dispatch kernels take
+
+extern cublasHandle_t ml_blas; // created by backend_cuda*() (runtime_cuda.cu)
+
+[[noreturn]] void ml_cuda_die(const char *op, const char *what);
+
+#define CK(op, call)                                                                   \
+    do {                                                                               \
+        cudaError_t e_ = (call);                                                       \
+        if (e_ != cudaSuccess) ml_cuda_die(op, cudaGetErrorString(e_));                \
+    } while (0)
+#define BK(op, call)                                                                   \
+    do {                                                                               \
+        cublasStatus_t s_ = (call);                                                    \
+        if (s_ != CUBLAS_STATUS_SUCCESS) ml_cuda_die(op, cublasGetStatusString(s_));   \
+    } while (0)
+// a kernel launch: checks the launch itself; errors inside the kernel surface at the next sync
+#define LAUNCH(op, grid, block, kernel, ...)                                           \
+    do {                                                                               \
+        if ((grid) > 0) {                                                              \
+            kernel<<<(grid), (block)>>>(__VA_ARGS__);                                  \
+            CK(op, cudaGetLastError());                                                \
+        }                                                                              \
+    } while (0)
+#define LAUNCH_SMEM(op, grid, block, smem, kernel, ...)                                \
+    do {                                                                               \
+        if ((grid).x > 0 && (grid).y > 0 && (grid).z > 0) {                            \
+            kernel<<<(grid), (block), (smem)>>>(__VA_ARGS__);                          \
+            CK(op, cudaGetLastError());                                                \
+        }                                                                              \
+    } while (0)
+
+static inline unsigned ml_blocks(size_t n, int per = 256) { return (unsigned)((n + per - 1) / per); }
+
+// ---- the per-op profiler: a scope at the top of each table entry records a CUDA event pair when on ----
+struct ml_prof_scope {
+    int slot;
+    explicit ml_prof_scope(const char *op);
+    ~ml_prof_scope();
+};
+#define PROF(op) ml_prof_scope prof_scope_(op)
+
+// ---- scratch: numbered slots, sized by prepare() so no step allocates (a slot that must grow later is
+// counted: cuda_alloc_count() shows it) ----
+enum { WS_CAST_A, WS_CAST_B, WS_CAST_W, WS_REDUCE, WS_DISPATCH, WS_SLOTS };
+void *ml_ws(int slot, size_t bytes);
+
+// ---- bf16 shadows of the bound fp32 master weights ----
+const bf16 *ml_shadow_of(const float *w, size_t n); // the bf16 copy of w[0..n) or NULL when w is not bound
+bf16 *ml_shadow_range(const float *p, size_t n);    // for writers: the shadow of p[0..n), NULL when unbound
+
+// ---- host copies of dispatch offsets (written by moe_dispatch, read by the grouped GEMMs) ----
+void ml_offsets_publish(const int32_t *offsets, int E);
+const int32_t *ml_offsets_host(const char *op, const int32_t *offsets, int E);
+
+// ---- deterministic block reductions (fixed order) ----
+template <typename T> __device__ T block_sum(T v, T *shared) {
+    int t = threadIdx.x;
+    shared[t] = v;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (t < s) shared[t] += shared[t + s];
+        __syncthreads();
+    }
+    T r = shared[0];
+    __syncthreads();
+    return r;
+}
+__device__ inline float block_max(float v, float *shared) {
+    int t = threadIdx.x;
+    shared[t] = v;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (t < s) shared[t] = fmaxf(shared[t], shared[t + s]);
+        __syncthreads();
+    }
+    float r = shared[0];
+    __syncthreads();
+    return r;
+}
+__device__ inline float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ inline float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+#define RBLOCK 256
+
+// ---- the op groups, defined in their files and collected into the tables by runtime_cuda.cu ----
+void ml_cuda_fill_ops(ml_backend *b);       // ops_cuda.cu: everything but GEMMs and attention
+void ml_cuda_fill_attention(ml_backend *b); // attention_cuda.cu
+void ml_cuda_fill_gemms(ml_backend *b, int bf16_compute); // gemm_cuda.cu
+void ml_cuda_gemm_init(void);

@@ -1,0 +1,203 @@
+// gemm_cuda.cu: the GEMMs through cuBLAS. Row-major operands are seen by column-major cuBLAS as their
+// transposes. Two precisions:
+//   fp32  cublasSgemm without TF32: the verification mode, op for op against the CPU;
+//   bf16  cublasGemmEx with bf16 inputs on tensor cores, fp32 accumulation and fp32 outputs. Weights come from
+//         the bf16 shadow of the fp32 master weights (runtime_cuda.cu; refreshed by AdamW), activations and
+//         output gradients are rounded to bf16 into the workspace just before the GEMM.
+// The experts' GEMMs go through cublasGemmGroupedBatchedEx (one group per expert that received tokens; empty
+// experts are left out, so their weight gradients are never touched) or, where cuBLAS refuses it or
+// cuda_set_grouped_gemm(0) asks, one GEMM per expert.
+#include "cuda_common.cuh"
+
+void ml_cast_bf16(const char *op, bf16 *dst, const float *src, size_t n); // runtime_cuda.cu
+
+static int grouped_wanted = 1, grouped_refused;
+
+extern "C" void cuda_set_grouped_gemm(int on) { grouped_wanted = on; }
+extern "C" int cuda_grouped_gemm_active(void) { return grouped_wanted && !grouped_refused; }
+
+// An operand as cuBLAS gets it: a pointer and its type.
+struct operand {
+    const void *p;
+    cudaDataType_t t;
+};
+
+// activation x (n floats) in the compute precision: itself in fp32, its bf16 rounding in workspace slot
+static operand act(const char *op, const float *x, size_t n, int bf, int slot) {
+    if (!bf) return operand{x, CUDA_R_32F};
+    bf16 *dst = (bf16 *)ml_ws(slot, sizeof(bf16) * (n ? n : 1));
+    ml_cast_bf16(op, dst, x, n);
+    return operand{dst, CUDA_R_16BF};
+}
+// weight w (n floats): its bf16 shadow when bound, else rounded into the weight slot
+static operand weight(const char *op, const float *w, size_t n, int bf) {
+    if (!bf) return operand{w, CUDA_R_32F};
+    const bf16 *s = ml_shadow_of(w, n);
+    if (s) return operand{s, CUDA_R_16BF};
+    return act(op, w, n, 1, WS_CAST_W);
+}
+static size_t elt(operand o) { return o.t == CUDA_R_16BF ? sizeof(bf16) : sizeof(float); }
+
+// C(m x n, column-major, fp32) = op(A) op(B) + beta C
+static void gemm(const char *op, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, operand A, int lda,
+                 operand B, int ldb, float beta, float *C, int ldc) {
+    const float one = 1;
+    if (A.t == CUDA_R_32F)
+        BK(op, cublasSgemm(ml_blas, ta, tb, m, n, k, &one, (const float *)A.p, lda, (const float *)B.p, ldb, &beta, C,
+                           ldc));
+    else
+        BK(op, cublasGemmEx(ml_blas, ta, tb, m, n, k, &one, A.p, A.t, lda, B.p, B.t, ldb, &beta, C, CUDA_R_32F, ldc,
+                            CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+// ---- dense ----
+
+template <int BF> static void matmul_forward(float *out, const float *inp, const float *w, int M, int K, int N) {
+    PROF("matmul_forward");
+    if (M == 0) return;
+    // out(M,N) = inp(M,K) @ w(N,K)^T  <=>  out^T(N,M) = w^T... as column-major: C(N,M) = W^T(N,K) X(K,M)
+    operand W = weight("matmul_forward", w, (size_t)N * K, BF), X = act("matmul_forward", inp, (size_t)M * K, BF, WS_CAST_A);
+    gemm("matmul_forward", CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, W, K, X, K, 0, out, N);
+}
+template <int BF>
+static void matmul_backward(float *dinp, float *dw, const float *dout, const float *inp, const float *w, int M, int K,
+                            int N) {
+    PROF("matmul_backward");
+    if (M == 0) return;
+    operand G = act("matmul_backward", dout, (size_t)M * N, BF, WS_CAST_B);
+    if (dinp) { // dinp(M,K) += dout(M,N) @ w(N,K)
+        operand W = weight("matmul_backward", w, (size_t)N * K, BF);
+        gemm("matmul_backward", CUBLAS_OP_N, CUBLAS_OP_N, K, M, N, W, K, G, N, 1, dinp, K);
+    }
+    // dw(N,K) += dout(M,N)^T @ inp(M,K)
+    operand X = act("matmul_backward", inp, (size_t)M * K, BF, WS_CAST_A);
+    gemm("matmul_backward", CUBLAS_OP_N, CUBLAS_OP_T, K, N, M, X, K, G, N, 1, dw, K);
+}
+
+// ---- grouped (experts) ----
+
+// Where each expert's operand starts: base + per_expert * e + per_row * offsets[e] (bytes).
+struct ptr_rule {
+    const char *base;
+    long long per_expert, per_row;
+};
+enum { MAX_GROUPS = ML_CUDA_MAX_E };
+static void **group_ptrs; // device: A, B, C arrays of MAX_GROUPS pointers each
+
+// the pointer arrays of the non-empty experts, in expert order (the host builds the same list)
+__global__ void k_group_ptrs(void **ptrs, const int32_t *offsets, int E, ptr_rule a, ptr_rule b, ptr_rule c) {
+    int g = 0;
+    for (int e = 0; e < E; e++) {
+        if (offsets[e + 1] == offsets[e]) continue;
+        ptrs[g] = (void *)(a.base + a.per_expert * e + a.per_row * offsets[e]);
+        ptrs[MAX_GROUPS + g] = (void *)(b.base + b.per_expert * e + b.per_row * offsets[e]);
+        ptrs[2 * MAX_GROUPS + g] = (void *)(c.base + c.per_expert * e + c.per_row * offsets[e]);
+        g++;
+    }
+}
+
+// One expert GEMM shape: C_e = op(A_e) op(B_e) + beta C_e, with m, n or k equal to the expert's rows.
+enum { ROWS_M = 1, ROWS_N = 2, ROWS_K = 4 };
+struct group_shape {
+    cublasOperation_t ta, tb;
+    int m, n, k, lda, ldb, ldc, rows_in; // rows_in: which of m, n, k is the expert's row count
+    float beta;
+};
+
+static void grouped(const char *op, const group_shape &s, operand A, ptr_rule ra, operand B, ptr_rule rb, float *C,
+                    ptr_rule rc, const int32_t *offsets_dev, int E) {
+    const int32_t *off = ml_offsets_host(op, offsets_dev, E);
+    static int m[MAX_GROUPS], n[MAX_GROUPS], k[MAX_GROUPS], lda[MAX_GROUPS], ldb[MAX_GROUPS], ldc[MAX_GROUPS];
+    static int size[MAX_GROUPS];
+    static cublasOperation_t ta[MAX_GROUPS], tb[MAX_GROUPS];
+    static float alpha[MAX_GROUPS], beta[MAX_GROUPS];
+    int groups = 0;
+    for (int e = 0; e < E; e++) {
+        const int rows = off[e + 1] - off[e];
+        if (rows == 0) continue;
+        m[groups] = s.rows_in == ROWS_M ? rows : s.m;
+        n[groups] = s.rows_in == ROWS_N ? rows : s.n;
+        k[groups] = s.rows_in == ROWS_K ? rows : s.k;
+        lda[groups] = s.lda, ldb[groups] = s.ldb, ldc[groups] = s.ldc, size[groups] = 1;
+        ta[groups] = s.ta, tb[groups] = s.tb, alpha[groups] = 1, beta[groups] = s.beta;
+        groups++;
+    }
+    if (groups == 0) return;
+    ra.base = (const char *)A.p, rb.base = (const char *)B.p, rc.base = (const char *)C;
+    if (cuda_grouped_gemm_active()) {
+        LAUNCH(op, 1, 1, k_group_ptrs, group_ptrs, offsets_dev, E, ra, rb, rc);
+        cublasStatus_t st = cublasGemmGroupedBatchedEx(
+            ml_blas, ta, tb, m, n, k, alpha, (const void *const *)group_ptrs, A.t, lda,
+            (const void *const *)(group_ptrs + MAX_GROUPS), B.t, ldb, beta, group_ptrs + 2 * MAX_GROUPS, CUDA_R_32F,
+            ldc, groups, size, CUBLAS_COMPUTE_32F);
+        if (st == CUBLAS_STATUS_SUCCESS) return;
+        if (st != CUBLAS_STATUS_NOT_SUPPORTED && st != CUBLAS_STATUS_INVALID_VALUE) BK(op, st);
+        fprintf(stderr, "moelab cuda: %s: cublasGemmGroupedBatchedEx refused (%s); one GEMM per expert from now on\n",
+                op, cublasGetStatusString(st));
+        grouped_refused = 1;
+    }
+    int g = 0;
+    for (int e = 0; e < E; e++) {
+        if (off[e + 1] == off[e]) continue;
+        operand Ae{ra.base + ra.per_expert * e + ra.per_row * off[e], A.t};
+        operand Be{rb.base + rb.per_expert * e + rb.per_row * off[e], B.t};
+        float *Ce = (float *)(rc.base + rc.per_expert * e + rc.per_row * off[e]);
+        gemm(op, s.ta, s.tb, m[g], n[g], k[g], Ae, s.lda, Be, s.ldb, s.beta, Ce, s.ldc);
+        g++;
+    }
+}
+
+static int rows_of(const char *op, const int32_t *offsets, int E) { return ml_offsets_host(op, offsets, E)[E]; }
+
+template <int BF>
+static void grouped_matmul_forward(float *out, const float *inp, const float *w, const int32_t *offsets, int E, int K,
+                                   int N) {
+    PROF("grouped_matmul_forward");
+    const char *op = "grouped_matmul_forward";
+    const int rows = rows_of(op, offsets, E);
+    if (rows == 0) return;
+    // expert e: out_e(n_e,N) = inp_e(n_e,K) @ w_e(N,K)^T: column-major C(N,n_e) = W_e^T X_e
+    operand W = weight(op, w, (size_t)E * N * K, BF), X = act(op, inp, (size_t)rows * K, BF, WS_CAST_A);
+    group_shape s{CUBLAS_OP_T, CUBLAS_OP_N, N, 0, K, K, K, N, ROWS_N, 0};
+    grouped(op, s, W, ptr_rule{0, (long long)elt(W) * N * K, 0}, X, ptr_rule{0, 0, (long long)elt(X) * K}, out,
+            ptr_rule{0, 0, (long long)sizeof(float) * N}, offsets, E);
+}
+template <int BF>
+static void grouped_matmul_backward(float *dinp, float *dw, const float *dout, const float *inp, const float *w,
+                                    const int32_t *offsets, int E, int K, int N) {
+    PROF("grouped_matmul_backward");
+    const char *op = "grouped_matmul_backward";
+    const int rows = rows_of(op, offsets, E);
+    if (rows == 0) return; // every expert empty: no gradient anywhere
+    operand G = act(op, dout, (size_t)rows * N, BF, WS_CAST_B);
+    const ptr_rule g_rows{0, 0, (long long)elt(G) * N};
+    if (dinp) { // dinp_e(n_e,K) += dout_e(n_e,N) @ w_e(N,K): column-major C(K,n_e) = W_e(K,N) G_e(N,n_e)
+        operand W = weight(op, w, (size_t)E * N * K, BF);
+        group_shape s{CUBLAS_OP_N, CUBLAS_OP_N, K, 0, N, K, N, K, ROWS_N, 1};
+        grouped(op, s, W, ptr_rule{0, (long long)elt(W) * N * K, 0}, G, g_rows, dinp,
+                ptr_rule{0, 0, (long long)sizeof(float) * K}, offsets, E);
+    }
+    // dw_e(N,K) += dout_e^T @ inp_e: column-major C(K,N) = X_e(K,n_e) G_e^T(n_e,N); k = n_e
+    operand X = act(op, inp, (size_t)rows * K, BF, WS_CAST_A);
+    group_shape s{CUBLAS_OP_N, CUBLAS_OP_T, K, N, 0, K, N, K, ROWS_K, 1};
+    grouped(op, s, X, ptr_rule{0, 0, (long long)elt(X) * K}, G, g_rows, dw,
+            ptr_rule{0, (long long)sizeof(float) * N * K, 0}, offsets, E);
+}
+
+void ml_cuda_gemm_init(void) {
+    if (!group_ptrs) CK("grouped_matmul", cudaMalloc(&group_ptrs, sizeof(void *) * 3 * MAX_GROUPS));
+    const char *env = getenv("MOELAB_GROUPED_GEMM");
+    if (env && !strcmp(env, "loop")) grouped_wanted = 0;
+}
+
+void ml_cuda_fill_gemms(ml_backend *b, int bf16_compute) {
+    if (bf16_compute) {
+        b->matmul_forward = matmul_forward<1>, b->matmul_backward = matmul_backward<1>;
+        b->grouped_matmul_forward = grouped_matmul_forward<1>;
+        b->grouped_matmul_backward = grouped_matmul_backward<1>;
+    } else {
+        b->matmul_forward = matmul_forward<0>, b->matmul_backward = matmul_backward<0>;
+        b->grouped_matmul_forward = grouped_matmul_forward<0>;
+        b->grouped_matmul_backward = grouped_matmul_backward<0>;
+    }
+}

@@ -1,0 +1,318 @@
+// runtime_cuda.cu: the CUDA backend's runtime: the cuBLAS handle, memory (plain cudaMalloc at model_init,
+// nothing inside a step), the scratch workspace, bf16 shadows of the fp32 master weights, the host copies of
+// dispatch offsets, the per-op CUDA-event profiler, the GEMM peaks the benchmark compares with, and the two
+// op tables: "cuda" (bf16 tensor-core GEMMs, fp32 master weights and everything else) and "cuda-fp32".
+#include "cuda_common.cuh"
+
+cublasHandle_t ml_blas;
+static long n_allocs;
+
+void ml_cuda_die(const char *op, const char *what) {
+    fprintf(stderr, "moelab cuda: %s: %s\n", op, what);
+    exit(1);
+}
+
+// ---- bf16 shadows ----
+
+struct shadow {
+    const float *p;
+    size_t n;
+    bf16 *bf;
+};
+enum { MAX_SHADOWS = 16 };
+static shadow shadows[MAX_SHADOWS];
+
+__global__ void k_cast_bf16(bf16 *dst, const float *src, size_t n) {
+    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (i < n) dst[i] = __float2bfloat16_rn(src[i]);
+}
+void ml_cast_bf16(const char *op, bf16 *dst, const float *src, size_t n) {
+    LAUNCH(op, ml_blocks(n), 256, k_cast_bf16, dst, src, n);
+}
+
+bf16 *ml_shadow_range(const float *p, size_t n) {
+    for (int i = 0; i < MAX_SHADOWS; i++)
+        if (shadows[i].p && p >= shadows[i].p && p + n <= shadows[i].p + shadows[i].n) return shadows[i].bf + (p - shadows[i].p);
+    return NULL;
+}
+const bf16 *ml_shadow_of(const float *w, size_t n) { return ml_shadow_range(w, n); }
+
+// the part of [p, p + n) inside a bound range, for writers that may touch weights (from_host, memset0)
+static void shadow_refresh(const char *op, const float *p, size_t n, int zero) {
+    for (int i = 0; i < MAX_SHADOWS; i++) {
+        const shadow *s = &shadows[i];
+        if (!s->p) continue;
+        const float *lo = p > s->p ? p : s->p, *hi = p + n < s->p + s->n ? p + n : s->p + s->n;
+        if (lo >= hi) continue;
+        bf16 *dst = s->bf + (lo - s->p);
+        if (zero) CK(op, cudaMemsetAsync(dst, 0, sizeof(bf16) * (hi - lo)));
+        else ml_cast_bf16(op, dst, lo, hi - lo);
+    }
+}
+
+static void cu_bind_params(const float *params, size_t n) {
+    int free_slot = -1;
+    for (int i = 0; i < MAX_SHADOWS; i++)
+        if (!shadows[i].p && free_slot < 0) free_slot = i;
+    if (free_slot < 0) ml_cuda_die("bind_params", "more than 16 models bound at once");
+    shadow *s = &shadows[free_slot];
+    CK("bind_params", cudaMalloc(&s->bf, sizeof(bf16) * (n ? n : 1)));
+    n_allocs++;
+    s->p = params, s->n = n;
+    ml_cast_bf16("bind_params", s->bf, params, n);
+}
+
+// ---- host copies of dispatch offsets: moe_dispatch starts an async copy into pinned memory, the grouped
+// GEMMs of that layer (forward and backward) wait for it instead of copying again ----
+
+struct offsets_copy {
+    const int32_t *dev;
+    int E;
+    int32_t *host; // pinned, ML_CUDA_MAX_E + 1
+    cudaEvent_t done;
+    unsigned long long used;
+};
+enum { MAX_OFFSET_COPIES = 2 * ML_MAX_LAYERS + 8 };
+static offsets_copy offs[MAX_OFFSET_COPIES];
+static unsigned long long offs_clock;
+
+static offsets_copy *offsets_slot(const int32_t *dev, int take) {
+    offsets_copy *lru = &offs[0];
+    for (int i = 0; i < MAX_OFFSET_COPIES; i++) {
+        if (offs[i].dev == dev) return &offs[i];
+        if (offs[i].used < lru->used) lru = &offs[i];
+    }
+    if (!take) return NULL;
+    if (!lru->host) {
+        CK("moe_dispatch", cudaMallocHost(&lru->host, sizeof(int32_t) * (ML_CUDA_MAX_E + 1)));
+        CK("moe_dispatch", cudaEventCreateWithFlags(&lru->done, cudaEventDisableTiming));
+    }
+    lru->dev = dev;
+    return lru;
+}
+void ml_offsets_publish(const int32_t *offsets, int E) {
+    offsets_copy *c = offsets_slot(offsets, 1);
+    c->E = E, c->used = ++offs_clock;
+    CK("moe_dispatch", cudaMemcpyAsync(c->host, offsets, sizeof(int32_t) * (E + 1), cudaMemcpyDeviceToHost, 0));
+    CK("moe_dispatch", cudaEventRecord(c->done, 0));
+}
+const int32_t *ml_offsets_host(const char *op, const int32_t *offsets, int E) {
+    offsets_copy *c = offsets_slot(offsets, 0);
+    if (c && c->E == E) {
+        c->used = ++offs_clock;
+        CK(op, cudaEventSynchronize(c->done));
+        return c->host;
+    }
+    // offsets that did not come from moe_dispatch (written by from_host): copy them now
+    c = offsets_slot(offsets, 1);
+    c->E = E, c->used = ++offs_clock;
+    CK(op, cudaMemcpy(c->host, offsets, sizeof(int32_t) * (E + 1), cudaMemcpyDeviceToHost));
+    return c->host;
+}
+static void offsets_forget(const void *lo, size_t bytes) {
+    for (int i = 0; i < MAX_OFFSET_COPIES; i++)
+        if (offs[i].dev && (const char *)offs[i].dev >= (const char *)lo &&
+            (const char *)offs[i].dev < (const char *)lo + (bytes ? bytes : 1))
+            offs[i].dev = NULL, offs[i].used = 0;
+}
+
+// ---- memory ----
+
+static void *cu_alloc(size_t bytes) {
+    void *p = NULL;
+    if (cudaMalloc(&p, bytes ? bytes : 64) != cudaSuccess) {
+        cudaGetLastError(); // out of memory: the model reports it
+        return NULL;
+    }
+    n_allocs++;
+    CK("alloc", cudaMemset(p, 0, bytes ? bytes : 64));
+    return p;
+}
+static void cu_free(void *p) {
+    for (int i = 0; i < MAX_SHADOWS; i++)
+        if (shadows[i].p == p) {
+            CK("free", cudaFree(shadows[i].bf));
+            shadows[i] = shadow{};
+        }
+    offsets_forget(p, 1);
+    CK("free", cudaFree(p));
+}
+static void cu_memset0(void *p, size_t bytes) {
+    CK("memset0", cudaMemsetAsync(p, 0, bytes));
+    shadow_refresh("memset0", (const float *)p, bytes / sizeof(float), 1);
+}
+static void cu_to_host(void *host, const void *src, size_t bytes) {
+    CK("to_host", cudaMemcpy(host, src, bytes, cudaMemcpyDeviceToHost));
+}
+static void cu_from_host(void *dst, const void *host, size_t bytes) {
+    CK("from_host", cudaMemcpy(dst, host, bytes, cudaMemcpyHostToDevice));
+    shadow_refresh("from_host", (const float *)dst, bytes / sizeof(float), 0);
+    offsets_forget(dst, bytes);
+}
+static void cu_sync(void) { CK("sync", cudaDeviceSynchronize()); }
+
+// ---- workspace ----
+
+static struct {
+    void *p;
+    size_t cap;
+} ws[WS_SLOTS];
+
+void *ml_ws(int slot, size_t bytes) {
+    if (ws[slot].cap < bytes) {
+        if (ws[slot].p) CK("workspace", cudaFree(ws[slot].p));
+        CK("workspace", cudaMalloc(&ws[slot].p, bytes));
+        n_allocs++;
+        ws[slot].cap = bytes;
+    }
+    return ws[slot].p;
+}
+
+// the scratch each op group needs for the largest shapes the model will use (see the users of each slot)
+static void cu_prepare(const ml_backend_plan *p) {
+    const size_t MK = (size_t)p->M * (p->kmax > 0 ? p->kmax : 1), E = p->E > 0 ? p->E : 1;
+    ml_ws(WS_CAST_A, sizeof(bf16) * p->max_gemm_floats);
+    ml_ws(WS_CAST_B, sizeof(bf16) * p->max_gemm_floats);
+    // route_stats: M row sums + (M/128 + 1) x E partial sums and counts; rmsnorm dw: 64 x C partials
+    size_t reduce = sizeof(double) * p->M + (sizeof(double) + sizeof(int32_t)) * (p->M / 128 + 1) * E;
+    size_t norm = sizeof(double) * 64 * (size_t)(p->C > p->hd ? p->C : p->hd);
+    ml_ws(WS_REDUCE, reduce > norm ? reduce : norm);
+    // moe_dispatch: per-chunk counts and bases, (M k / 256 + 1) x E each
+    ml_ws(WS_DISPATCH, 2 * sizeof(int32_t) * (MK / 256 + 1) * E);
+}
+
+// ---- profiler ----
+
+enum { PROF_PAIRS = 1 << 15 };
+static cudaEvent_t prof_start[PROF_PAIRS], prof_end[PROF_PAIRS];
+static const char *prof_name[PROF_PAIRS];
+static int prof_on, prof_n, prof_created;
+
+ml_prof_scope::ml_prof_scope(const char *op) : slot(-1) {
+    if (!prof_on || prof_n >= PROF_PAIRS) return;
+    slot = prof_n++;
+    prof_name[slot] = op;
+    CK("profile", cudaEventRecord(prof_start[slot], 0));
+}
+ml_prof_scope::~ml_prof_scope() {
+    if (slot >= 0) CK("profile", cudaEventRecord(prof_end[slot], 0));
+}
+
+extern "C" void cuda_profile_start(void) {
+    if (!prof_created) {
+        for (int i = 0; i < PROF_PAIRS; i++) {
+            CK("profile", cudaEventCreate(&prof_start[i]));
+            CK("profile", cudaEventCreate(&prof_end[i]));
+        }
+        prof_created = 1;
+    }
+    prof_n = 0, prof_on = 1;
+}
+
+extern "C" int cuda_profile_stop(ml_op_time *out, int cap) {
+    CK("profile", cudaDeviceSynchronize());
+    prof_on = 0;
+    int n = 0;
+    for (int i = 0; i < prof_n; i++) {
+        float ms;
+        CK("profile", cudaEventElapsedTime(&ms, prof_start[i], prof_end[i]));
+        int j = 0;
+        while (j < n && strcmp(out[j].op, prof_name[i])) j++;
+        if (j == n) {
+            if (n == cap) continue;
+            out[n++] = ml_op_time{prof_name[i], 0, 0};
+        }
+        out[j].ms += ms, out[j].calls++;
+    }
+    return n;
+}
+
+extern "C" long cuda_alloc_count(void) { return n_allocs; }
+
+// ---- the peak the benchmark compares with: the best of reps n^3 GEMMs (bf16 in, fp32 out and accumulate,
+// as the training GEMMs; or fp32 throughout) ----
+
+extern "C" double cuda_gemm_peak(int n, int reps, int bf16_inputs) {
+    backend_cuda_fp32(); // the handle
+    const size_t elt = bf16_inputs ? sizeof(bf16) : sizeof(float);
+    void *a, *b, *c;
+    CK("gemm_peak", cudaMalloc(&a, elt * n * n));
+    CK("gemm_peak", cudaMalloc(&b, elt * n * n));
+    CK("gemm_peak", cudaMalloc(&c, sizeof(float) * n * n));
+    CK("gemm_peak", cudaMemset(a, 0, elt * n * n));
+    CK("gemm_peak", cudaMemset(b, 0, elt * n * n));
+    cudaEvent_t t0, t1;
+    CK("gemm_peak", cudaEventCreate(&t0));
+    CK("gemm_peak", cudaEventCreate(&t1));
+    const float one = 1, zero = 0;
+    const cudaDataType_t in = bf16_inputs ? CUDA_R_16BF : CUDA_R_32F;
+    double best = 0;
+    for (int r = 0; r < reps + 1; r++) { // the first is a warmup
+        CK("gemm_peak", cudaEventRecord(t0, 0));
+        BK("gemm_peak", cublasGemmEx(ml_blas, CUBLAS_OP_T, CUBLAS_OP_N, n, n, n, &one, a, in, n, b, in, n, &zero, c,
+                                     CUDA_R_32F, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+        CK("gemm_peak", cudaEventRecord(t1, 0));
+        CK("gemm_peak", cudaEventSynchronize(t1));
+        float ms;
+        CK("gemm_peak", cudaEventElapsedTime(&ms, t0, t1));
+        double gf = 2.0 * n * (double)n * n / (ms * 1e-3) / 1e9;
+        if (r > 0 && gf > best) best = gf;
+    }
+    cudaEventDestroy(t0), cudaEventDestroy(t1);
+    cudaFree(a), cudaFree(b), cudaFree(c);
+    return best;
+}
+
+extern "C" int cuda_available(char *why, size_t cap) {
+    int n = 0;
+    cudaError_t e = cudaGetDeviceCount(&n);
+    if (e != cudaSuccess || n == 0) {
+        snprintf(why, cap, "%s", e != cudaSuccess ? cudaGetErrorString(e) : "no CUDA device");
+        return 0;
+    }
+    cudaDeviceProp prop;
+    CK("cuda_available", cudaGetDeviceProperties(&prop, 0));
+    snprintf(why, cap, "%s (sm_%d%d, %.0f GiB)", prop.name, prop.major, prop.minor, prop.totalGlobalMem / 1073741824.0);
+    return 1;
+}
+
+// ---- the tables ----
+
+static void init_runtime(void) {
+    if (ml_blas) return;
+    BK("cublasCreate", cublasCreate(&ml_blas));
+    // no TF32: the fp32 table's GEMMs are true fp32 so it matches the CPU op for op; the bf16 table asks
+    // cublasGemmEx for bf16 inputs explicitly
+    BK("cublasSetMathMode", cublasSetMathMode(ml_blas, CUBLAS_DEFAULT_MATH));
+    ml_cuda_gemm_init();
+}
+
+static void fill_common(ml_backend *b) {
+    b->alloc = cu_alloc, b->free = cu_free, b->memset0 = cu_memset0, b->to_host = cu_to_host;
+    b->from_host = cu_from_host, b->sync = cu_sync, b->prepare = cu_prepare;
+    ml_cuda_fill_ops(b);
+    ml_cuda_fill_attention(b);
+}
+
+extern "C" const ml_backend *backend_cuda_fp32(void) {
+    static ml_backend b;
+    if (!b.name) {
+        init_runtime();
+        fill_common(&b);
+        ml_cuda_fill_gemms(&b, 0);
+        b.name = "cuda-fp32";
+    }
+    return &b;
+}
+
+extern "C" const ml_backend *backend_cuda(void) {
+    static ml_backend b;
+    if (!b.name) {
+        init_runtime();
+        fill_common(&b);
+        ml_cuda_fill_gemms(&b, 1);
+        b.bind_params = cu_bind_params;
+        b.name = "cuda";
+    }
+    return &b;
+}
