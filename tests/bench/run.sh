@@ -111,7 +111,7 @@ def best(name):
     b = max(runs, key=lambda d: d["tokens_per_s"])
     return b, "/".join(f"{d['tokens_per_s']:.0f}" for d in runs)
 (m, m_all), (t, t_all), (u, u_all) = best("moelab"), best("torch"), best("tuned")
-peak = m["sgemm_peak_gflops"]
+peak = m["peak_gflops"]
 cols = [("moelab", m), ("PyTorch", t)] + ([("PyTorch tuned", u)] if u else [])
 print(f"preset {m['preset']}: {m['params']} parameters, {m['tokens_per_step']} tokens/step, {m['steps']} timed steps"
       f" after 2 warmup; {nproc} cores ({cpu}); PyTorch {t['torch']} eager, {t['moe']} MoE, {t['threads']} threads")

@@ -1,8 +1,9 @@
 #!/usr/bin/python3
 """torch_step.py: PyTorch eager baseline for `moelab bench`.
 
-Times float32 training steps (forward + backward + gradient clipping + torch.optim.AdamW) of the moelab
-model on the CPU, on random tokens, and prints one JSON line shaped like `moelab bench --json`.
+Times training steps (forward + backward + gradient clipping + torch.optim.AdamW) of the moelab model on
+random tokens, on the CPU (float32) or a GPU (--device cuda: float32 without TF32, or --dtype bf16 autocast:
+fp32 weights and optimizer, bf16 matmuls), and prints one JSON line shaped like `moelab bench --json`.
 
 The model is tests/reference/make_fixtures.py's `forward` (the exact re-implementation of core/model.c),
 imported, not copied. Only its `moe` is swapped for an eager implementation written the way PyTorch MoE
@@ -20,6 +21,7 @@ are uniform over the vocabulary.
 
   /usr/bin/python3 tests/bench/torch_step.py --config runs/<run>/config.yaml [--steps N] [--warmup N]
                                              [--threads N] [--moe grouped|loop] [--json]
+                                             [--device cpu|cuda] [--dtype fp32|bf16]
   /usr/bin/python3 tests/bench/torch_step.py --check [--config FILE]
 
 --config takes a config.yaml as moelab writes it (`key: value` lines, every key). tests/bench/run.sh
@@ -181,7 +183,8 @@ def bench(args):
     M = c.B * c.T
     stream = torch.randint(0, c.V, (M + 1,), generator=gen).to(dev)
     tokens, targets = stream[:-1].view(c.B, c.T), stream[1:].view(c.B, c.T)
-    # GPU kernels run asynchronously: time finished work (fp32 throughout, no TF32, like moelab's fp32 mode)
+    # GPU kernels run asynchronously: time finished work; fp32 means no TF32 (like moelab's cuda-fp32), bf16 is
+    # autocast (like moelab's cuda: bf16 GEMM inputs, fp32 weights and optimizer)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -197,8 +200,9 @@ def bench(args):
         sync()
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        _, ce, aux, _, _ = ref.forward(c, P, tokens, targets, new_state(c))
-        total = ce + aux
+        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
+            _, ce, aux, _, _ = ref.forward(c, P, tokens, targets, new_state(c))
+            total = ce + aux
         sync()
         t1 = time.perf_counter()
         total.backward()
@@ -214,7 +218,8 @@ def bench(args):
     total_s = t_fwd + t_bwd + t_opt
     tok_s = M * args.steps / total_s
     flops_tok = 6 * active_params(c) + 6.0 * c.L * c.T * c.C
-    res = {"impl": "pytorch-eager", "torch": torch.__version__, "device": str(dev), "threads": torch.get_num_threads(),
+    res = {"impl": "pytorch-eager", "torch": torch.__version__, "device": str(dev), "dtype": args.dtype,
+           "threads": torch.get_num_threads(),
            "moe": args.moe, "preset": kv.get("preset", "?"), "tokens_per_step": M, "steps": args.steps,
            "tokens_per_s": round(tok_s, 1), "ms_per_step": round(1e3 * total_s / args.steps, 2),
            "forward_ms": round(1e3 * t_fwd / args.steps, 2), "backward_ms": round(1e3 * t_bwd / args.steps, 2),
@@ -268,6 +273,9 @@ def main():
                     help="torch.set_num_threads (default: all cores)")
     ap.add_argument("--moe", choices=sorted(MOE), default="grouped")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (the GPU comparison for moelab bench --backend cuda)")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                    help="fp32 (no TF32; like --backend cuda-fp32) or bf16 autocast on cuda (fp32 weights and "
+                         "optimizer, bf16 matmuls; like --backend cuda)")
     ap.add_argument("--foreach", dest="foreach", action="store_const", const=True, default=None,
                     help="multi-tensor (foreach) AdamW (default: torch's own choice, per-tensor on the CPU)")
     ap.add_argument("--no-foreach", dest="foreach", action="store_const", const=False, help="per-tensor AdamW")
@@ -281,6 +289,8 @@ def main():
         return check()
     if not args.config:
         ap.error("--config FILE is required (or --check)")
+    if args.dtype == "bf16" and args.device == "cpu":
+        ap.error("--dtype bf16 is the GPU comparison: use it with --device cuda")
     if args.steps < 1 or args.warmup < 0 or args.threads < 1:
         ap.error("--steps and --threads must be >= 1 and --warmup >= 0")
     bench(args)
