@@ -85,6 +85,11 @@ __global__ void k_flash_delta(float *delta, const float *dout, const float *out,
     if (lane == 0) delta[((size_t)b * H + h) * T + t] = acc;
 }
 
+void ml_attention_delta(float *delta, const float *dout, const float *out, int B, int T, int H, int hd) {
+    LAUNCH("attention_backward", ml_blocks((size_t)B * T * H, ROWS), 32 * ROWS, k_flash_delta, delta, dout, out, B, T,
+           H, hd);
+}
+
 // dq: one warp per query row, key tiles as in the forward
 __global__ void k_flash_backward_dq(float *dq, const float *dout, const float *lse, const float *delta, const float *q,
                                     const float *k, const float *v, int T, int H, int KV, int hd, float scale) {
@@ -222,8 +227,7 @@ static void cu_attention_backward(float *dq, float *dk, float *dv, const float *
     check_shape("attention_backward", H, KV, hd);
     const float *lse = att;
     float *delta = att + (size_t)B * H * T;
-    LAUNCH("attention_backward", ml_blocks((size_t)B * T * H, ROWS), 32 * ROWS, k_flash_delta, delta, dout, out, B, T,
-           H, hd);
+    ml_attention_delta(delta, dout, out, B, T, H, hd);
     const size_t smem_q = sizeof(float) * (2 * TILE * (hd + 1) + 2 * ROWS * hd);
     dim3 grid_q((T + ROWS - 1) / ROWS, H, B);
     LAUNCH_SMEM("attention_backward", grid_q, 32 * ROWS, smem_q, k_flash_backward_dq, dq, dout, lse, delta, q, k, v, T,

@@ -112,6 +112,8 @@ __device__ inline float warp_max(float v) {
 
 // ---- the op groups, defined in their files and collected into the tables by runtime_cuda.cu ----
 void ml_cuda_fill_ops(ml_backend *b);       // ops_cuda.cu: everything but GEMMs and attention
-void ml_cuda_fill_attention(ml_backend *b); // attention_cuda.cu
+void ml_cuda_fill_attention(ml_backend *b);    // attention_cuda.cu: fp32 on CUDA cores
+void ml_cuda_fill_attention_tc(ml_backend *b); // attention_tc.cu: bf16 tensor cores (the "cuda" table)
+void ml_attention_delta(float *delta, const float *dout, const float *out, int B, int T, int H, int hd);
 void ml_cuda_fill_gemms(ml_backend *b, int bf16_compute); // gemm_cuda.cu
 void ml_cuda_gemm_init(void);

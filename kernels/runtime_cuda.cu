@@ -311,6 +311,9 @@ extern "C" const ml_backend *backend_cuda(void) {
         init_runtime();
         fill_common(&b);
         ml_cuda_fill_gemms(&b, 1);
+        // tensor-core attention; MOELAB_ATTENTION=fp32 keeps the fp32 kernels (to tell the two apart)
+        const char *att = getenv("MOELAB_ATTENTION");
+        if (!att || strcmp(att, "fp32")) ml_cuda_fill_attention_tc(&b);
         b.bind_params = cu_bind_params;
         b.name = "cuda";
     }
