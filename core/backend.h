@@ -63,6 +63,9 @@ typedef struct ml_backend {
     /* routing statistics of one micro-batch, reduced where the scores live: psum(E) = sum over tokens of
      * probs(t,e) / sum_e' probs(t,e') (double), selected(E) = choices per expert in idx(M,k) (-1 skipped) */
     void (*route_stats)(double *psum, int32_t *selected, const float *probs, const int32_t *idx, int M, int k, int E);
+    /* the gradient of lbl losses (policy.h) with the coefficients folded into g(E): for every token t,
+     * dprobs(t,e) += scale / S_t * (g_e - sum_i g_i probs(t,i) / S_t), S_t = sum_i probs(t,i) */
+    void (*lbl_backward)(float *dprobs, const float *probs, const float *g, float scale, int M, int E);
     /* counting sort of the choices idx(M,k) by expert (idx -1 = dropped): counts(E), offsets(E+1), slot(M*k) */
     void (*moe_dispatch)(int32_t *counts, int32_t *offsets, int32_t *slot, const int32_t *idx, int M, int k, int E);
     void (*permute_forward)(float *xe, const float *inp, const int32_t *slot, int M, int k, int C);

@@ -181,6 +181,7 @@ int model_init(ml_model *m, const ml_config *cfg, const ml_backend *be, int B, i
     }
     m->router_bias = ALLOC_F(&a, (size_t)m->L * (E ? E : 1));
     m->d_rstats = take(&a, (sizeof(double) + sizeof(int32_t)) * (E ? E : 1));
+    m->d_lbl = ALLOC_F(&a, (size_t)m->L * (E ? E : 1));
     const size_t ME = M * (E ? E : 1);
     int host_failed = !(m->h_logits = malloc(sizeof(float) * ME)) | !(m->h_scores = malloc(sizeof(float) * ME)) |
                       !(m->h_tmp = malloc(sizeof(float) * (ME > M ? ME : M))) |
@@ -189,7 +190,9 @@ int model_init(ml_model *m, const ml_config *cfg, const ml_backend *be, int B, i
                       !(m->h_selected = malloc(sizeof(int32_t) * (E ? E : 1))) |
                       !(m->h_bias = malloc(sizeof(float) * m->L * (E ? E : 1))) |
                       !(m->h_psum = malloc((sizeof(double) + sizeof(int32_t)) * (E ? E : 1)));
-    if (m->balance.has_loss)
+    host_failed |= !(m->h_score_mean = malloc(sizeof(double) * (E ? E : 1))) |
+                   !(m->h_g = malloc(sizeof(double) * (E ? E : 1)));
+    if (m->balance.has_host_loss)
         /* one slot per layer, plus one that evaluations write into so they never touch a pending backward's */
         host_failed |= !(m->h_dscores = malloc(sizeof(float) * ME * (m->L + 1))) |
                        !(m->h_dlogits = malloc(sizeof(float) * ME * (m->L + 1)));
@@ -225,7 +228,7 @@ void model_free(ml_model *m) {
     void *arena_ptrs[] = {m->params, m->grads, m->adam_m, m->adam_v, m->res_final, m->lnf, m->rstdf, m->logits,
                           m->losses, m->rope_cos, m->rope_sin, m->tokens, m->targets, m->d_res, m->d_ln, m->d_a,
                           m->d_b, m->d_q, m->d_k, m->d_v, m->d_qn, m->d_kn, m->d_logits, m->d_xe, m->d_eh13,
-                          m->d_eact, m->d_ye, m->d_gate, m->d_probs, m->d_rlogits, m->router_bias, m->d_rstats};
+                          m->d_eact, m->d_ye, m->d_gate, m->d_probs, m->d_rlogits, m->router_bias, m->d_rstats, m->d_lbl};
     for (size_t i = 0; i < sizeof arena_ptrs / sizeof arena_ptrs[0]; i++)
         if (arena_ptrs[i]) be->free(arena_ptrs[i]);
     for (int l = 0; l < m->L; l++) {
@@ -235,7 +238,7 @@ void model_free(ml_model *m) {
     }
     free(m->h_logits), free(m->h_scores), free(m->h_tmp), free(m->h_idx), free(m->h_route);
     free(m->h_counts), free(m->h_selected), free(m->h_dscores), free(m->h_dlogits), free(m->h_bias);
-    free(m->h_psum);
+    free(m->h_psum), free(m->h_score_mean), free(m->h_g);
     route_stats_free(&m->stats);
     route_stats_free(&m->eval_stats);
     memset(m, 0, sizeof *m);
@@ -324,7 +327,7 @@ static void moe_block_forward(ml_model *m, int l, float *out, int record) {
 
     /* the policies run on the host: they get copies of what they read; the statistics are reduced on the
      * backend, so a policy-free layer moves only 3E numbers */
-    const int host_scores = bal->has_loss || bal->has_cap, host_logits = bal->has_loss || bal->has_assign;
+    const int host_scores = bal->has_host_loss || bal->has_cap, host_logits = bal->has_host_loss || bal->has_assign;
     double t0 = now_s();
     be->matmul_forward(x->logits, x->ln2, w->router, M, C, E);
     if (host_logits) be->to_host(m->h_logits, x->logits, sizeof(float) * M * E);
@@ -382,9 +385,25 @@ static void moe_block_forward(ml_model *m, int l, float *out, int record) {
         load[e] += m->h_counts[e], sel[e] += m->h_selected[e], gate_mean[e] += m->h_psum[e] / M;
     st->dropped[l] += dropped;
 
-    if (bal->has_loss) {
+    if (bal->has_loss && !bal->has_host_loss) {
+        /* lbl losses: the value from the mean scores, the gradient in the backward from the saved scores */
+        for (int e = 0; e < E; e++) m->h_score_mean[e] = m->h_psum[e] / M;
         ctx.running_selected = sel;
         ctx.running_tokens = (int64_t)(st->micro_batches + 1) * M;
+        ctx.score_mean = m->h_score_mean;
+        double loss = balance_lbl(bal, &m->cfg, &ctx, m->h_g);
+        if (!m->eval_mode) {
+            float *gf = m->h_tmp;
+            for (int e = 0; e < E; e++) gf[e] = (float)m->h_g[e];
+            be->from_host(m->d_lbl + (size_t)l * E, gf, sizeof(float) * E);
+        }
+        st->policy_loss[l] += loss;
+        m->last_aux += (float)loss;
+    } else if (bal->has_loss) {
+        ctx.running_selected = sel;
+        ctx.running_tokens = (int64_t)(st->micro_batches + 1) * M;
+        for (int e = 0; e < E; e++) m->h_score_mean[e] = m->h_psum[e] / M;
+        ctx.score_mean = m->h_score_mean;
         const int slot = m->eval_mode ? m->L : l;
         ctx.dscores = m->h_dscores + (size_t)slot * M * E;
         ctx.dlogits = m->h_dlogits + (size_t)slot * M * E;
@@ -471,7 +490,12 @@ static void moe_block_backward(ml_model *m, int l, const float *dout, float loss
     const double t0 = now_s();
     /* the policies' gradients, kept from the forward, scaled like the rest of this micro-batch's loss */
     float *dprobs = NULL;
-    if (m->balance.has_loss) {
+    if (m->balance.has_loss && !m->balance.has_host_loss) {
+        be->memset0(m->d_probs, sizeof(float) * M * E);
+        be->lbl_backward(m->d_probs, x->probs, m->d_lbl + (size_t)l * E, loss_scale * E / M, M, E);
+        be->memset0(m->d_rlogits, sizeof(float) * M * E);
+        dprobs = m->d_probs;
+    } else if (m->balance.has_loss) {
         const size_t ME = (size_t)M * E;
         const float *ds = m->h_dscores + (size_t)l * ME, *dl = m->h_dlogits + (size_t)l * ME;
         for (size_t i = 0; i < ME; i++) m->h_tmp[i] = ds[i] * loss_scale;

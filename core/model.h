@@ -79,6 +79,8 @@ typedef struct ml_model {
     float *h_bias;                             /* (L, E) host copy of the biases for the policies */
     void *d_rstats;                            /* backend: one layer's route_stats (E doubles, then E ints) */
     double *h_psum;                            /* (E) host copy of d_rstats's score sums */
+    double *h_score_mean, *h_g;                /* (E) each: score sums / M; an lbl gradient's weights */
+    float *d_lbl;                              /* backend (L, E): each layer's lbl weights, for the backward */
     float *h_dscores, *h_dlogits;              /* (L, M, E), only when a policy has a loss */
 
     ml_balance balance;                         /* the active policies (balance.policy) */

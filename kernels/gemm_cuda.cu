@@ -11,10 +11,10 @@
 
 void ml_cast_bf16(const char *op, bf16 *dst, const float *src, size_t n); // runtime_cuda.cu
 
-static int grouped_wanted = 1, grouped_refused;
+static int grouped_wanted = 1, grouped_refused[2]; // refused by cuBLAS: [0] fp32, [1] bf16 inputs
 
 extern "C" void cuda_set_grouped_gemm(int on) { grouped_wanted = on; }
-extern "C" int cuda_grouped_gemm_active(void) { return grouped_wanted && !grouped_refused; }
+extern "C" int cuda_grouped_gemm_active(int bf16_inputs) { return grouped_wanted && !grouped_refused[!!bf16_inputs]; }
 
 // An operand as cuBLAS gets it: a pointer and its type.
 struct operand {
@@ -124,7 +124,8 @@ static void grouped(const char *op, const group_shape &s, operand A, ptr_rule ra
     }
     if (groups == 0) return;
     ra.base = (const char *)A.p, rb.base = (const char *)B.p, rc.base = (const char *)C;
-    if (cuda_grouped_gemm_active()) {
+    const int bf = A.t == CUDA_R_16BF;
+    if (cuda_grouped_gemm_active(bf)) {
         LAUNCH(op, 1, 1, k_group_ptrs, group_ptrs, offsets_dev, E, ra, rb, rc);
         cublasStatus_t st = cublasGemmGroupedBatchedEx(
             ml_blas, ta, tb, m, n, k, alpha, (const void *const *)group_ptrs, A.t, lda,
@@ -132,9 +133,11 @@ static void grouped(const char *op, const group_shape &s, operand A, ptr_rule ra
             ldc, groups, size, CUBLAS_COMPUTE_32F);
         if (st == CUBLAS_STATUS_SUCCESS) return;
         if (st != CUBLAS_STATUS_NOT_SUPPORTED && st != CUBLAS_STATUS_INVALID_VALUE) BK(op, st);
-        fprintf(stderr, "moelab cuda: %s: cublasGemmGroupedBatchedEx refused (%s); one GEMM per expert from now on\n",
-                op, cublasGetStatusString(st));
-        grouped_refused = 1;
+        fprintf(stderr,
+                "moelab cuda: %s: cublasGemmGroupedBatchedEx refused %s inputs (%s); one GEMM per expert for them "
+                "from now on\n",
+                op, bf ? "bf16" : "fp32", cublasGetStatusString(st));
+        grouped_refused[bf] = 1;
     }
     int g = 0;
     for (int e = 0; e < E; e++) {
@@ -147,7 +150,10 @@ static void grouped(const char *op, const group_shape &s, operand A, ptr_rule ra
     }
 }
 
-static int rows_of(const char *op, const int32_t *offsets, int E) { return ml_offsets_host(op, offsets, E)[E]; }
+static int rows_of(const char *op, const int32_t *offsets, int E) {
+    if (E > MAX_GROUPS) ml_cuda_die(op, "more than 1024 experts");
+    return ml_offsets_host(op, offsets, E)[E];
+}
 
 template <int BF>
 static void grouped_matmul_forward(float *out, const float *inp, const float *w, const int32_t *offsets, int E, int K,

@@ -206,26 +206,31 @@ __global__ void k_router_backward(float *dlogits, const float *dgate, const floa
     const float *s = probs + (size_t)m * E, *g = gate + (size_t)m * K, *dg = dgate + (size_t)m * K;
     const int32_t *id = idx + (size_t)m * K;
     float *dl = dlogits + (size_t)m * E;
-    float ds[MAX_E];
-    for (int e = 0; e < E; e++) ds[e] = dprobs ? dprobs[(size_t)m * E + e] : 0;
-    if (p.softmax_order == SOFTMAX_AFTER_TOPK) {
+    const bool after = p.softmax_order == SOFTMAX_AFTER_TOPK;
+    float S = 0, gdot = 0;
+    if (after) {
         float dot = 0;
         for (int j = 0; j < K; j++) dot += g[j] * dg[j];
         dot /= p.route_scale;
         for (int j = 0; j < K; j++) dl[id[j]] += g[j] * (dg[j] - dot);
     } else if (p.norm_topk) {
-        float S = 0, dot = 0;
-        for (int j = 0; j < K; j++) S += s[id[j]], dot += g[j] * dg[j];
-        for (int j = 0; j < K; j++) ds[id[j]] += (p.route_scale * dg[j] - dot) / S;
-    } else {
-        for (int j = 0; j < K; j++) ds[id[j]] += p.route_scale * dg[j];
+        for (int j = 0; j < K; j++) S += s[id[j]], gdot += g[j] * dg[j];
     }
+    // the score gradient of expert e, recomputed where needed instead of kept in an E-long local array: the
+    // policies' dprobs, then the gates' terms in choice order (the CPU's order of additions)
+    auto ds_of = [&](int e) {
+        float d = dprobs ? dprobs[(size_t)m * E + e] : 0;
+        if (!after)
+            for (int j = 0; j < K; j++)
+                if (id[j] == e) d += p.norm_topk ? (p.route_scale * dg[j] - gdot) / S : p.route_scale * dg[j];
+        return d;
+    };
     if (p.score == SCORE_SIGMOID) {
-        for (int e = 0; e < E; e++) dl[e] += ds[e] * s[e] * (1 - s[e]);
+        for (int e = 0; e < E; e++) dl[e] += ds_of(e) * s[e] * (1 - s[e]);
     } else {
         float dot = 0;
-        for (int e = 0; e < E; e++) dot += s[e] * ds[e];
-        for (int e = 0; e < E; e++) dl[e] += s[e] * (ds[e] - dot);
+        for (int e = 0; e < E; e++) dot += s[e] * ds_of(e);
+        for (int e = 0; e < E; e++) dl[e] += s[e] * (ds_of(e) - dot);
     }
 }
 static void cu_router_forward(float *probs, int32_t *idx, float *gate, const float *logits, const float *bias, int M,
@@ -291,6 +296,26 @@ static void cu_route_stats(double *psum, int32_t *selected, const float *probs, 
     LAUNCH("route_stats", blocks(M, 8), 256, k_row_sums, rs, probs, M, E);
     LAUNCH("route_stats", chunks, 128, k_route_stats_part, pp, sp, probs, rs, idx, M, k, E);
     LAUNCH("route_stats", blocks(E, 128), 128, k_route_stats_sum, psum, selected, pp, sp, chunks, E);
+}
+
+// ---- the lbl losses' gradient (backend.h lbl_backward): one warp per token row, double sums ----
+
+__global__ void k_lbl_backward(float *dprobs, const float *probs, const float *g, float scale, int M, int E) {
+    const int t = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (t >= M) return;
+    const float *s = probs + (size_t)t * E;
+    float *d = dprobs + (size_t)t * E;
+    double sum = 0, dot = 0;
+    for (int e = lane; e < E; e += 32) sum += s[e], dot += (double)g[e] * s[e];
+    for (int o = 16; o > 0; o >>= 1)
+        sum += __shfl_xor_sync(0xffffffffu, sum, o), dot += __shfl_xor_sync(0xffffffffu, dot, o);
+    const double inv = 1.0 / sum, c = scale * inv;
+    dot *= inv;
+    for (int e = lane; e < E; e += 32) d[e] += (float)(c * (g[e] - dot));
+}
+static void cu_lbl_backward(float *dprobs, const float *probs, const float *g, float scale, int M, int E) {
+    PROF("lbl_backward");
+    LAUNCH("lbl_backward", blocks(M, 8), 256, k_lbl_backward, dprobs, probs, g, scale, M, E);
 }
 
 // ---- dispatch: a stable counting sort of the M k choices by expert, in chunks of 256 choices. Within a warp
@@ -469,8 +494,11 @@ __global__ void k_crossentropy_backward(float *dlogits, const float *logits, con
     for (int i = threadIdx.x; i < V; i += blockDim.x) sum += expf(l[i] - mx);
     sum = block_sum(sum, shf);
     const float inv = scale / sum;
-    for (int i = threadIdx.x; i < V; i += blockDim.x) d[i] += expf(l[i] - mx) * inv;
-    if (threadIdx.x == 0) d[targets[blockIdx.x]] -= scale;
+    const int tgt = targets[blockIdx.x];
+    for (int i = threadIdx.x; i < V; i += blockDim.x) { // the target's thread subtracts: one writer per element
+        d[i] += expf(l[i] - mx) * inv;
+        if (i == tgt) d[i] -= scale;
+    }
 }
 static void cu_crossentropy_forward(float *losses, const float *logits, const int32_t *targets, int M, int V) {
     PROF("crossentropy_forward");
@@ -536,6 +564,7 @@ void ml_cuda_fill_ops(ml_backend *b) {
     b->add_forward = cu_add_forward;
     b->router_forward = cu_router_forward, b->router_backward = cu_router_backward;
     b->route_stats = cu_route_stats;
+    b->lbl_backward = cu_lbl_backward;
     b->moe_dispatch = cu_moe_dispatch;
     b->permute_forward = cu_permute_forward, b->permute_backward = cu_permute_backward;
     b->unpermute_forward = cu_unpermute_forward, b->unpermute_backward = cu_unpermute_backward;

@@ -83,10 +83,6 @@ static offsets_copy *offsets_slot(const int32_t *dev, int take) {
         if (offs[i].used < lru->used) lru = &offs[i];
     }
     if (!take) return NULL;
-    if (!lru->host) {
-        CK("moe_dispatch", cudaMallocHost(&lru->host, sizeof(int32_t) * (ML_CUDA_MAX_E + 1)));
-        CK("moe_dispatch", cudaEventCreateWithFlags(&lru->done, cudaEventDisableTiming));
-    }
     lru->dev = dev;
     return lru;
 }
@@ -109,11 +105,20 @@ const int32_t *ml_offsets_host(const char *op, const int32_t *offsets, int E) {
     CK(op, cudaMemcpy(c->host, offsets, sizeof(int32_t) * (E + 1), cudaMemcpyDeviceToHost));
     return c->host;
 }
+// drops the copies of offsets that [lo, lo + bytes) overlaps
 static void offsets_forget(const void *lo, size_t bytes) {
-    for (int i = 0; i < MAX_OFFSET_COPIES; i++)
-        if (offs[i].dev && (const char *)offs[i].dev >= (const char *)lo &&
-            (const char *)offs[i].dev < (const char *)lo + (bytes ? bytes : 1))
-            offs[i].dev = NULL, offs[i].used = 0;
+    const char *a = (const char *)lo, *b = a + (bytes ? bytes : 1);
+    for (int i = 0; i < MAX_OFFSET_COPIES; i++) {
+        const char *s = (const char *)offs[i].dev, *e = s + sizeof(int32_t) * (offs[i].E + 1);
+        if (offs[i].dev && s < b && a < e) offs[i].dev = NULL, offs[i].used = 0;
+    }
+}
+// pinned buffers and events for every slot, made once with the tables (not inside a step)
+static void offsets_init(void) {
+    for (int i = 0; i < MAX_OFFSET_COPIES; i++) {
+        CK("init", cudaMallocHost(&offs[i].host, sizeof(int32_t) * (ML_CUDA_MAX_E + 1)));
+        CK("init", cudaEventCreateWithFlags(&offs[i].done, cudaEventDisableTiming));
+    }
 }
 
 // ---- memory ----
@@ -140,6 +145,7 @@ static void cu_free(void *p) {
 static void cu_memset0(void *p, size_t bytes) {
     CK("memset0", cudaMemsetAsync(p, 0, bytes));
     shadow_refresh("memset0", (const float *)p, bytes / sizeof(float), 1);
+    offsets_forget(p, bytes);
 }
 static void cu_to_host(void *host, const void *src, size_t bytes) {
     CK("to_host", cudaMemcpy(host, src, bytes, cudaMemcpyDeviceToHost));
@@ -169,10 +175,12 @@ void *ml_ws(int slot, size_t bytes) {
 }
 
 // the scratch each op group needs for the largest shapes the model will use (see the users of each slot)
-static void cu_prepare(const ml_backend_plan *p) {
+static void prepare(const ml_backend_plan *p, int bf16_casts) {
     const size_t MK = (size_t)p->M * (p->kmax > 0 ? p->kmax : 1), E = p->E > 0 ? p->E : 1;
-    ml_ws(WS_CAST_A, sizeof(bf16) * p->max_gemm_floats);
-    ml_ws(WS_CAST_B, sizeof(bf16) * p->max_gemm_floats);
+    if (bf16_casts) { // activations and output gradients rounded to bf16 before each GEMM
+        ml_ws(WS_CAST_A, sizeof(bf16) * p->max_gemm_floats);
+        ml_ws(WS_CAST_B, sizeof(bf16) * p->max_gemm_floats);
+    }
     // route_stats: M row sums + (M/128 + 1) x E partial sums and counts; rmsnorm dw: 64 x C partials
     size_t reduce = sizeof(double) * p->M + (sizeof(double) + sizeof(int32_t)) * (p->M / 128 + 1) * E;
     size_t norm = sizeof(double) * 64 * (size_t)(p->C > p->hd ? p->C : p->hd);
@@ -180,6 +188,8 @@ static void cu_prepare(const ml_backend_plan *p) {
     // moe_dispatch: per-chunk counts and bases, (M k / 256 + 1) x E each
     ml_ws(WS_DISPATCH, 2 * sizeof(int32_t) * (MK / 256 + 1) * E);
 }
+static void cu_prepare_fp32(const ml_backend_plan *p) { prepare(p, 0); }
+static void cu_prepare_bf16(const ml_backend_plan *p) { prepare(p, 1); }
 
 // ---- profiler ----
 
@@ -272,6 +282,11 @@ extern "C" int cuda_available(char *why, size_t cap) {
     }
     cudaDeviceProp prop;
     CK("cuda_available", cudaGetDeviceProperties(&prop, 0));
+    if (prop.major < 8) { // the kernels are built for sm_80 and sm_90 (and PTX for newer)
+        snprintf(why, cap, "%s is sm_%d%d; moelab's CUDA kernels need sm_80 or newer", prop.name, prop.major,
+                 prop.minor);
+        return 0;
+    }
     snprintf(why, cap, "%s (sm_%d%d, %.0f GiB)", prop.name, prop.major, prop.minor, prop.totalGlobalMem / 1073741824.0);
     return 1;
 }
@@ -285,11 +300,12 @@ static void init_runtime(void) {
     // cublasGemmEx for bf16 inputs explicitly
     BK("cublasSetMathMode", cublasSetMathMode(ml_blas, CUBLAS_DEFAULT_MATH));
     ml_cuda_gemm_init();
+    offsets_init();
 }
 
 static void fill_common(ml_backend *b) {
     b->alloc = cu_alloc, b->free = cu_free, b->memset0 = cu_memset0, b->to_host = cu_to_host;
-    b->from_host = cu_from_host, b->sync = cu_sync, b->prepare = cu_prepare;
+    b->from_host = cu_from_host, b->sync = cu_sync;
     ml_cuda_fill_ops(b);
     ml_cuda_fill_attention(b);
 }
@@ -300,6 +316,7 @@ extern "C" const ml_backend *backend_cuda_fp32(void) {
         init_runtime();
         fill_common(&b);
         ml_cuda_fill_gemms(&b, 0);
+        b.prepare = cu_prepare_fp32;
         b.name = "cuda-fp32";
     }
     return &b;
@@ -311,6 +328,7 @@ extern "C" const ml_backend *backend_cuda(void) {
         init_runtime();
         fill_common(&b);
         ml_cuda_fill_gemms(&b, 1);
+        b.prepare = cu_prepare_bf16;
         // tensor-core attention; MOELAB_ATTENTION=fp32 keeps the fp32 kernels (to tell the two apart)
         const char *att = getenv("MOELAB_ATTENTION");
         if (!att || strcmp(att, "fp32")) ml_cuda_fill_attention_tc(&b);

@@ -65,6 +65,7 @@ int balance_init(ml_balance *b, const ml_config *cfg, ml_err *err) {
         }
         b->p[b->n++] = p;
         b->has_loss |= p->loss != NULL;
+        b->has_host_loss |= p->loss != NULL && p->lbl == NULL;
         b->has_cap |= p->cap != NULL;
         b->has_after_step |= p->after_step != NULL;
         if (p->assign) {
@@ -114,6 +115,19 @@ void balance_assign(const ml_balance *b, const ml_config *cfg, const ml_balance_
 void balance_cap(const ml_balance *b, const ml_config *cfg, const ml_balance_layer *x, int32_t *route) {
     for (int i = 0; i < b->n; i++)
         if (b->p[i]->cap) b->p[i]->cap(cfg, x, route);
+}
+
+double balance_lbl(const ml_balance *b, const ml_config *cfg, const ml_balance_layer *x, double *g) {
+    double total = 0, f[x->E];
+    for (int e = 0; e < x->E; e++) g[e] = 0;
+    for (int i = 0; i < b->n; i++) {
+        if (!b->p[i]->lbl) continue;
+        const double coef = b->p[i]->lbl(cfg, x, f);
+        double dot = 0;
+        for (int e = 0; e < x->E; e++) dot += f[e] * x->score_mean[e], g[e] += coef * f[e];
+        total += coef * x->E * dot;
+    }
+    return total;
 }
 
 double balance_loss(const ml_balance *b, const ml_config *cfg, const ml_balance_layer *x) {

@@ -8,9 +8,14 @@
 
 #include "policy.h"
 
+static double lbl(const ml_config *cfg, const ml_balance_layer *x, double *f) {
+    for (int e = 0; e < x->E; e++) f[e] = (double)x->running_selected[e] / ((double)x->running_tokens * x->k);
+    return cfg->balance.aux_coef;
+}
+
 static double loss(const ml_config *cfg, const ml_balance_layer *x) {
     double *f = malloc(sizeof(double) * x->E);
-    for (int e = 0; e < x->E; e++) f[e] = (double)x->running_selected[e] / ((double)x->running_tokens * x->k);
+    lbl(cfg, x, f);
     double l = lbl_term(f, x->scores, x->dscores, 0, x->M, x->E, cfg->balance.aux_coef, 1.0);
     free(f);
     return l;
@@ -22,4 +27,5 @@ const ml_policy policy_global_aux_loss = {
     .keys = (const char *const[]){"balance.aux_coef", NULL},
     .validate = aux_coef_validate,
     .loss = loss,
+    .lbl = lbl,
 };

@@ -43,6 +43,7 @@ typedef struct {
     const int64_t *running_selected; /* (E) choices per expert over the global batch so far, this one included */
     int64_t running_tokens;       /* tokens of the global batch so far, this micro-batch included */
     float *dscores, *dlogits;     /* (M, E) gradient accumulators: a loss adds dL/dscores and dL/dlogits */
+    const double *score_mean;     /* (E) mean over the micro-batch of s_te / sum_e' s_te' (from the backend) */
 } ml_balance_layer;
 
 typedef struct ml_policy {
@@ -55,6 +56,10 @@ typedef struct ml_policy {
     void (*assign)(const ml_config *cfg, const ml_balance_layer *x, int32_t *idx);
     void (*cap)(const ml_config *cfg, const ml_balance_layer *x, int32_t *route);
     double (*loss)(const ml_config *cfg, const ml_balance_layer *x);
+    /* optional, for a loss that is exactly lbl_term(f, scores, dscores, 0, M, E, coef, 1): fills f (E) and
+     * returns coef, so the model can take the value from score_mean and the gradient from the backend's
+     * lbl_backward op without copying the scores to the host */
+    double (*lbl)(const ml_config *cfg, const ml_balance_layer *x, double *f);
     void (*after_step)(const ml_config *cfg, const ml_route_stats *stats, const int *layer_k, float *bias);
 } ml_policy;
 
@@ -64,6 +69,7 @@ typedef struct {
     const ml_policy *p[ML_MAX_POLICIES];
     int n;
     int has_loss, has_assign, has_cap, has_after_step;
+    int has_host_loss; /* a loss without an lbl form: the scores and logits go to the host */
 } ml_balance;
 
 /* Parses balance.policy ("none", "aux_loss+z_loss", ...) and validates each policy's keys. */
@@ -82,6 +88,9 @@ void balance_assign(const ml_balance *b, const ml_config *cfg, const ml_balance_
 void balance_cap(const ml_balance *b, const ml_config *cfg, const ml_balance_layer *x, int32_t *route);
 /* Sum of the loss terms; their gradients accumulate into x->dscores and x->dlogits. */
 double balance_loss(const ml_balance *b, const ml_config *cfg, const ml_balance_layer *x);
+/* For balancings whose losses all have an lbl form (!has_host_loss): g (E) = sum over them of coef * f, and
+ * the summed loss value, from x->score_mean. */
+double balance_lbl(const ml_balance *b, const ml_config *cfg, const ml_balance_layer *x, double *g);
 void balance_after_step(const ml_balance *b, const ml_config *cfg, const ml_route_stats *stats,
                         const int *layer_k, float *bias);
 

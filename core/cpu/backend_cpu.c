@@ -52,6 +52,19 @@ static void cpu_route_stats(double *psum, int32_t *selected, const float *probs,
         if (idx[i] >= 0) selected[idx[i]]++;
 }
 
+static void cpu_lbl_backward(float *dprobs, const float *probs, const float *g, float scale, int M, int E) {
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < M; t++) {
+        const float *s = probs + (size_t)t * E;
+        float *d = dprobs + (size_t)t * E;
+        double sum = 0, dot = 0;
+        for (int e = 0; e < E; e++) sum += s[e], dot += (double)g[e] * s[e];
+        const double inv = 1.0 / sum, c = scale * inv;
+        dot *= inv;
+        for (int e = 0; e < E; e++) d[e] += (float)(c * (g[e] - dot));
+    }
+}
+
 const ml_backend *backend_cpu(void) {
     static const ml_backend b = {
         .name = "cpu",
@@ -78,6 +91,7 @@ const ml_backend *backend_cpu(void) {
         .router_forward = router_forward,
         .router_backward = router_backward,
         .route_stats = cpu_route_stats,
+        .lbl_backward = cpu_lbl_backward,
         .moe_dispatch = cpu_moe_dispatch,
         .permute_forward = permute_forward,
         .permute_backward = permute_backward,
