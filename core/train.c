@@ -87,18 +87,15 @@ int train_run(const ml_config *cfg_in, const ml_train_opts *opts, ml_train_resul
     char train_path[1100], val_path[1100], ckpt_path[1100], path[1100];
     snprintf(train_path, sizeof train_path, "%s/train.bin", cfg.data.dir);
     snprintf(val_path, sizeof val_path, "%s/val.bin", cfg.data.dir);
+    const ml_backend *be; /* first: a backend that cannot run is the first thing to say */
+    char why[512];
+    if (backend_select(opts ? opts->backend : NULL, &be, why, sizeof why)) return ml_errf(err, ML_EINPUT, "%s", why);
     ml_loader train = {0}, val = {0};
     const int B = cfg.train.batch, T = cfg.model.seq_len;
     if ((rc = loader_open(&train, train_path, B, T, cfg.model.vocab, err))) return rc;
     if ((rc = loader_open(&val, val_path, B, T, cfg.model.vocab, err))) {
         loader_close(&train);
         return rc;
-    }
-    const ml_backend *be;
-    char why[512];
-    if (backend_select(opts ? opts->backend : NULL, &be, why, sizeof why)) {
-        rc = ml_errf(err, ML_EINPUT, "%s", why);
-        goto done_loaders;
     }
     ml_model *m = calloc(1, sizeof *m);
     if ((rc = model_init(m, &cfg, be, B, 0, err))) {

@@ -38,6 +38,19 @@ expect 2 "model.bogus: unknown key" -- train model.bogus=1
 expect 2 "train.lr: 'fast' is not a finite number" -- train train.lr=fast
 expect 2 "unknown option '--frob'" -- train --frob
 
+# backends: an unknown name; the GPU tables where no GPU is usable (a GPU machine runs them instead)
+expect 2 "--backend: 'tpu' is not cpu, cuda, cuda-fp32 or auto" -- train --backend tpu "${small[@]}" run.dir="$tmp/b0"
+expect 2 "--backend: 'tpu' is not cpu, cuda, cuda-fp32 or auto" -- bench --backend tpu preset=tiny --steps 1
+if ! nvidia-smi -L >/dev/null 2>&1; then
+    for be in cuda cuda-fp32; do
+        expect 2 "--backend $be: (no usable GPU|this moelab was built without the CUDA backend)" -- \
+            bench --backend $be preset=tiny --steps 1
+    done
+    [ -e "$tmp/b0" ] && { failed=$((failed + 1)); echo "FAIL: a refused backend left a run folder"; }
+else
+    echo "note: a GPU is present: the no-GPU backend messages are not checked here (the gpu suite runs it)"
+fi
+
 # shards: missing, wrong magic, truncated, tokens outside the vocabulary
 mkdir -p "$tmp/bad" "$tmp/short"
 expect 2 "$tmp/none/train.bin" -- train "${small[@]}" data.dir="$tmp/none" run.dir="$tmp/r0"
