@@ -437,6 +437,7 @@ static void test_bf16_training(void) {
             break;
         }
         model_init_weights(m, 11);
+        const long allocs = cuda_alloc_count();
         for (int s = 0; s < STEPS; s++) {
             model_zero_grad(m);
             model_begin_step(m, (uint64_t)s * Mt);
@@ -446,6 +447,9 @@ static void test_bf16_training(void) {
             model_adamw(m, 3e-3f, norm > 1 ? (float)(1 / norm) : 1, s + 1);
             model_end_step(m);
         }
+        if (r < 2)
+            CHECK(cuda_alloc_count() == allocs, "%s: no device allocation inside %d steps (%ld)", bes[r]->name, STEPS,
+                  cuda_alloc_count() - allocs);
         n = m->nparams;
         params[r] = malloc(sizeof(float) * n);
         bes[r]->to_host(params[r], m->params, sizeof(float) * n);
