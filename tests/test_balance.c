@@ -1,6 +1,7 @@
 /* test_balance.c: the load-balancing policies and the imbalance metrics.
  *  - every loss term's gradient (aux, seq, global with running counts, top1, z) against central finite
- *    differences through the router (softmax and sigmoid scores);
+ *    differences through the router (softmax and sigmoid scores); the lbl form of aux and global (value
+ *    from mean scores, gradient from lbl_backward) against their own loss;
  *  - loss_free: on a router with fixed skewed logits the bias updates bring MaxVio under 0.05 within a stated
  *    number of updates while the gates stay the unbiased scores; in training the update happens once per
  *    global batch, not per micro-batch;
@@ -103,6 +104,45 @@ static void check_loss_gradient(const char *policy, int score, int k, uint64_t s
           score == SCORE_SIGMOID ? "sigmoid" : "softmax", k, worst, gmax, skipped);
     printf("gradient %-16s %-7s k=%d: worst error %.2e of max %.2e (%d flips skipped)\n", policy,
            score == SCORE_SIGMOID ? "sigmoid" : "softmax", k, worst, gmax, skipped);
+}
+
+/* The lbl form of a loss (value from the mean scores, gradient from the backend's lbl_backward, what the
+ * model uses when no policy needs the scores on the host) equals the policy's own loss and gradient. */
+static void check_lbl_form(const char *policy, uint64_t seed) {
+    const ml_backend *be = backend_cpu();
+    const ml_policy *p = policy_find(policy);
+    ml_config cfg;
+    config_preset(&cfg, "tiny", NULL);
+    cfg.balance.aux_coef = 0.07f;
+    ml_rng rng;
+    rng_seed(&rng, seed);
+    const int M = GM, E = GE, k = 2;
+    float logits[GM * GE], scores[GM * GE], gate[GM * 2], dscores[GM * GE] = {0}, dlogits[GM * GE] = {0};
+    float dprobs[GM * GE] = {0}, gf[GE];
+    int32_t idx[GM * 2], selected[GE];
+    int64_t running[GE];
+    double psum[GE], mean[GE], f[GE], g[GE];
+    for (int i = 0; i < M * E; i++) logits[i] = (float)rng_normal(&rng);
+    ml_router_params rp = {.E = E, .k = k, .score = SCORE_SOFTMAX, .route_scale = 1};
+    router_forward(scores, idx, gate, logits, NULL, M, &rp);
+    be->route_stats(psum, selected, scores, idx, M, k, E);
+    for (int e = 0; e < E; e++) running[e] = selected[e] + 3 * e, mean[e] = psum[e] / M;
+    ml_balance_layer x = {.layer = 0, .M = M, .E = E, .k = k, .B = GB, .T = GT, .logits = logits, .scores = scores,
+                          .idx = idx, .selected = selected, .running_selected = running,
+                          .running_tokens = M + 3 * 15 / k, .dscores = dscores, .dlogits = dlogits,
+                          .score_mean = mean};
+    const double want = p->loss(&cfg, &x), coef = p->lbl(&cfg, &x, f);
+    double got = 0;
+    for (int e = 0; e < E; e++) got += coef * E * f[e] * mean[e], g[e] = coef * f[e], gf[e] = (float)g[e];
+    ml_balance bal = {.p = {p}, .n = 1, .has_loss = 1};
+    const double via_balance = balance_lbl(&bal, &cfg, &x, g);
+    be->lbl_backward(dprobs, scores, gf, (float)E / M, M, E);
+    double worst = 0, dmax = 0;
+    for (int i = 0; i < M * E; i++) worst = fmax(worst, fabs(dprobs[i] - dscores[i])), dmax = fmax(dmax, fabs(dscores[i]));
+    CHECK(NEAR(got, want, 1e-12 * fabs(want)) && NEAR(via_balance, want, 1e-12 * fabs(want)),
+          "%s lbl form: value %.17g (balance_lbl %.17g) vs loss %.17g", policy, got, via_balance, want);
+    CHECK(dmax > 0 && worst <= 1e-6 * dmax, "%s lbl form: lbl_backward vs the loss's dscores, worst %.3g of %.3g",
+          policy, worst, dmax);
 }
 
 /* ---------------------------------------------------------------- loss_free */
@@ -404,6 +444,8 @@ int main(int argc, char **argv) {
     for (size_t i = 0; i < sizeof losses / sizeof losses[0]; i++)
         for (int score = 0; score < 2; score++)
             for (int k = 1; k <= 2; k++) check_loss_gradient(losses[i], score, k, 100 + i * 7 + score * 3 + k);
+    check_lbl_form("aux_loss", 5);
+    check_lbl_form("global_aux_loss", 6);
     check_loss_free_router(SCORE_SOFTMAX, 300);
     check_loss_free_router(SCORE_SIGMOID, 300);
     check_schedule();
