@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-packages=(meson ninja-build pkg-config gcc libopenblas-openmp-dev libopenblas-dev libpcre2-dev
+packages=(meson ninja-build pkg-config gcc g++ libopenblas-openmp-dev libopenblas-dev libpcre2-dev
           libsqlite3-dev libyaml-dev libhdf5-dev hdf5-tools python3 python3-h5py python3-numpy gnuplot-nox patchelf)
 # npm fetches the pinned corpus; any Node.js install will do, Debian's npm otherwise
 command -v npm >/dev/null || packages+=(npm)

@@ -90,7 +90,8 @@ __global__ void k_attn_fwd_tc(float *out, float *lse, const float *q, const floa
         mma_rows<NK, BT / 16, frag_b_col>(S, BT, Qs + warp * 16 * DP, DP, Ks, 16 * DP, 16, DP); // S = Q K^T
         __syncwarp();
         float mx = -INFINITY;
-        for (int c = c0; c < c0 + BT / 2; c++) {
+        for (int j = 0; j < BT / 2; j++) {
+            const int c = c0 + (j + lane) % (BT / 2); // staggered: the lanes of a warp hit 32 different banks
             float x = s0 + c <= t && t < T ? S[r * BT + c] * scale : -INFINITY;
             S[r * BT + c] = x;
             mx = fmaxf(mx, x);
@@ -98,14 +99,15 @@ __global__ void k_attn_fwd_tc(float *out, float *lse, const float *q, const floa
         mx = fmaxf(mx, __shfl_xor_sync(FULL, mx, 1));
         const float m_old = Ms[warp * 16 + r], m_new = fmaxf(m_old, mx);
         float sum = 0;
-        for (int c = c0; c < c0 + BT / 2; c++) {
+        for (int j = 0; j < BT / 2; j++) {
+            const int c = c0 + (j + lane) % (BT / 2); // staggered: the lanes of a warp hit 32 different banks
             float p = m_new == -INFINITY ? 0.f : expf(S[r * BT + c] - m_new);
             P[r * BT + c] = __float2bfloat16_rn(p);
             sum += __bfloat162float(P[r * BT + c]); // the sum of what the P V product will see
         }
         sum += __shfl_xor_sync(FULL, sum, 1);
         const float corr = m_old == -INFINITY ? 0.f : expf(m_old - m_new);
-        for (int d = (lane % 2) * (DP / 2); d < (lane % 2 + 1) * (DP / 2); d++) O[r * DP + d] *= corr;
+        for (int j = 0; j < DP / 2; j++) O[r * DP + (lane % 2) * (DP / 2) + (j + lane) % (DP / 2)] *= corr;
         __syncwarp();
         if (lane % 2 == 0) Ms[warp * 16 + r] = m_new, Ls[warp * 16 + r] = Ls[warp * 16 + r] * corr + sum;
         for (int n = 0; n < NK; n++) { // O += P V
@@ -164,7 +166,8 @@ __global__ void k_attn_dq_tc(float *dq, const float *dout, const float *lse, con
         mma_rows<NK, BT / 16, frag_b_col>(S, BT, Qs + warp * 16 * DP, DP, Ks, 16 * DP, 16, DP);  // Q K^T
         mma_rows<NK, BT / 16, frag_b_col>(Dp, BT, Gs + warp * 16 * DP, DP, Vs, 16 * DP, 16, DP); // dO V^T
         __syncwarp();
-        for (int c = c0; c < c0 + BT / 2; c++) {
+        for (int j = 0; j < BT / 2; j++) {
+            const int c = c0 + (j + lane) % (BT / 2); // staggered: the lanes of a warp hit 32 different banks
             float ds = 0;
             if (s0 + c <= t && t < T) {
                 float p = expf(S[r * BT + c] * scale - L);
@@ -225,11 +228,12 @@ __global__ void k_attn_dkv_tc(float *dk, float *dv, const float *dout, const flo
                 Dq[i] = q0 + i < T ? delta[row] : 0.f;
             }
             __syncthreads();
-            if (w0 >= T || q0 + BT - 1 < w0) continue; // warp-uniform: no query of this tile sees these keys
+            if (w0 >= T) continue; // warp-uniform: no keys in this warp (every tile has a query >= w0)
             mma_rows<NK, BT / 16, frag_b_col>(S, BT, Ks + warp * 16 * DP, DP, Qs, 16 * DP, 16, DP);  // K Q^T
             mma_rows<NK, BT / 16, frag_b_col>(Dp, BT, Vs + warp * 16 * DP, DP, Gs, 16 * DP, 16, DP); // V dO^T
             __syncwarp();
-            for (int c = c0; c < c0 + BT / 2; c++) {
+            for (int j = 0; j < BT / 2; j++) {
+            const int c = c0 + (j + lane) % (BT / 2); // staggered: the lanes of a warp hit 32 different banks
                 const int tq = q0 + c;
                 float p = 0, ds = 0;
                 if (tq < T && tq >= s && s < T) {
@@ -309,7 +313,7 @@ static void bwd(float *dq, float *dk, float *dv, const float *dout, const float 
     case 6: CALL(6); break;                                                                                \
     case 7: CALL(7); break;                                                                                \
     case 8: CALL(8); break;                                                                                \
-    default: ml_cuda_die("attention", "head dimension above 128");                                         \
+    default: ml_cuda_die("attention", "head dimension outside 1..128");                                    \
     }
 
 void ml_attention_delta(float *delta, const float *dout, const float *out, int B, int T, int H, int hd); // attention_cuda.cu
