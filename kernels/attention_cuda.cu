@@ -17,7 +17,7 @@ static size_t cu_attention_state_floats(int B, int T, int H) { return 2 * (size_
 
 __global__ void k_flash_forward(float *out, float *lse, const float *q, const float *k, const float *v, int T, int H,
                                 int KV, int hd, float scale) {
-    extern __shared__ float sm[];
+    ML_DYNAMIC_SMEM(float, sm);
     const int ld = hd + 1; // padded rows: lane j reading row j hits bank (j + d) % 32
     float *Ks = sm, *Vs = Ks + TILE * ld, *Qs = Vs + TILE * ld;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -93,7 +93,7 @@ void ml_attention_delta(float *delta, const float *dout, const float *out, int B
 // dq: one warp per query row, key tiles as in the forward
 __global__ void k_flash_backward_dq(float *dq, const float *dout, const float *lse, const float *delta, const float *q,
                                     const float *k, const float *v, int T, int H, int KV, int hd, float scale) {
-    extern __shared__ float sm[];
+    ML_DYNAMIC_SMEM(float, sm);
     const int ld = hd + 1;
     float *Ks = sm, *Vs = Ks + TILE * ld, *Qs = Vs + TILE * ld, *Gs = Qs + ROWS * hd;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -149,7 +149,7 @@ __global__ void k_flash_backward_dq(float *dq, const float *dout, const float *l
 __global__ void k_flash_backward_dkv(float *dk, float *dv, const float *dout, const float *lse, const float *delta,
                                      const float *q, const float *k, const float *v, int T, int H, int KV, int hd,
                                      float scale) {
-    extern __shared__ float sm[];
+    ML_DYNAMIC_SMEM(float, sm);
     const int ld = hd + 1;
     float *Qs = sm, *Gs = Qs + TILE * ld, *Kr = Gs + TILE * ld, *Vr = Kr + ROWS * hd, *Ls = Vr + ROWS * hd;
     float *Ds = Ls + TILE;

@@ -67,7 +67,7 @@ template <int NK>
 __global__ void k_attn_fwd_tc(float *out, float *lse, const float *q, const float *k, const float *v, int T, int H,
                               int KV, int hd, float scale) {
     constexpr int DP = 16 * NK;
-    extern __shared__ __align__(128) unsigned char smem[];
+    ML_DYNAMIC_SMEM(unsigned char, smem);
     bf16 *Qs = (bf16 *)smem, *Ks = Qs + BQ * DP, *Vs = Ks + BT * DP;
     float *Ss = (float *)(Vs + BT * DP);
     bf16 *Ps = (bf16 *)(Ss + BQ * BT);
@@ -140,7 +140,7 @@ template <int NK>
 __global__ void k_attn_dq_tc(float *dq, const float *dout, const float *lse, const float *delta, const float *q,
                              const float *k, const float *v, int T, int H, int KV, int hd, float scale) {
     constexpr int DP = 16 * NK;
-    extern __shared__ __align__(128) unsigned char smem[];
+    ML_DYNAMIC_SMEM(unsigned char, smem);
     bf16 *Qs = (bf16 *)smem, *Gs = Qs + BQ * DP, *Ks = Gs + BQ * DP, *Vs = Ks + BT * DP;
     float *Ss = (float *)(Vs + BT * DP), *Dps = Ss + BQ * BT; // per warp 16 x BT each
     bf16 *DSs = (bf16 *)(Dps + BQ * BT);
@@ -202,7 +202,7 @@ __global__ void k_attn_dkv_tc(float *dk, float *dv, const float *dout, const flo
                               const float *q, const float *k, const float *v, int T, int H, int KV, int hd,
                               float scale) {
     constexpr int DP = 16 * NK;
-    extern __shared__ __align__(128) unsigned char smem[];
+    ML_DYNAMIC_SMEM(unsigned char, smem);
     bf16 *Ks = (bf16 *)smem, *Vs = Ks + BQ * DP, *Qs = Vs + BQ * DP, *Gs = Qs + BT * DP;
     float *Ss = (float *)(Gs + BT * DP), *Dps = Ss + BQ * BT, *Lq = Dps + BQ * BT, *Dq = Lq + BT;
     bf16 *Ps = (bf16 *)(Dq + BT), *DSs = Ps + BQ * BT;

@@ -36,18 +36,27 @@ extern cublasHandle_t ml_blas; // created by backend_cuda*() (runtime_cuda.cu)
         cublasStatus_t s_ = (call);                                                    \
         if (s_ != CUBLAS_STATUS_SUCCESS) ml_cuda_die(op, cublasGetStatusString(s_));   \
     } while (0)
+// A kernel launch and a kernel's dynamic shared memory. Under ML_CUDA_EMU (tests/emu) the host emulator runs
+// the same kernels: launches become calls into it and dynamic shared memory its buffer.
+#ifdef ML_CUDA_EMU
+#define ML_KERNEL_CALL(grid, block, smem, kernel, ...) ml_emu_launch(dim3(grid), (block), (smem), [=] { kernel(__VA_ARGS__); })
+#define ML_DYNAMIC_SMEM(type, name) type *name = (type *)ml_emu_smem()
+#else
+#define ML_KERNEL_CALL(grid, block, smem, kernel, ...) kernel<<<(grid), (block), (smem)>>>(__VA_ARGS__)
+#define ML_DYNAMIC_SMEM(type, name) extern __shared__ __align__(128) type name[]
+#endif
 // a kernel launch: checks the launch itself; errors inside the kernel surface at the next sync
 #define LAUNCH(op, grid, block, kernel, ...)                                           \
     do {                                                                               \
         if ((grid) > 0) {                                                              \
-            kernel<<<(grid), (block)>>>(__VA_ARGS__);                                  \
+            ML_KERNEL_CALL(grid, block, 0, kernel, __VA_ARGS__);                       \
             CK(op, cudaGetLastError());                                                \
         }                                                                              \
     } while (0)
 #define LAUNCH_SMEM(op, grid, block, smem, kernel, ...)                                \
     do {                                                                               \
         if ((grid).x > 0 && (grid).y > 0 && (grid).z > 0) {                            \
-            kernel<<<(grid), (block), (smem)>>>(__VA_ARGS__);                          \
+            ML_KERNEL_CALL(grid, block, smem, kernel, __VA_ARGS__);                    \
             CK(op, cudaGetLastError());                                                \
         }                                                                              \
     } while (0)

@@ -337,7 +337,7 @@ __device__ int chunk_warp_histogram(int32_t *sh, const int32_t *idx, int n, int 
     return rank;
 }
 __global__ void k_dispatch_count(int32_t *chunk_counts, const int32_t *idx, int n, int E) {
-    extern __shared__ int32_t sh[];
+    ML_DYNAMIC_SMEM(int32_t, sh);
     int e;
     chunk_warp_histogram(sh, idx, n, E, &e);
     for (int x = threadIdx.x; x < E; x += blockDim.x) {
@@ -367,7 +367,7 @@ __global__ void k_dispatch_scan(int32_t *counts, int32_t *offsets, int32_t *chun
         for (int ch = 0; ch < chunks; ch++) chunk_base[(size_t)ch * E + e] += offsets[e];
 }
 __global__ void k_dispatch_slots(int32_t *slot, const int32_t *chunk_base, const int32_t *idx, int n, int E) {
-    extern __shared__ int32_t sh[];
+    ML_DYNAMIC_SMEM(int32_t, sh);
     int e, rank = chunk_warp_histogram(sh, idx, n, E, &e);
     const int i = blockIdx.x * DISPATCH_CHUNK + threadIdx.x, warp = threadIdx.x / 32;
     if (i >= n) return;

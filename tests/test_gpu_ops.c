@@ -4,7 +4,9 @@
  *   cuda-fp32: below 1e-5 for elementwise ops, 1e-4 for reductions, GEMMs and attention (summation order);
  *   cuda (bf16 GEMM inputs, fp32 accumulation): below 2e-2 for GEMMs (bf16 keeps 8 significant bits);
  *   indices, counts, offsets and slots exactly equal; an empty expert's weight gradient bit for bit unchanged.
- * Without a usable GPU it prints why and exits 77, which meson reports as SKIP. */
+ * Without a usable GPU it prints why and exits 77, which meson reports as SKIP. The same file also runs on the
+ * host CUDA emulator (test gpu_ops_emu, tests/emu; MOELAB_GPU_TEST_EMULATED=1 leaves out the longest
+ * attention shapes there), which checks the backend's logic but not the GPU. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -192,14 +194,17 @@ static void test_attention(void) {
     cpu->rope_backward(dq, go, cs, sn, B, T, H, HD), gpu->rope_backward(d_dq, d_go, d_cs, d_sn, B, T, H, HD);
     SAME("rope_backward", dq, d_dq, nq, 1e-6);
     free(q), free(go), free(dq), free(qr);
+    /* under the host emulator (gpu_ops_emu) the long sequences take minutes: test_attention_emu covers them */
+    const int emulated = getenv("MOELAB_GPU_TEST_EMULATED") != NULL;
     for (int i = 0; i < 2; i++) {
         const ml_backend *be = i ? gbf : gpu;
-        check_attention(be, B, T, H, KV, HD);   /* shorter than one tile */
-        check_attention(be, 2, 77, 4, 4, 32);   /* ragged tiles, no grouping */
+        check_attention(be, B, T, H, KV, HD); /* shorter than one tile */
+        check_attention(be, 2, 77, 4, 4, 32); /* ragged tiles, no grouping */
+        check_attention(be, 1, 70, 2, 2, 40); /* a head size that is not a multiple of 16 */
+        if (emulated) continue;
         check_attention(be, 1, 300, 8, 2, 64);  /* several key tiles, groups of 4 */
         check_attention(be, 1, 1100, 4, 1, 96); /* Sigma-MoE-Tiny's head size, one kv head */
         check_attention(be, 1, 256, 2, 1, 128); /* the largest head size the kernels take */
-        check_attention(be, 1, 70, 2, 2, 40);   /* a head size that is not a multiple of 16 */
     }
 }
 
@@ -335,6 +340,7 @@ static void test_moe(int score, int order, int norm_topk) {
                                                                              : "one GEMM per expert (refused)");
     }
     cuda_set_grouped_gemm(1);
+    gpu->from_host(d_dxe, dxe, rows * C * 4); /* the CPU's dinp: the last path above was bf16 */
     free(dw0);
     float *dx = calloc(M * C, 4), *d_dx = gpu->alloc(M * C * 4);
     cpu->permute_backward(dx, dxe, slot, M, KK, C), gpu->permute_backward(d_dx, d_dxe, d_slot, M, KK, C);
@@ -419,13 +425,15 @@ static void test_model_step(const char *policy) {
 static void test_bf16_training(void) {
     ml_config cfg;
     config_preset(&cfg, "tiny", NULL);
-    enum { STEPS = 50 };
+    enum { MAX_STEPS = 50 };
+    /* under the host emulator 50 steps take many minutes: 6 there (agreement and determinism, not learning) */
+    const int emulated = getenv("MOELAB_GPU_TEST_EMULATED") != NULL, STEPS = emulated ? 6 : MAX_STEPS;
     const int Bm = 4, Mt = Bm * cfg.model.seq_len;
     int32_t *tok = malloc(sizeof(int32_t) * (Mt + 1)), period[97];
     for (int i = 0; i < 97; i++) period[i] = (int32_t)(rng_next(&rng) % cfg.model.vocab);
     for (int i = 0; i <= Mt; i++) tok[i] = period[i % 97];
     const ml_backend *bes[3] = {gpu, gbf, gbf};
-    float curve[3][STEPS];
+    float curve[3][MAX_STEPS];
     float *params[3] = {0};
     size_t n = 0;
     for (int r = 0; r < 3; r++) {
@@ -464,13 +472,14 @@ static void test_bf16_training(void) {
         }
         CHECK(dmax <= 0, "bf16 vs fp32 over %d steps: losses within 3%% + 0.02 (worst step %d: %.4f vs %.4f)", STEPS,
               worst + 1, curve[1][worst], curve[0][worst]);
-        CHECK(curve[0][STEPS - 1] < 0.7f * curve[0][0] && curve[1][STEPS - 1] < 0.7f * curve[1][0],
-              "both precisions learn: fp32 %.3f -> %.3f, bf16 %.3f -> %.3f", curve[0][0], curve[0][STEPS - 1],
-              curve[1][0], curve[1][STEPS - 1]);
-        CHECK(!memcmp(curve[1], curve[2], sizeof curve[1]) && !memcmp(params[1], params[2], sizeof(float) * n),
+        if (!emulated)
+            CHECK(curve[0][STEPS - 1] < 0.7f * curve[0][0] && curve[1][STEPS - 1] < 0.7f * curve[1][0],
+                  "both precisions learn: fp32 %.3f -> %.3f, bf16 %.3f -> %.3f", curve[0][0], curve[0][STEPS - 1],
+                  curve[1][0], curve[1][STEPS - 1]);
+        CHECK(!memcmp(curve[1], curve[2], sizeof(float) * STEPS) && !memcmp(params[1], params[2], sizeof(float) * n),
               "bf16 twice from the same seed: identical losses and parameters");
-        printf("bf16 vs fp32 loss at steps 1, 10, 25, 50: %.4f/%.4f %.4f/%.4f %.4f/%.4f %.4f/%.4f\n", curve[1][0],
-               curve[0][0], curve[1][9], curve[0][9], curve[1][24], curve[0][24], curve[1][49], curve[0][49]);
+        printf("bf16 vs fp32 loss at steps 1, %d/2, %d: %.4f/%.4f %.4f/%.4f %.4f/%.4f\n", STEPS, STEPS, curve[1][0],
+               curve[0][0], curve[1][STEPS / 2 - 1], curve[0][STEPS / 2 - 1], curve[1][STEPS - 1], curve[0][STEPS - 1]);
     }
     for (int r = 0; r < 3; r++) free(params[r]);
     free(tok);

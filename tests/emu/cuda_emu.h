@@ -1,133 +1,236 @@
-// cuda_emu.h: the CUDA features kernels/attention_tc.cu uses, emulated on the host so its kernels run (and are
-// tested) on a machine without a GPU. Threads are fibers (ucontext) scheduled in a chosen order; __syncthreads
-// and __syncwarp are real barriers (a barrier some threads never reach is reported as a deadlock); shuffles
-// go through the barrier. WMMA fragments hold whole 16x16 tiles with the documented row/col-major and leading
-// dimension rules; every WMMA pointer is checked to lie in shared memory, 32-byte aligned, with a leading
-// dimension that is a multiple of 16 bytes, and a store writes only the calling lane's share of the tile, so
-// a load that misses a __syncwarp reads stale data. What this cannot show: the hardware's speed, its exact
-// rounding inside mma (here fp32 sums in a fixed order) and the real fragment-to-lane mapping.
+// cuda_emu.h: the parts of CUDA, cuBLAS and WMMA that kernels/*.cu use, emulated on the host, so the CUDA
+// backend's own source runs (and is tested) on a machine without a GPU (tests/emu/include/* stand in for the
+// toolkit's headers; kernels/cuda_common.cuh routes launches and dynamic shared memory here under ML_CUDA_EMU).
+//   threads   fibers (ucontext), one block at a time, scheduled in a chosen order (ml_emu_set_order);
+//             __syncthreads and __syncwarp are real barriers: a barrier some threads never reach is reported
+//             as a deadlock (exit 4); shuffles and __match_any_sync exchange values through a warp barrier;
+//   memory    "device" memory is host memory; static __shared__ arrays are function statics (blocks run one
+//             after another); dynamic shared memory is filled with NaN bytes before each block and guarded by
+//             a canary (an overflowing write exits 6); launches check the dynamic size against the attribute
+//             set with cudaFuncSetAttribute and the H100's limit;
+//   WMMA      fragments hold whole 16x16 tiles with the documented row/col-major and leading-dimension rules;
+//             every WMMA pointer is checked to lie in shared memory, 32-byte aligned, with a leading dimension
+//             that is a multiple of 16 bytes (ml_emu_violations counts failures); a store writes only the
+//             calling lane's share, so a load that misses a __syncwarp reads stale data;
+//   cuBLAS    Sgemm, GemmEx and GemmGroupedBatchedEx as the documentation defines them (column-major,
+//             C = alpha op(A) op(B) + beta C), fp32 sums in k order; bf16 inputs read as bf16.
+// What this cannot show: speed, the hardware's rounding inside mma and cuBLAS, the real fragment-to-lane map.
 #pragma once
+
+#include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <vector>
 #include <functional>
-#include <ucontext.h>
-#include <random>
-#include <algorithm>
+#include <type_traits>
 
-struct bf16 { uint16_t u; };
-static inline bf16 __float2bfloat16_rn(float f) {
-    uint32_t x; memcpy(&x, &f, 4);
-    bf16 r;
-    if ((x & 0x7fffffffu) > 0x7f800000u) { r.u = (uint16_t)((x >> 16) | 0x40); return r; }
-    uint32_t lsb = (x >> 16) & 1; x += 0x7fff + lsb; r.u = (uint16_t)(x >> 16); return r;
-}
-static inline float __bfloat162float(bf16 b) { uint32_t x = (uint32_t)b.u << 16; float f; memcpy(&f, &x, 4); return f; }
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__
+#define __shared__ static
+#define __align__(n)
 
-struct uint3_ { unsigned x, y, z; };
-struct dim3 { unsigned x, y, z; dim3(unsigned a = 1, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {} };
-
-// ---- fibers ----
-enum { RUN, WWAIT, BWAIT, DONE };
-struct Fiber { ucontext_t ctx; int state; uint3_ tidx; char *stack; };
-extern Fiber *g_fib; extern int g_nthreads, g_cur; extern ucontext_t g_sched;
-extern uint3_ blockIdx, gridDim; extern uint3_ blockDim;
-extern unsigned char *g_smem; extern size_t g_smem_size;
-#define threadIdx (g_fib[g_cur].tidx)
-static inline void fiber_block(int st) { g_fib[g_cur].state = st; swapcontext(&g_fib[g_cur].ctx, &g_sched); }
-static inline void __syncthreads() { fiber_block(BWAIT); }
-static inline void __syncwarp(unsigned = 0xffffffffu) { fiber_block(WWAIT); }
-extern float g_shfl[1024];
-static inline float __shfl_xor_sync(unsigned, float v, int m) {
-    g_shfl[g_cur] = v; __syncwarp();
-    float r = g_shfl[(g_cur & ~31) | ((g_cur & 31) ^ m)]; __syncwarp();
+// ---- bf16 ----
+struct __nv_bfloat16 {
+    uint16_t u;
+};
+static inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    __nv_bfloat16 r;
+    if ((x & 0x7fffffffu) > 0x7f800000u) return r.u = (uint16_t)((x >> 16) | 0x40), r; // NaN stays NaN
+    x += 0x7fffu + ((x >> 16) & 1); // round to nearest even
+    r.u = (uint16_t)(x >> 16);
     return r;
 }
-static inline float __shfl_sync(unsigned, float v, int src) {
-    g_shfl[g_cur] = v; __syncwarp();
-    float r = g_shfl[(g_cur & ~31) | (src & 31)]; __syncwarp();
+static inline float __bfloat162float(__nv_bfloat16 b) {
+    uint32_t x = (uint32_t)b.u << 16;
+    float f;
+    memcpy(&f, &x, 4);
+    return f;
+}
+
+// ---- launch geometry and threads ----
+struct dim3 {
+    unsigned x, y, z;
+    dim3(unsigned a = 1, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {}
+};
+struct ml_emu_idx {
+    unsigned x, y, z;
+};
+extern ml_emu_idx blockIdx, gridDim, blockDim;
+extern int ml_emu_cur;                    // the running thread of the block
+const ml_emu_idx &ml_emu_thread_idx(void); // its threadIdx
+#define threadIdx (ml_emu_thread_idx())
+
+void ml_emu_launch(dim3 grid, int block, size_t smem, std::function<void()> body);
+unsigned char *ml_emu_smem(void);
+void ml_emu_set_order(int order); // 0 ascending, 1 descending, 2 random (seeded)
+extern long ml_emu_violations;    // WMMA pointer/layout rule breaks so far
+
+void ml_emu_barrier(int kind); // 1 = warp, 2 = block
+static inline void __syncthreads() { ml_emu_barrier(2); }
+static inline void __syncwarp(unsigned = 0xffffffffu) { ml_emu_barrier(1); }
+
+template <class T> static inline T ml_emu_exchange(T v, int src_lane) {
+    static T slot[1024];
+    slot[ml_emu_cur] = v;
+    __syncwarp();
+    T r = slot[(ml_emu_cur & ~31) | (src_lane & 31)];
+    __syncwarp();
     return r;
 }
-static inline float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
+template <class T> static inline T __shfl_xor_sync(unsigned, T v, int m) {
+    return ml_emu_exchange(v, (ml_emu_cur & 31) ^ m);
 }
-static inline float warp_max(float v) {
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
+template <class T> static inline T __shfl_sync(unsigned, T v, int src) { return ml_emu_exchange(v, src); }
+static inline unsigned __match_any_sync(unsigned, int v) {
+    static int slot[1024];
+    slot[ml_emu_cur] = v;
+    __syncwarp();
+    unsigned m = 0;
+    for (int l = 0; l < 32; l++) m |= (unsigned)(slot[(ml_emu_cur & ~31) | l] == v) << l;
+    __syncwarp();
+    return m;
 }
-static inline unsigned ml_blocks(size_t n, int per = 256) { return (unsigned)((n + per - 1) / per); }
+static inline int __popc(unsigned x) { return __builtin_popcount(x); }
 static inline int min(int a, int b) { return a < b ? a : b; }
 static inline int max(int a, int b) { return a > b ? a : b; }
 
-// ---- wmma ----
-extern long g_wmma_violations;
-static inline void chk_ptr(const void *p, unsigned ld, int elem, const char *what) {
-    const unsigned char *c = (const unsigned char *)p;
-    if (c < g_smem || c >= g_smem + g_smem_size) { if (g_wmma_violations++ < 10) fprintf(stderr, "%s: pointer outside smem\n", what); return; }
-    if ((c - g_smem) % 32) { if (g_wmma_violations++ < 10) fprintf(stderr, "%s: pointer offset %ld not 32B aligned\n", what, (long)(c - g_smem)); }
-    if (ld % (16 / elem)) { if (g_wmma_violations++ < 10) fprintf(stderr, "%s: ld %u not multiple of 16 bytes\n", what, ld); }
+// ---- runtime API ----
+typedef int cudaError_t;
+enum { cudaSuccess = 0, cudaErrorMemoryAllocation = 2 };
+enum cudaMemcpyKind { cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice };
+enum { cudaEventDisableTiming = 2 };
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
+typedef struct ml_emu_event *cudaEvent_t;
+typedef void *cudaStream_t;
+struct cudaDeviceProp {
+    char name[256];
+    int major, minor;
+    size_t totalGlobalMem;
+};
+cudaError_t cudaMalloc(void **p, size_t bytes);
+template <class T> static inline cudaError_t cudaMalloc(T **p, size_t bytes) { return cudaMalloc((void **)p, bytes); }
+cudaError_t cudaMallocHost(void **p, size_t bytes);
+template <class T> static inline cudaError_t cudaMallocHost(T **p, size_t bytes) {
+    return cudaMallocHost((void **)p, bytes);
 }
-static inline void chk_elem(const void *p, const char *what) {
-    const unsigned char *c = (const unsigned char *)p;
-    if (c < g_smem || c >= g_smem + g_smem_size) { if (g_wmma_violations++ < 10) fprintf(stderr, "%s: element outside smem (off %ld of %zu)\n", what, (long)(c - g_smem), g_smem_size); }
+cudaError_t cudaFree(void *p);
+cudaError_t cudaMemset(void *p, int v, size_t bytes);
+cudaError_t cudaMemsetAsync(void *p, int v, size_t bytes, cudaStream_t s = 0);
+cudaError_t cudaMemcpy(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind);
+cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind, cudaStream_t s = 0);
+cudaError_t cudaDeviceSynchronize(void);
+cudaError_t cudaGetLastError(void);
+const char *cudaGetErrorString(cudaError_t e);
+cudaError_t cudaGetDeviceCount(int *n);
+cudaError_t cudaGetDeviceProperties(cudaDeviceProp *p, int dev);
+cudaError_t cudaEventCreate(cudaEvent_t *e);
+cudaError_t cudaEventCreateWithFlags(cudaEvent_t *e, unsigned flags);
+cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s = 0);
+cudaError_t cudaEventSynchronize(cudaEvent_t e);
+cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t a, cudaEvent_t b);
+cudaError_t cudaEventDestroy(cudaEvent_t e);
+cudaError_t ml_emu_func_set_attribute(cudaFuncAttribute a, int v);
+template <class F> static inline cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute a, int v) {
+    return ml_emu_func_set_attribute(a, v);
 }
-namespace nvcuda { namespace wmma {
-struct row_major {}; struct col_major {}; struct matrix_a {}; struct matrix_b {}; struct accumulator {};
+
+// ---- cuBLAS ----
+typedef struct ml_emu_blas *cublasHandle_t;
+typedef enum {
+    CUBLAS_STATUS_SUCCESS = 0,
+    CUBLAS_STATUS_NOT_INITIALIZED = 1,
+    CUBLAS_STATUS_INVALID_VALUE = 7,
+    CUBLAS_STATUS_NOT_SUPPORTED = 15
+} cublasStatus_t;
+typedef enum { CUBLAS_OP_N = 0, CUBLAS_OP_T = 1 } cublasOperation_t;
+typedef enum { CUBLAS_DEFAULT_MATH = 0 } cublasMath_t;
+typedef enum { CUBLAS_COMPUTE_32F = 68 } cublasComputeType_t;
+typedef enum { CUBLAS_GEMM_DEFAULT = -1 } cublasGemmAlgo_t;
+typedef enum { CUDA_R_32F = 0, CUDA_R_16BF = 14 } cudaDataType_t;
+cublasStatus_t cublasCreate(cublasHandle_t *h);
+cublasStatus_t cublasSetMathMode(cublasHandle_t h, cublasMath_t m);
+const char *cublasGetStatusString(cublasStatus_t s);
+cublasStatus_t cublasSgemm(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
+                           const float *alpha, const float *A, int lda, const float *B, int ldb, const float *beta,
+                           float *C, int ldc);
+cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
+                            const void *alpha, const void *A, cudaDataType_t at, int lda, const void *B,
+                            cudaDataType_t bt, int ldb, const void *beta, void *C, cudaDataType_t ct, int ldc,
+                            cublasComputeType_t compute, cublasGemmAlgo_t algo);
+cublasStatus_t cublasGemmGroupedBatchedEx(cublasHandle_t h, const cublasOperation_t ta[], const cublasOperation_t tb[],
+                                          const int m[], const int n[], const int k[], const void *alpha,
+                                          const void *const A[], cudaDataType_t at, const int lda[],
+                                          const void *const B[], cudaDataType_t bt, const int ldb[], const void *beta,
+                                          void *const C[], cudaDataType_t ct, const int ldc[], int groups,
+                                          const int group_size[], cublasComputeType_t compute);
+
+// ---- WMMA (16x16x16, bf16 inputs, fp32 accumulators) ----
+void ml_emu_check_wmma(const void *p, unsigned ld, int elem_bytes, const char *what);
+void ml_emu_check_elem(const void *p, const char *what);
+namespace nvcuda {
+namespace wmma {
+struct row_major {};
+struct col_major {};
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
 enum layout_t { mem_row_major, mem_col_major };
-template <class Use, int M, int N, int K, class T, class L = void> struct fragment { float x[256]; };
+template <class Use, int M, int N, int K, class T, class L = void> struct fragment {
+    float x[256];
+};
 template <class L> constexpr bool is_col() { return std::is_same<L, col_major>::value; }
-template <class Use, class L> void load_matrix_sync(fragment<Use, 16, 16, 16, bf16, L> &f, const bf16 *p, unsigned ld) {
-    chk_ptr(p, ld, 2, "load bf16");
-    for (int i = 0; i < 16; i++) for (int j = 0; j < 16; j++) {
-        const bf16 *e = is_col<L>() ? p + i + (size_t)j * ld : p + (size_t)i * ld + j;
-        chk_elem(e, "load bf16"); f.x[i * 16 + j] = __bfloat162float(*e);
-    }
+template <class Use, class L>
+void load_matrix_sync(fragment<Use, 16, 16, 16, __nv_bfloat16, L> &f, const __nv_bfloat16 *p, unsigned ld) {
+    ml_emu_check_wmma(p, ld, 2, "wmma load (bf16)");
+    for (int i = 0; i < 16; i++)
+        for (int j = 0; j < 16; j++) {
+            const __nv_bfloat16 *e = is_col<L>() ? p + i + (size_t)j * ld : p + (size_t)i * ld + j;
+            ml_emu_check_elem(e, "wmma load (bf16)");
+            f.x[i * 16 + j] = __bfloat162float(*e);
+        }
 }
-static inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float> &f, const float *p, unsigned ld, layout_t l) {
-    chk_ptr(p, ld, 4, "load acc");
-    for (int i = 0; i < 16; i++) for (int j = 0; j < 16; j++) {
-        const float *e = l == mem_col_major ? p + i + (size_t)j * ld : p + (size_t)i * ld + j;
-        chk_elem(e, "load acc"); f.x[i * 16 + j] = *e;
-    }
+static inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float> &f, const float *p, unsigned ld,
+                                    layout_t l) {
+    ml_emu_check_wmma(p, ld, 4, "wmma load (accumulator)");
+    for (int i = 0; i < 16; i++)
+        for (int j = 0; j < 16; j++) {
+            const float *e = l == mem_col_major ? p + i + (size_t)j * ld : p + (size_t)i * ld + j;
+            ml_emu_check_elem(e, "wmma load (accumulator)");
+            f.x[i * 16 + j] = *e;
+        }
 }
-static inline void store_matrix_sync(float *p, const fragment<accumulator, 16, 16, 16, float> &f, unsigned ld, layout_t l) {
-    chk_ptr(p, ld, 4, "store acc");
-    for (int e = g_cur & 31; e < 256; e += 32) { // this lane's share
+static inline void store_matrix_sync(float *p, const fragment<accumulator, 16, 16, 16, float> &f, unsigned ld,
+                                     layout_t l) {
+    ml_emu_check_wmma(p, ld, 4, "wmma store");
+    for (int e = ml_emu_cur & 31; e < 256; e += 32) { // this lane's share of the tile
         int i = e / 16, j = e % 16;
         float *q = l == mem_col_major ? p + i + (size_t)j * ld : p + (size_t)i * ld + j;
-        chk_elem(q, "store acc"); *q = f.x[e];
+        ml_emu_check_elem(q, "wmma store");
+        *q = f.x[e];
     }
 }
-static inline void fill_fragment(fragment<accumulator, 16, 16, 16, float> &f, float v) { for (int i = 0; i < 256; i++) f.x[i] = v; }
+static inline void fill_fragment(fragment<accumulator, 16, 16, 16, float> &f, float v) {
+    for (int i = 0; i < 256; i++) f.x[i] = v;
+}
 template <class LA, class LB>
-void mma_sync(fragment<accumulator, 16, 16, 16, float> &d, const fragment<matrix_a, 16, 16, 16, bf16, LA> &a,
-              const fragment<matrix_b, 16, 16, 16, bf16, LB> &b, const fragment<accumulator, 16, 16, 16, float> &c) {
+void mma_sync(fragment<accumulator, 16, 16, 16, float> &d, const fragment<matrix_a, 16, 16, 16, __nv_bfloat16, LA> &a,
+              const fragment<matrix_b, 16, 16, 16, __nv_bfloat16, LB> &b,
+              const fragment<accumulator, 16, 16, 16, float> &c) {
     float t[256];
-    for (int i = 0; i < 16; i++) for (int j = 0; j < 16; j++) {
-        float s = c.x[i * 16 + j];
-        for (int k = 0; k < 16; k++) s += a.x[i * 16 + k] * b.x[k * 16 + j];
-        t[i * 16 + j] = s;
-    }
+    for (int i = 0; i < 16; i++)
+        for (int j = 0; j < 16; j++) {
+            float s = c.x[i * 16 + j];
+            for (int k = 0; k < 16; k++) s += a.x[i * 16 + k] * b.x[k * 16 + j];
+            t[i * 16 + j] = s;
+        }
     memcpy(d.x, t, sizeof t);
 }
-}} // namespace
-
-// ---- launch ----
-extern int g_order; // 0 ascending, 1 descending, 2 random
-void run_block(std::function<void()> body);
-void run_kernel(dim3 grid, int block, size_t smem, std::function<void()> body);
-#define CK(op, call) (call)
-enum cudaFuncAttr_ { cudaFuncAttributeMaxDynamicSharedMemorySize };
-extern size_t g_smem_attr;
-template <class F> int cudaFuncSetAttribute(F, cudaFuncAttr_, int v) { g_smem_attr = (size_t)v; return 0; }
-#define LAUNCH_SMEM(op, grid, block, smem, kernel, ...)                                  \
-    do { if ((grid).x > 0 && (grid).y > 0 && (grid).z > 0) run_kernel(grid, block, smem, [=] { kernel(__VA_ARGS__); }); } while (0)
-#define LAUNCH(op, grid, block, kernel, ...)                                              \
-    do { if ((grid) > 0) run_kernel(dim3(grid), block, 0, [=] { kernel(__VA_ARGS__); }); } while (0)
-#define PROF(op)
-[[noreturn]] static inline void ml_cuda_die(const char *op, const char *w) { fprintf(stderr, "die %s %s\n", op, w); exit(3); }
-void ml_attention_delta(float *delta, const float *dout, const float *out, int B, int T, int H, int hd);
+} // namespace wmma
+} // namespace nvcuda

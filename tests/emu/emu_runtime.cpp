@@ -1,57 +1,218 @@
-// emu_runtime.cpp: the scheduler behind cuda_emu.h: runs each block's threads as fibers until all finish,
-// releasing __syncwarp when all 32 lanes of a warp wait and __syncthreads when every thread waits; launches
-// check the dynamic shared memory against the attribute and the H100 limit, fill shared memory with NaN (so
-// uninitialised reads show) and check a canary after it (so overflowing writes show).
+// emu_runtime.cpp: the scheduler and runtime behind cuda_emu.h. A launch runs its blocks one after another.
+// The first block runs its threads as fibers in the chosen order until each reaches a barrier or ends; a warp
+// barrier releases when all lanes of that warp wait, a block barrier when every thread waits; anything else
+// is a deadlock. If no thread of the first block met a barrier, the other blocks run their threads as plain
+// calls (fast; a barrier met there after all is reported and exits 7). Fibers switch with _setjmp/_longjmp
+// (no signal-mask system call per switch). Dynamic shared memory is filled with NaN bytes before each block
+// and followed by a canary.
+#undef _FORTIFY_SOURCE
+#include <random>
+#include <setjmp.h>
+#include <ucontext.h>
+#include <vector>
+
 #include "cuda_emu.h"
-#include <sys/mman.h>
-Fiber *g_fib; int g_nthreads, g_cur; ucontext_t g_sched;
-uint3_ blockIdx, gridDim, blockDim;
-unsigned char *g_smem; size_t g_smem_size; float g_shfl[1024]; long g_wmma_violations; int g_order; size_t g_smem_attr;
-static std::function<void()> *g_body; static std::mt19937 g_rng(1);
-static void entry() { (*g_body)(); g_fib[g_cur].state = DONE; swapcontext(&g_fib[g_cur].ctx, &g_sched); }
-static const size_t STK = 512 * 1024;
-static std::vector<char *> stacks;
-void run_block(std::function<void()> body) {
-    g_body = &body;
-    int n = g_nthreads;
-    if ((int)stacks.size() < n) for (int i = stacks.size(); i < n; i++) stacks.push_back((char *)malloc(STK));
+
+ml_emu_idx blockIdx, gridDim, blockDim;
+int ml_emu_cur;
+long ml_emu_violations;
+
+namespace {
+enum { RUN, WARP_WAIT, BLOCK_WAIT, DONE };
+struct fiber {
+    ucontext_t ctx;
+    jmp_buf jb;
+    int state, started;
+    ml_emu_idx idx;
+};
+const size_t STACK = 256 * 1024, CANARY = 4096;
+fiber fibers[1024];
+std::vector<char *> stacks;
+jmp_buf scheduler;
+std::function<void()> *body;
+int order, direct, barrier_met;
+std::mt19937 shuffle_rng(1);
+unsigned char *smem_buf;
+size_t smem_size, smem_attr;
+
+void entry() {
+    (*body)();
+    fibers[ml_emu_cur].state = DONE;
+    _longjmp(scheduler, 1);
+}
+
+// runs fiber i until it waits at a barrier or ends
+void resume(int i) {
+    ml_emu_cur = i;
+    if (_setjmp(scheduler)) return;
+    if (!fibers[i].started) {
+        fibers[i].started = 1;
+        setcontext(&fibers[i].ctx);
+    }
+    _longjmp(fibers[i].jb, 1);
+}
+
+void run_block_fibers(int n) {
+    while ((int)stacks.size() < n) stacks.push_back((char *)malloc(STACK));
     for (int i = 0; i < n; i++) {
-        getcontext(&g_fib[i].ctx); g_fib[i].ctx.uc_stack.ss_sp = stacks[i]; g_fib[i].ctx.uc_stack.ss_size = STK;
-        g_fib[i].ctx.uc_link = nullptr; makecontext(&g_fib[i].ctx, entry, 0);
-        g_fib[i].state = RUN; g_fib[i].tidx = {(unsigned)i, 0, 0};
+        getcontext(&fibers[i].ctx);
+        fibers[i].ctx.uc_stack.ss_sp = stacks[i];
+        fibers[i].ctx.uc_stack.ss_size = STACK;
+        fibers[i].ctx.uc_link = nullptr;
+        makecontext(&fibers[i].ctx, entry, 0);
+        fibers[i].state = RUN, fibers[i].started = 0;
+        fibers[i].idx = {(unsigned)i, 0, 0};
     }
-    std::vector<int> ord(n);
+    std::vector<int> seq(n);
     for (;;) {
-        for (int i = 0; i < n; i++) ord[i] = g_order == 1 ? n - 1 - i : i;
-        if (g_order == 2) std::shuffle(ord.begin(), ord.end(), g_rng);
-        for (int i : ord) if (g_fib[i].state == RUN) { g_cur = i; swapcontext(&g_sched, &g_fib[i].ctx); }
-        int done = 0, bw = 0; bool rel = false;
-        for (int i = 0; i < n; i++) done += g_fib[i].state == DONE, bw += g_fib[i].state == BWAIT;
-        if (done == n) break;
-        for (int w = 0; w < n / 32; w++) {
-            int c = 0; for (int l = 0; l < 32; l++) c += g_fib[w * 32 + l].state == WWAIT;
-            if (c == 32) { for (int l = 0; l < 32; l++) g_fib[w * 32 + l].state = RUN; rel = true; }
-            else if (c) { fprintf(stderr, "DEADLOCK: warp %d has %d lanes at __syncwarp/shfl, others elsewhere\n", w, c); exit(4); }
+        for (int i = 0; i < n; i++) seq[i] = order == 1 ? n - 1 - i : i;
+        if (order == 2) std::shuffle(seq.begin(), seq.end(), shuffle_rng);
+        for (int i : seq)
+            if (fibers[i].state == RUN) resume(i);
+        int done = 0, at_block = 0;
+        bool released = false;
+        for (int i = 0; i < n; i++) done += fibers[i].state == DONE, at_block += fibers[i].state == BLOCK_WAIT;
+        if (done == n) return;
+        for (int w = 0; w * 32 < n; w++) {
+            int lanes = std::min(32, n - w * 32), waiting = 0;
+            for (int l = 0; l < lanes; l++) waiting += fibers[w * 32 + l].state == WARP_WAIT;
+            if (waiting == lanes) {
+                for (int l = 0; l < lanes; l++) fibers[w * 32 + l].state = RUN;
+                released = true;
+            } else if (waiting) {
+                fprintf(stderr, "cuda_emu: deadlock: warp %d has %d of %d lanes at a warp barrier or shuffle, the others "
+                        "elsewhere (block %u,%u,%u)\n", w, waiting, lanes, blockIdx.x, blockIdx.y, blockIdx.z);
+                exit(4);
+            }
         }
-        if (rel) continue;
-        if (bw == n) { for (int i = 0; i < n; i++) g_fib[i].state = RUN; continue; }
-        fprintf(stderr, "DEADLOCK: %d at __syncthreads, %d done of %d\n", bw, done, n); exit(4);
+        if (released) continue;
+        if (at_block == n) {
+            for (int i = 0; i < n; i++) fibers[i].state = RUN;
+            continue;
+        }
+        fprintf(stderr, "cuda_emu: deadlock: %d of %d threads at __syncthreads, %d finished (block %u,%u,%u)\n",
+                at_block, n, done, blockIdx.x, blockIdx.y, blockIdx.z);
+        exit(4);
     }
 }
-void run_kernel(dim3 grid, int block, size_t smem, std::function<void()> body) {
-    if (smem > 48 * 1024 && smem > g_smem_attr) { fprintf(stderr, "launch: smem %zu > attribute %zu\n", smem, g_smem_attr); exit(5); }
-    if (smem > 232448) { fprintf(stderr, "launch: smem %zu above H100 limit\n", smem); exit(5); }
-    if (smem > 166912) { static int once; if (!once++) fprintf(stderr, "note: smem %zu above A100 limit\n", smem); }
-    g_nthreads = block; blockDim = {(unsigned)block, 1, 1}; gridDim = {grid.x, grid.y, grid.z};
-    static Fiber fibs[1024]; g_fib = fibs;
-    const size_t canary = 4096;
-    unsigned char *buf = (unsigned char *)aligned_alloc(256, smem + canary + 256);
-    g_smem = buf; g_smem_size = smem;
-    for (unsigned z = 0; z < grid.z; z++) for (unsigned y = 0; y < grid.y; y++) for (unsigned x = 0; x < grid.x; x++) {
-        memset(buf, 0xff, smem + canary); // NaN everywhere: uninitialised reads show
-        blockIdx = {x, y, z};
-        run_block(body);
-        for (size_t i = smem; i < smem + canary; i++) if (buf[i] != 0xff) { fprintf(stderr, "smem overflow write at %zu (size %zu)\n", i, smem); exit(6); }
+
+void run_block_direct(int n) {
+    for (int i = 0; i < n; i++) {
+        fibers[i].idx = {(unsigned)i, 0, 0};
+        ml_emu_cur = i;
+        (*body)();
     }
-    free(buf);
 }
+} // namespace
+
+const ml_emu_idx &ml_emu_thread_idx(void) { return fibers[ml_emu_cur].idx; }
+void ml_emu_set_order(int o) { order = o, shuffle_rng.seed(1); }
+unsigned char *ml_emu_smem(void) { return smem_buf; }
+
+void ml_emu_barrier(int kind) {
+    if (direct) {
+        fprintf(stderr, "cuda_emu: a barrier in block %u,%u,%u of a kernel whose first block met none\n", blockIdx.x,
+                blockIdx.y, blockIdx.z);
+        exit(7);
+    }
+    barrier_met = 1;
+    fiber *f = &fibers[ml_emu_cur];
+    f->state = kind == 1 ? WARP_WAIT : BLOCK_WAIT;
+    if (!_setjmp(f->jb)) _longjmp(scheduler, 1);
+}
+
+void ml_emu_launch(dim3 grid, int block, size_t smem, std::function<void()> fn) {
+    if (block < 1 || block > 1024) {
+        fprintf(stderr, "cuda_emu: launch with %d threads per block\n", block);
+        exit(5);
+    }
+    if (smem > 48 * 1024 && smem > smem_attr) {
+        fprintf(stderr, "cuda_emu: %zu bytes of dynamic shared memory without the attribute (%zu)\n", smem, smem_attr);
+        exit(5);
+    }
+    if (smem > 232448) {
+        fprintf(stderr, "cuda_emu: %zu bytes of dynamic shared memory: above the H100's limit\n", smem);
+        exit(5);
+    }
+    if (grid.y > 65535 || grid.z > 65535) {
+        fprintf(stderr, "cuda_emu: grid %u x %u x %u\n", grid.x, grid.y, grid.z);
+        exit(5);
+    }
+    body = &fn;
+    blockDim = {(unsigned)block, 1, 1}, gridDim = {grid.x, grid.y, grid.z};
+    smem_size = smem;
+    smem_buf = (unsigned char *)aligned_alloc(256, (smem + CANARY + 255) / 256 * 256);
+    for (unsigned z = 0; z < grid.z; z++)
+        for (unsigned y = 0; y < grid.y; y++)
+            for (unsigned x = 0; x < grid.x; x++) {
+                memset(smem_buf, 0xff, smem + CANARY); // NaN everywhere: uninitialised reads show
+                blockIdx = {x, y, z};
+                const bool first = x == 0 && y == 0 && z == 0;
+                if (first) barrier_met = 0;
+                direct = !first && !barrier_met;
+                if (direct) run_block_direct(block);
+                else run_block_fibers(block);
+                direct = 0;
+                for (size_t i = smem; i < smem + CANARY; i++)
+                    if (smem_buf[i] != 0xff) {
+                        fprintf(stderr, "cuda_emu: shared memory written past its %zu bytes\n", smem);
+                        exit(6);
+                    }
+            }
+    free(smem_buf);
+    smem_buf = nullptr;
+}
+
+void ml_emu_check_wmma(const void *p, unsigned ld, int elem, const char *what) {
+    const unsigned char *c = (const unsigned char *)p;
+    if (!smem_buf || c < smem_buf || c >= smem_buf + smem_size) {
+        if (ml_emu_violations++ < 10) fprintf(stderr, "cuda_emu: %s: pointer outside shared memory\n", what);
+        return;
+    }
+    if ((c - smem_buf) % 32 && ml_emu_violations++ < 10)
+        fprintf(stderr, "cuda_emu: %s: pointer not 32-byte aligned (offset %ld)\n", what, (long)(c - smem_buf));
+    if (ld % (16 / elem) && ml_emu_violations++ < 10)
+        fprintf(stderr, "cuda_emu: %s: leading dimension %u not a multiple of 16 bytes\n", what, ld);
+}
+void ml_emu_check_elem(const void *p, const char *what) {
+    const unsigned char *c = (const unsigned char *)p;
+    if ((!smem_buf || c < smem_buf || c >= smem_buf + smem_size) && ml_emu_violations++ < 10)
+        fprintf(stderr, "cuda_emu: %s: element outside shared memory\n", what);
+}
+
+// ---- runtime API: device memory is host memory; everything is synchronous ----
+
+struct ml_emu_event {
+    int unused;
+};
+cudaError_t cudaMalloc(void **p, size_t bytes) {
+    *p = aligned_alloc(256, (bytes + 255) / 256 * 256);
+    return *p ? cudaSuccess : cudaErrorMemoryAllocation;
+}
+cudaError_t cudaMallocHost(void **p, size_t bytes) { return cudaMalloc(p, bytes); }
+cudaError_t cudaFree(void *p) { return free(p), cudaSuccess; }
+cudaError_t cudaMemset(void *p, int v, size_t bytes) { return memset(p, v, bytes), cudaSuccess; }
+cudaError_t cudaMemsetAsync(void *p, int v, size_t bytes, cudaStream_t) { return cudaMemset(p, v, bytes); }
+cudaError_t cudaMemcpy(void *dst, const void *src, size_t bytes, cudaMemcpyKind) {
+    return memmove(dst, src, bytes), cudaSuccess;
+}
+cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t bytes, cudaMemcpyKind k, cudaStream_t) {
+    return cudaMemcpy(dst, src, bytes, k);
+}
+cudaError_t cudaDeviceSynchronize(void) { return cudaSuccess; }
+cudaError_t cudaGetLastError(void) { return cudaSuccess; }
+const char *cudaGetErrorString(cudaError_t e) { return e ? "emulated error" : "no error"; }
+cudaError_t cudaGetDeviceCount(int *n) { return *n = 1, cudaSuccess; }
+cudaError_t cudaGetDeviceProperties(cudaDeviceProp *p, int) {
+    memset(p, 0, sizeof *p);
+    snprintf(p->name, sizeof p->name, "CUDA emulator on the host (tests/emu)");
+    p->major = 9, p->minor = 0;
+    return cudaSuccess;
+}
+cudaError_t cudaEventCreate(cudaEvent_t *e) { return *e = new ml_emu_event(), cudaSuccess; }
+cudaError_t cudaEventCreateWithFlags(cudaEvent_t *e, unsigned) { return cudaEventCreate(e); }
+cudaError_t cudaEventRecord(cudaEvent_t, cudaStream_t) { return cudaSuccess; }
+cudaError_t cudaEventSynchronize(cudaEvent_t) { return cudaSuccess; }
+cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t, cudaEvent_t) { return *ms = 0, cudaSuccess; }
+cudaError_t cudaEventDestroy(cudaEvent_t e) { return delete e, cudaSuccess; }
+cudaError_t ml_emu_func_set_attribute(cudaFuncAttribute, int v) { return smem_attr = (size_t)v, cudaSuccess; }

@@ -6,30 +6,20 @@
 // overflow (the emulator exits non-zero); then one shape under three thread orders must give the same bits.
 // This checks the kernels' indexing, masking, tiling and synchronisation; the hardware itself is checked by
 // the gpu suite (tests/test_gpu_ops.c) on a GPU.
+#include <vector>
+
 #include "cuda_emu.h"
 
 extern "C" {
+#include "backend_cuda.h"
 #include "ops_cpu.h"
 }
 
-typedef void (*fwd_fn)(float *out, float *att, const float *q, const float *k, const float *v, int B, int T, int H,
-                       int KV, int hd);
-typedef void (*bwd_fn)(float *dq, float *dk, float *dv, const float *dout, const float *out, float *att,
-                       const float *q, const float *k, const float *v, int B, int T, int H, int KV, int hd);
-void tc_attention_forward(float *, float *, const float *, const float *, const float *, int, int, int, int, int);
-void tc_attention_backward(float *, float *, float *, const float *, const float *, float *, const float *,
-                           const float *, const float *, int, int, int, int, int);
-void cu_attention_forward(float *, float *, const float *, const float *, const float *, int, int, int, int, int);
-void cu_attention_backward(float *, float *, float *, const float *, const float *, float *, const float *,
-                           const float *, const float *, int, int, int, int, int);
 struct impl {
     const char *name;
-    fwd_fn fwd;
-    bwd_fn bwd;
+    const ml_backend *be;
     double tol_out, tol_grad;
 };
-static const impl tensor_cores = {"attention_tc", tc_attention_forward, tc_attention_backward, 2e-2, 5e-2};
-static const impl fp32 = {"attention_cuda (fp32)", cu_attention_forward, cu_attention_backward, 1e-5, 1e-4};
 
 static int passed, failed;
 #define CHECK(cond, ...)                                                                                          \
@@ -68,7 +58,7 @@ static uint64_t fnv(const std::vector<float> &x) {
 
 // runs one implementation on one shape under one thread order; returns a hash of out, dq, dk, dv
 static uint64_t check_shape(const impl &im, int B, int T, int H, int KV, int hd, int order, bool compare) {
-    g_order = order;
+    ml_emu_set_order(order);
     const size_t nq = (size_t)B * T * H * hd, nk = (size_t)B * T * KV * hd;
     std::vector<float> q(nq), k(nk), v(nk), go(nq), dq(nq), dk(nk), dv(nk), out(nq), att(2 * (size_t)B * H * T);
     rng_state = 88172645463325252ull ^ (uint64_t)(B * 7 + T * 131 + H * 17 + KV * 5 + hd);
@@ -79,14 +69,14 @@ static uint64_t check_shape(const impl &im, int B, int T, int H, int KV, int hd,
     std::vector<double> rq(q.begin(), q.end()), rk(k.begin(), k.end()), rv(v.begin(), v.end());
     std::vector<double> rgo(go.begin(), go.end()), rdq(dq.begin(), dq.end()), rdk(dk.begin(), dk.end());
     std::vector<double> rdv(dv.begin(), dv.end()), rout(nq), ratt((size_t)B * H * T * T);
-    const long violations = g_wmma_violations;
-    im.fwd(out.data(), att.data(), q.data(), k.data(), v.data(), B, T, H, KV, hd);
-    im.bwd(dq.data(), dk.data(), dv.data(), go.data(), out.data(), att.data(), q.data(), k.data(), v.data(), B, T, H,
-           KV, hd);
+    const long violations = ml_emu_violations;
+    im.be->attention_forward(out.data(), att.data(), q.data(), k.data(), v.data(), B, T, H, KV, hd);
+    im.be->attention_backward(dq.data(), dk.data(), dv.data(), go.data(), out.data(), att.data(), q.data(), k.data(),
+                              v.data(), B, T, H, KV, hd);
     char tag[128];
     snprintf(tag, sizeof tag, "%s B %d T %d H %d KV %d hd %d, thread order %d", im.name, B, T, H, KV, hd, order);
-    CHECK(g_wmma_violations == violations, "%s: %ld WMMA pointer/layout violations", tag,
-          g_wmma_violations - violations);
+    CHECK(ml_emu_violations == violations, "%s: %ld WMMA pointer/layout violations", tag,
+          ml_emu_violations - violations);
     if (compare) {
         attention_forward_f64(rout.data(), ratt.data(), rq.data(), rk.data(), rv.data(), B, T, H, KV, hd);
         attention_backward_f64(rdq.data(), rdk.data(), rdv.data(), rgo.data(), ratt.data(), rq.data(), rk.data(),
@@ -101,6 +91,8 @@ static uint64_t check_shape(const impl &im, int B, int T, int H, int KV, int hd,
 }
 
 int main() {
+    const impl tensor_cores = {"attention_tc", backend_cuda(), 2e-2, 5e-2};
+    const impl fp32 = {"attention_cuda (fp32)", backend_cuda_fp32(), 1e-5, 1e-4};
     const int shapes[][5] = {
         {2, 16, 4, 2, 8},   // shorter than one tile, head size padded to 16
         {2, 77, 4, 4, 32},  // ragged tiles, no grouping

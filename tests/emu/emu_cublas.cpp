@@ -1,0 +1,75 @@
+// emu_cublas.cpp: cuBLAS as its documentation defines it, for tests/emu: column-major operands,
+// C(m x n) = alpha op(A) op(B) + beta C with op(A) m x k and op(B) k x n; beta = 0 ignores C's old values.
+// Inputs are fp32 or bf16 (widened to fp32), outputs fp32; the products run in OpenBLAS (column-major sgemm).
+#include <cblas.h>
+#include <vector>
+
+#include "cuda_emu.h"
+
+struct ml_emu_blas {
+    int unused;
+};
+
+// X (rows x cols as stored, column-major, leading dimension ld) as fp32
+static const float *widen(const void *X, cudaDataType_t t, int ld, int cols, std::vector<float> &buf) {
+    if (t == CUDA_R_32F) return (const float *)X;
+    buf.resize((size_t)ld * cols);
+    for (size_t i = 0; i < buf.size(); i++) buf[i] = __bfloat162float(((const __nv_bfloat16 *)X)[i]);
+    return buf.data();
+}
+static cublasStatus_t gemm(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, float alpha,
+                           const void *A, cudaDataType_t at, int lda, const void *B, cudaDataType_t bt, int ldb,
+                           float beta, float *C, int ldc) {
+    const int a_rows = ta == CUBLAS_OP_N ? m : k, a_cols = ta == CUBLAS_OP_N ? k : m;
+    const int b_rows = tb == CUBLAS_OP_N ? k : n, b_cols = tb == CUBLAS_OP_N ? n : k;
+    if (m < 0 || n < 0 || k < 0 || ldc < std::max(1, m) || lda < std::max(1, a_rows) || ldb < std::max(1, b_rows))
+        return CUBLAS_STATUS_INVALID_VALUE;
+    if (m == 0 || n == 0) return CUBLAS_STATUS_SUCCESS;
+    if (k == 0) { // C = beta C
+        for (int c = 0; c < n; c++)
+            for (int r = 0; r < m; r++) C[(size_t)c * ldc + r] = beta == 0 ? 0 : beta * C[(size_t)c * ldc + r];
+        return CUBLAS_STATUS_SUCCESS;
+    }
+    std::vector<float> wa, wb;
+    const float *a = widen(A, at, lda, a_cols, wa), *b = widen(B, bt, ldb, b_cols, wb);
+    cblas_sgemm(CblasColMajor, ta == CUBLAS_OP_N ? CblasNoTrans : CblasTrans, tb == CUBLAS_OP_N ? CblasNoTrans : CblasTrans,
+                m, n, k, alpha, a, lda, b, ldb, beta, C, ldc);
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasCreate(cublasHandle_t *h) { return *h = new ml_emu_blas(), CUBLAS_STATUS_SUCCESS; }
+cublasStatus_t cublasSetMathMode(cublasHandle_t, cublasMath_t) { return CUBLAS_STATUS_SUCCESS; }
+const char *cublasGetStatusString(cublasStatus_t s) {
+    return s == CUBLAS_STATUS_SUCCESS ? "CUBLAS_STATUS_SUCCESS" : s == CUBLAS_STATUS_NOT_SUPPORTED ? "CUBLAS_STATUS_NOT_SUPPORTED"
+                                                                                             : "CUBLAS_STATUS_INVALID_VALUE";
+}
+cublasStatus_t cublasSgemm(cublasHandle_t, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
+                           const float *alpha, const float *A, int lda, const float *B, int ldb, const float *beta,
+                           float *C, int ldc) {
+    return gemm(ta, tb, m, n, k, *alpha, A, CUDA_R_32F, lda, B, CUDA_R_32F, ldb, *beta, C, ldc);
+}
+cublasStatus_t cublasGemmEx(cublasHandle_t, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
+                            const void *alpha, const void *A, cudaDataType_t at, int lda, const void *B,
+                            cudaDataType_t bt, int ldb, const void *beta, void *C, cudaDataType_t ct, int ldc,
+                            cublasComputeType_t compute, cublasGemmAlgo_t) {
+    if (ct != CUDA_R_32F || compute != CUBLAS_COMPUTE_32F || at != bt) return CUBLAS_STATUS_NOT_SUPPORTED;
+    return gemm(ta, tb, m, n, k, *(const float *)alpha, A, at, lda, B, bt, ldb, *(const float *)beta, (float *)C,
+                ldc);
+}
+// group g: group_size[g] problems sharing its parameters; the pointer arrays list every problem in order
+cublasStatus_t cublasGemmGroupedBatchedEx(cublasHandle_t, const cublasOperation_t ta[], const cublasOperation_t tb[],
+                                          const int m[], const int n[], const int k[], const void *alpha,
+                                          const void *const A[], cudaDataType_t at, const int lda[],
+                                          const void *const B[], cudaDataType_t bt, const int ldb[], const void *beta,
+                                          void *const C[], cudaDataType_t ct, const int ldc[], int groups,
+                                          const int group_size[], cublasComputeType_t compute) {
+    if (ct != CUDA_R_32F || compute != CUBLAS_COMPUTE_32F || at != bt || groups < 0) return CUBLAS_STATUS_NOT_SUPPORTED;
+    int p = 0;
+    for (int g = 0; g < groups; g++)
+        for (int i = 0; i < group_size[g]; i++, p++) {
+            cublasStatus_t s = gemm(ta[g], tb[g], m[g], n[g], k[g], ((const float *)alpha)[g], A[p], at, lda[g], B[p],
+                                    bt, ldb[g], ((const float *)beta)[g], (float *)C[p], ldc[g]);
+            if (s != CUBLAS_STATUS_SUCCESS) return s;
+        }
+    return CUBLAS_STATUS_SUCCESS;
+}

@@ -1,0 +1,3 @@
+// cublas_v2.h for tests/emu: the host emulator stands in for the CUDA toolkit
+#pragma once
+#include "cuda_emu.h"
