@@ -179,7 +179,8 @@ int cli_bench(int argc, char **argv) {
     double total = t_fwd + t_bwd + t_opt, tok_s = (double)M * steps / total;
     double attn = 6.0 * cfg.model.layers * cfg.model.seq_len * cfg.model.dim;
     double flops_tok = 6 * model_active_params(&cfg) + attn;
-    double gflops = flops_tok * tok_s / 1e9, mfu = 6 * model_active_params(&cfg) * tok_s / 1e9 / peak;
+    double gflops = flops_tok * tok_s / 1e9;
+    double mfu = peak > 0 ? 6 * model_active_params(&cfg) * tok_s / 1e9 / peak : 0, of_peak = peak > 0 ? gflops / peak : 0;
     if (json) {
         printf("{\"preset\": \"%s\", \"tokens_per_step\": %d, \"steps\": %d, \"tokens_per_s\": %.1f, "
                "\"ms_per_step\": %.2f, \"forward_ms\": %.2f, \"backward_ms\": %.2f, \"optimizer_ms\": %.2f, "
@@ -189,7 +190,7 @@ int cli_bench(int argc, char **argv) {
                "\"step_allocations\": %ld, \"ops\": {",
                cfg.preset, M, steps, tok_s, 1e3 * total / steps, 1e3 * t_fwd / steps, 1e3 * t_bwd / steps,
                1e3 * t_opt / steps, 1e3 * t_route / steps, t_route / total, 1e3 * t_trace / steps, t_trace / total,
-               gflops, peak, peak_kind, gflops / peak, mfu, m->nparams, model_active_params(&cfg), be->name,
+               gflops, peak, peak_kind, of_peak, mfu, m->nparams, model_active_params(&cfg), be->name,
                step_allocs);
         for (int i = 0; i < nops; i++)
             printf("%s\"%s\": {\"ms_per_step\": %.3f, \"calls_per_step\": %.1f}", i ? ", " : "", ops[i].op,
@@ -207,7 +208,7 @@ int cli_bench(int argc, char **argv) {
                1e3 * t_trace / steps, 100 * t_trace / total);
         printf("  throughput                      %8.0f tokens/s\n", tok_s);
         printf("  achieved                        %8.1f GFLOP/s  (%.1f%% of the GEMM peak; %.3g FLOP/token)\n",
-               gflops, 100 * gflops / peak, flops_tok);
+               gflops, 100 * of_peak, flops_tok);
         printf("  MFU (6 x %.3g active params)    %8.1f%%\n", model_active_params(&cfg), 100 * mfu);
         if (on_gpu) {
             printf("  device allocations during the timed steps: %ld\n", step_allocs);

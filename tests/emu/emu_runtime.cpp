@@ -182,9 +182,16 @@ void ml_emu_check_elem(const void *p, const char *what) {
 
 // ---- runtime API: device memory is host memory; everything is synchronous ----
 
+// everything is synchronous, so an event's time is the host's clock when it is recorded
 struct ml_emu_event {
-    int unused;
+    double t;
 };
+#include <time.h>
+static double now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
+}
 cudaError_t cudaMalloc(void **p, size_t bytes) {
     *p = aligned_alloc(256, (bytes + 255) / 256 * 256);
     return *p ? cudaSuccess : cudaErrorMemoryAllocation;
@@ -209,10 +216,10 @@ cudaError_t cudaGetDeviceProperties(cudaDeviceProp *p, int) {
     p->major = 9, p->minor = 0;
     return cudaSuccess;
 }
-cudaError_t cudaEventCreate(cudaEvent_t *e) { return *e = new ml_emu_event(), cudaSuccess; }
+cudaError_t cudaEventCreate(cudaEvent_t *e) { return *e = new ml_emu_event{now_ms()}, cudaSuccess; }
 cudaError_t cudaEventCreateWithFlags(cudaEvent_t *e, unsigned) { return cudaEventCreate(e); }
-cudaError_t cudaEventRecord(cudaEvent_t, cudaStream_t) { return cudaSuccess; }
+cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t) { return e->t = now_ms(), cudaSuccess; }
 cudaError_t cudaEventSynchronize(cudaEvent_t) { return cudaSuccess; }
-cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t, cudaEvent_t) { return *ms = 0, cudaSuccess; }
+cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t a, cudaEvent_t b) { return *ms = (float)(b->t - a->t), cudaSuccess; }
 cudaError_t cudaEventDestroy(cudaEvent_t e) { return delete e, cudaSuccess; }
 cudaError_t ml_emu_func_set_attribute(cudaFuncAttribute, int v) { return smem_attr = (size_t)v, cudaSuccess; }
