@@ -15,6 +15,18 @@
 
 static size_t cu_attention_state_floats(int B, int T, int H) { return 2 * (size_t)B * H * T; }
 
+// rows [r0, r0 + n) of head h of a (B,T,heads,hd) tensor a into A (row stride ld), zeros past T; the same
+// rows of c into C when c is given
+__device__ void load_rows(float *A, float *C, int ld, const float *a, const float *c, int b, int r0, int n, int T,
+                          int heads, int h, int hd) {
+    for (int i = threadIdx.x; i < n * hd; i += blockDim.x) {
+        int r = i / hd, d = i % hd, t = r0 + r;
+        size_t g = (((size_t)b * T + t) * heads + h) * hd + d;
+        A[r * ld + d] = t < T ? a[g] : 0.f;
+        if (c) C[r * ld + d] = t < T ? c[g] : 0.f;
+    }
+}
+
 __global__ void k_flash_forward(float *out, float *lse, const float *q, const float *k, const float *v, int T, int H,
                                 int KV, int hd, float scale) {
     ML_DYNAMIC_SMEM(float, sm);
@@ -25,19 +37,11 @@ __global__ void k_flash_forward(float *out, float *lse, const float *q, const fl
     const int h = blockIdx.y, b = blockIdx.z, kh = h / (H / KV);
     const int t0 = qt * ROWS, t = t0 + warp, t_last = min(T - 1, t0 + ROWS - 1);
     const bool active = t < T;
-    for (int i = threadIdx.x; i < ROWS * hd; i += blockDim.x) {
-        int r = i / hd, d = i % hd;
-        Qs[i] = t0 + r < T ? q[(((size_t)b * T + t0 + r) * H + h) * hd + d] : 0.f;
-    }
+    load_rows(Qs, NULL, hd, q, NULL, b, t0, ROWS, T, H, h, hd);
     float acc[DPL] = {0}, m_run = -INFINITY, l_run = 0;
     for (int s0 = 0; s0 <= t_last; s0 += TILE) {
         __syncthreads(); // the previous tile is consumed
-        for (int i = threadIdx.x; i < TILE * hd; i += blockDim.x) {
-            int r = i / hd, d = i % hd, s = s0 + r;
-            size_t g = (((size_t)b * T + s) * KV + kh) * hd + d;
-            Ks[r * ld + d] = s < T ? k[g] : 0.f;
-            Vs[r * ld + d] = s < T ? v[g] : 0.f;
-        }
+        load_rows(Ks, Vs, ld, k, v, b, s0, TILE, T, KV, kh, hd);
         __syncthreads();
         if (!active || s0 > t) continue; // warp-uniform
         const int s = s0 + lane;
@@ -101,23 +105,13 @@ __global__ void k_flash_backward_dq(float *dq, const float *dout, const float *l
     const int h = blockIdx.y, b = blockIdx.z, kh = h / (H / KV);
     const int t0 = qt * ROWS, t = t0 + warp, t_last = min(T - 1, t0 + ROWS - 1);
     const bool active = t < T;
-    for (int i = threadIdx.x; i < ROWS * hd; i += blockDim.x) {
-        int r = i / hd, d = i % hd;
-        size_t g = (((size_t)b * T + t0 + r) * H + h) * hd + d;
-        Qs[i] = t0 + r < T ? q[g] : 0.f;
-        Gs[i] = t0 + r < T ? dout[g] : 0.f;
-    }
+    load_rows(Qs, Gs, hd, q, dout, b, t0, ROWS, T, H, h, hd);
     const size_t row = ((size_t)b * H + h) * T + t;
     const float L = active ? lse[row] : 0.f, D = active ? delta[row] : 0.f;
     float acc[DPL] = {0};
     for (int s0 = 0; s0 <= t_last; s0 += TILE) {
         __syncthreads();
-        for (int i = threadIdx.x; i < TILE * hd; i += blockDim.x) {
-            int r = i / hd, d = i % hd, s = s0 + r;
-            size_t g = (((size_t)b * T + s) * KV + kh) * hd + d;
-            Ks[r * ld + d] = s < T ? k[g] : 0.f;
-            Vs[r * ld + d] = s < T ? v[g] : 0.f;
-        }
+        load_rows(Ks, Vs, ld, k, v, b, s0, TILE, T, KV, kh, hd);
         __syncthreads();
         if (!active || s0 > t) continue;
         const int s = s0 + lane;
@@ -157,22 +151,12 @@ __global__ void k_flash_backward_dkv(float *dk, float *dv, const float *dout, co
     const int kh = blockIdx.y, b = blockIdx.z, group = H / KV;
     const int s_first = blockIdx.x * ROWS, s = s_first + warp; // the first key rows have the most queries
     const bool active = s < T;
-    for (int i = threadIdx.x; i < ROWS * hd; i += blockDim.x) {
-        int r = i / hd, d = i % hd;
-        size_t g = (((size_t)b * T + s_first + r) * KV + kh) * hd + d;
-        Kr[i] = s_first + r < T ? k[g] : 0.f;
-        Vr[i] = s_first + r < T ? v[g] : 0.f;
-    }
+    load_rows(Kr, Vr, hd, k, v, b, s_first, ROWS, T, KV, kh, hd);
     float acck[DPL] = {0}, accv[DPL] = {0};
     for (int h = kh * group; h < (kh + 1) * group; h++)
         for (int t0 = s_first; t0 < T; t0 += TILE) {
             __syncthreads();
-            for (int i = threadIdx.x; i < TILE * hd; i += blockDim.x) {
-                int r = i / hd, d = i % hd, t = t0 + r;
-                size_t g = (((size_t)b * T + t) * H + h) * hd + d;
-                Qs[r * ld + d] = t < T ? q[g] : 0.f;
-                Gs[r * ld + d] = t < T ? dout[g] : 0.f;
-            }
+            load_rows(Qs, Gs, ld, q, dout, b, t0, TILE, T, H, h, hd);
             for (int r = threadIdx.x; r < TILE; r += blockDim.x) {
                 size_t row = ((size_t)b * H + h) * T + t0 + r;
                 Ls[r] = t0 + r < T ? lse[row] : 0.f;

@@ -287,7 +287,10 @@ template <int NK>
 static void fwd(float *out, float *att, const float *q, const float *k, const float *v, int B, int T, int H, int KV,
                 int hd, float scale) {
     const size_t sm = smem_fwd(16 * NK);
-    CK("attention_forward", cudaFuncSetAttribute(k_attn_fwd_tc<NK>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm));
+    static bool opted_in; // once per head size, not at every launch
+    if (!opted_in)
+        CK("attention_forward", cudaFuncSetAttribute(k_attn_fwd_tc<NK>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm));
+    opted_in = true;
     dim3 grid((T + BQ - 1) / BQ, H, B);
     LAUNCH_SMEM("attention_forward", grid, 128, sm, k_attn_fwd_tc<NK>, out, att, q, k, v, T, H, KV, hd, scale);
 }
@@ -295,8 +298,12 @@ template <int NK>
 static void bwd(float *dq, float *dk, float *dv, const float *dout, const float *lse, const float *delta,
                 const float *q, const float *k, const float *v, int B, int T, int H, int KV, int hd, float scale) {
     const size_t sq = smem_dq(16 * NK), skv = smem_dkv(16 * NK);
-    CK("attention_backward", cudaFuncSetAttribute(k_attn_dq_tc<NK>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sq));
-    CK("attention_backward", cudaFuncSetAttribute(k_attn_dkv_tc<NK>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)skv));
+    static bool opted_in;
+    if (!opted_in) {
+        CK("attention_backward", cudaFuncSetAttribute(k_attn_dq_tc<NK>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sq));
+        CK("attention_backward", cudaFuncSetAttribute(k_attn_dkv_tc<NK>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)skv));
+    }
+    opted_in = true;
     dim3 gq((T + BQ - 1) / BQ, H, B), gkv((T + BQ - 1) / BQ, KV, B);
     LAUNCH_SMEM("attention_backward", gq, 128, sq, k_attn_dq_tc<NK>, dq, dout, lse, delta, q, k, v, T, H, KV, hd, scale);
     LAUNCH_SMEM("attention_backward", gkv, 128, skv, k_attn_dkv_tc<NK>, dk, dv, dout, lse, delta, q, k, v, T, H, KV, hd,

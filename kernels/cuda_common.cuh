@@ -39,7 +39,8 @@ extern cublasHandle_t ml_blas; // created by backend_cuda*() (runtime_cuda.cu)
 // A kernel launch and a kernel's dynamic shared memory. Under ML_CUDA_EMU (tests/emu) the host emulator runs
 // the same kernels: launches become calls into it and dynamic shared memory its buffer.
 #ifdef ML_CUDA_EMU
-#define ML_KERNEL_CALL(grid, block, smem, kernel, ...) ml_emu_launch(dim3(grid), (block), (smem), [=] { kernel(__VA_ARGS__); })
+#define ML_KERNEL_CALL(grid, block, smem, kernel, ...)                                                       \
+    ml_emu_launch(reinterpret_cast<const void *>(&kernel), dim3(grid), (block), (smem), [=] { kernel(__VA_ARGS__); })
 #define ML_DYNAMIC_SMEM(type, name) type *name = (type *)ml_emu_smem()
 #else
 #define ML_KERNEL_CALL(grid, block, smem, kernel, ...) kernel<<<(grid), (block), (smem)>>>(__VA_ARGS__)

@@ -7,7 +7,7 @@
 //   memory    "device" memory is host memory; static __shared__ arrays are function statics (blocks run one
 //             after another); dynamic shared memory is filled with NaN bytes before each block and guarded by
 //             a canary (an overflowing write exits 6); launches check the dynamic size against the attribute
-//             set with cudaFuncSetAttribute and the H100's limit;
+//             set for that kernel with cudaFuncSetAttribute and the H100's limit;
 //   WMMA      fragments hold whole 16x16 tiles with the documented row/col-major and leading-dimension rules;
 //             every WMMA pointer is checked to lie in shared memory, 32-byte aligned, with a leading dimension
 //             that is a multiple of 16 bytes (ml_emu_violations counts failures); a store writes only the
@@ -67,7 +67,7 @@ extern int ml_emu_cur;                    // the running thread of the block
 const ml_emu_idx &ml_emu_thread_idx(void); // its threadIdx
 #define threadIdx (ml_emu_thread_idx())
 
-void ml_emu_launch(dim3 grid, int block, size_t smem, std::function<void()> body);
+void ml_emu_launch(const void *kernel, dim3 grid, int block, size_t smem, std::function<void()> body);
 unsigned char *ml_emu_smem(void);
 void ml_emu_set_order(int order); // 0 ascending, 1 descending, 2 random (seeded)
 extern long ml_emu_violations;    // WMMA pointer/layout rule breaks so far
@@ -136,9 +136,9 @@ cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s = 0);
 cudaError_t cudaEventSynchronize(cudaEvent_t e);
 cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t a, cudaEvent_t b);
 cudaError_t cudaEventDestroy(cudaEvent_t e);
-cudaError_t ml_emu_func_set_attribute(cudaFuncAttribute a, int v);
-template <class F> static inline cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute a, int v) {
-    return ml_emu_func_set_attribute(a, v);
+cudaError_t ml_emu_func_set_attribute(const void *kernel, cudaFuncAttribute a, int v);
+template <class F> static inline cudaError_t cudaFuncSetAttribute(F f, cudaFuncAttribute a, int v) {
+    return ml_emu_func_set_attribute(reinterpret_cast<const void *>(f), a, v);
 }
 
 // ---- cuBLAS ----

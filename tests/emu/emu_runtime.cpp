@@ -6,6 +6,7 @@
 // (no signal-mask system call per switch). Dynamic shared memory is filled with NaN bytes before each block
 // and followed by a canary.
 #undef _FORTIFY_SOURCE
+#include <map>
 #include <random>
 #include <setjmp.h>
 #include <ucontext.h>
@@ -33,7 +34,8 @@ std::function<void()> *body;
 int order, direct, barrier_met;
 std::mt19937 shuffle_rng(1);
 unsigned char *smem_buf;
-size_t smem_size, smem_attr;
+size_t smem_size;
+std::map<const void *, size_t> smem_attr; // per kernel, as cudaFuncSetAttribute sets it
 
 void entry() {
     (*body)();
@@ -121,13 +123,14 @@ void ml_emu_barrier(int kind) {
     if (!_setjmp(f->jb)) _longjmp(scheduler, 1);
 }
 
-void ml_emu_launch(dim3 grid, int block, size_t smem, std::function<void()> fn) {
+void ml_emu_launch(const void *kernel, dim3 grid, int block, size_t smem, std::function<void()> fn) {
     if (block < 1 || block > 1024) {
         fprintf(stderr, "cuda_emu: launch with %d threads per block\n", block);
         exit(5);
     }
-    if (smem > 48 * 1024 && smem > smem_attr) {
-        fprintf(stderr, "cuda_emu: %zu bytes of dynamic shared memory without the attribute (%zu)\n", smem, smem_attr);
+    if (smem > 48 * 1024 && smem > smem_attr[kernel]) {
+        fprintf(stderr, "cuda_emu: %zu bytes of dynamic shared memory without the attribute (%zu)\n", smem,
+                smem_attr[kernel]);
         exit(5);
     }
     if (smem > 232448) {
@@ -222,4 +225,6 @@ cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t) { return e->t = now_ms(
 cudaError_t cudaEventSynchronize(cudaEvent_t) { return cudaSuccess; }
 cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t a, cudaEvent_t b) { return *ms = (float)(b->t - a->t), cudaSuccess; }
 cudaError_t cudaEventDestroy(cudaEvent_t e) { return delete e, cudaSuccess; }
-cudaError_t ml_emu_func_set_attribute(cudaFuncAttribute, int v) { return smem_attr = (size_t)v, cudaSuccess; }
+cudaError_t ml_emu_func_set_attribute(const void *kernel, cudaFuncAttribute, int v) {
+    return smem_attr[kernel] = (size_t)v, cudaSuccess;
+}

@@ -8,6 +8,7 @@
 // the gpu suite (tests/test_gpu_ops.c) on a GPU.
 #include <vector>
 
+#include "check.h"
 #include "cuda_emu.h"
 
 extern "C" {
@@ -21,17 +22,6 @@ struct impl {
     double tol_out, tol_grad;
 };
 
-static int passed, failed;
-#define CHECK(cond, ...)                                                                                          \
-    do {                                                                                                          \
-        if (cond) passed++;                                                                                       \
-        else {                                                                                                    \
-            failed++;                                                                                             \
-            printf("FAIL: ");                                                                                     \
-            printf(__VA_ARGS__);                                                                                  \
-            printf("\n");                                                                                         \
-        }                                                                                                         \
-    } while (0)
 
 static uint64_t rng_state = 88172645463325252ull;
 static float rnd(float scale) {
