@@ -17,6 +17,13 @@ typedef struct ml_backend_plan {
     int M, kmax, E, C, B, T, H, KV, hd;
 } ml_backend_plan;
 
+/* Time spent in one op of a table over a profiled stretch (the CUDA backend's event profiler fills these). */
+typedef struct ml_op_time {
+    const char *op;
+    double ms;
+    long calls;
+} ml_op_time;
+
 typedef struct ml_backend {
     const char *name;
 

@@ -21,11 +21,6 @@ double cuda_gemm_peak(int n, int reps, int bf16_inputs);
 
 /* Per-op timing with CUDA events: between start and stop every table entry records an event pair; stop
  * waits for the device and sums the pairs by op (up to cap ops, in first-seen order); returns their number. */
-typedef struct {
-    const char *op;
-    double ms;
-    long calls;
-} ml_op_time;
 void cuda_profile_start(void);
 int cuda_profile_stop(ml_op_time *out, int cap);
 

@@ -6,7 +6,7 @@
 
 #include <stdio.h>
 
-static int passed, failed;
+static int passed __attribute__((unused)), failed __attribute__((unused)); /* unused where a test body is compiled out */
 
 #define CHECK(cond, ...)                                                                                       \
     do {                                                                                                       \
