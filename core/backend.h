@@ -67,12 +67,25 @@ typedef struct ml_backend {
     void (*router_backward)(float *dlogits, const float *dgate, const float *dprobs, const float *logits,
                             const float *probs, const int32_t *idx, const float *gate, int M,
                             const ml_router_params *p);
-    /* routing statistics of one micro-batch, reduced where the scores live: psum(E) = sum over tokens of
-     * probs(t,e) / sum_e' probs(t,e') (double), selected(E) = choices per expert in idx(M,k) (-1 skipped) */
-    void (*route_stats)(double *psum, int32_t *selected, const float *probs, const int32_t *idx, int M, int k, int E);
-    /* the gradient of lbl losses (policy.h) with the coefficients folded into g(E): for every token t,
-     * dprobs(t,e) += scale / S_t * (g_e - sum_i g_i probs(t,i) / S_t), S_t = sum_i probs(t,i) */
-    void (*lbl_backward)(float *dprobs, const float *probs, const float *g, float scale, int M, int E);
+    /* routing statistics of one micro-batch, reduced where the scores live, per segment of seg tokens (the
+     * sequences; seg divides M): psum(M/seg, E) = sum over the segment's tokens of probs(t,e) / S_t (double),
+     * S_t = sum_e' probs(t,e'); selected(M/seg, E) = choices per expert in its rows of idx(M,k) (-1 skipped) */
+    void (*route_stats)(double *psum, int32_t *selected, const float *probs, const int32_t *idx, int M, int k, int E,
+                        int seg);
+    /* the gradient of lbl losses (policy.h) with the coefficients folded into g(M/seg, E): for every token t of
+     * segment b, dprobs(t,e) += scale / S_t * (g_be - sum_i g_bi probs(t,i) / S_t) */
+    void (*lbl_backward)(float *dprobs, const float *probs, const float *g, float scale, int M, int E, int seg);
+    /* the z-loss's statistic: zsum (one double) = sum over tokens of logsumexp(logits_t)^2; its gradient:
+     * dlogits(t,e) += scale * lse_t * softmax(logits_t)_e */
+    void (*zloss_forward)(double *zsum, const float *logits, int M, int E);
+    void (*zloss_backward)(float *dlogits, const float *logits, float scale, int M, int E);
+    /* top1_loss's statistics: fsum(E) = sum over tokens of p_t = softmax(logits_t / tau), ssum (one double) =
+     * sum over tokens of the chosen scores probs(t, idx(t,j)); its gradient, with the coefficients folded into
+     * c(E) and a: dlogits(t,e) += cscale p_te (c_e - sum_i p_ti c_i) / tau, dprobs(t, idx(t,j)) += a */
+    void (*tempered_forward)(double *fsum, double *ssum, const float *logits, const float *probs, const int32_t *idx,
+                             float tau, int M, int k, int E);
+    void (*tempered_backward)(float *dlogits, float *dprobs, const float *logits, const int32_t *idx, const float *c,
+                              float cscale, float a, float tau, int M, int k, int E);
     /* counting sort of the choices idx(M,k) by expert (idx -1 = dropped): counts(E), offsets(E+1), slot(M*k) */
     void (*moe_dispatch)(int32_t *counts, int32_t *offsets, int32_t *slot, const int32_t *idx, int M, int k, int E);
     void (*permute_forward)(float *xe, const float *inp, const int32_t *slot, int M, int k, int C);

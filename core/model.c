@@ -113,6 +113,10 @@ int model_init(ml_model *m, const ml_config *cfg, const ml_backend *be, int B, i
     set_dims(m, cfg, B);
     m->be = be;
     if ((rc = balance_init(&m->balance, cfg, err))) return rc;
+    /* MOELAB_HOST_LOSSES=1: every loss on host copies of the scores and logits, not its device form (the
+     * reference the tests compare the device forms with, in whole training steps) */
+    const char *host_losses = getenv("MOELAB_HOST_LOSSES");
+    if (host_losses && !strcmp(host_losses, "1")) m->balance.has_host_loss = m->balance.has_loss;
     balance_choose_k(&m->balance, cfg, 0, m->layer_k);
     m->kmax = kmax > balance_max_k(cfg) ? kmax : balance_max_k(cfg);
 
@@ -180,18 +184,20 @@ int model_init(ml_model *m, const ml_config *cfg, const ml_backend *be, int B, i
         m->d_probs = ALLOC_F(&a, M * E), m->d_rlogits = ALLOC_F(&a, M * E);
     }
     m->router_bias = ALLOC_F(&a, (size_t)m->L * (E ? E : 1));
-    m->d_rstats = take(&a, (sizeof(double) + sizeof(int32_t)) * (E ? E : 1));
-    m->d_lbl = ALLOC_F(&a, (size_t)m->L * (E ? E : 1));
+    const size_t BE = (size_t)B * (E ? E : 1), rstats_bytes = sizeof(double) * (BE + 2 + E) + sizeof(int32_t) * BE;
+    m->d_rstats = take(&a, rstats_bytes);
+    m->d_lbl = ALLOC_F(&a, (size_t)m->L * (BE + E));
     const size_t ME = M * (E ? E : 1);
     int host_failed = !(m->h_logits = malloc(sizeof(float) * ME)) | !(m->h_scores = malloc(sizeof(float) * ME)) |
-                      !(m->h_tmp = malloc(sizeof(float) * (ME > M ? ME : M))) |
+                      !(m->h_tmp = malloc(sizeof(float) * (ME > M ? ME : M) + sizeof(float) * (BE + E))) |
                       !(m->h_idx = malloc(sizeof(int32_t) * MK)) | !(m->h_route = malloc(sizeof(int32_t) * MK)) |
                       !(m->h_counts = malloc(sizeof(int32_t) * (E ? E : 1))) |
                       !(m->h_selected = malloc(sizeof(int32_t) * (E ? E : 1))) |
                       !(m->h_bias = malloc(sizeof(float) * m->L * (E ? E : 1))) |
-                      !(m->h_psum = malloc((sizeof(double) + sizeof(int32_t)) * (E ? E : 1)));
+                      !(m->h_rstats = malloc(rstats_bytes));
     host_failed |= !(m->h_score_mean = malloc(sizeof(double) * (E ? E : 1))) |
-                   !(m->h_g = malloc(sizeof(double) * (E ? E : 1)));
+                   !(m->h_seq_score_mean = malloc(sizeof(double) * BE)) |
+                   !(m->h_g = calloc(BE + E, sizeof(double))) | !(m->h_tempered_a = calloc(m->L, sizeof(double)));
     if (m->balance.has_host_loss)
         /* one slot per layer, plus one that evaluations write into so they never touch a pending backward's */
         host_failed |= !(m->h_dscores = malloc(sizeof(float) * ME * (m->L + 1))) |
@@ -238,7 +244,7 @@ void model_free(ml_model *m) {
     }
     free(m->h_logits), free(m->h_scores), free(m->h_tmp), free(m->h_idx), free(m->h_route);
     free(m->h_counts), free(m->h_selected), free(m->h_dscores), free(m->h_dlogits), free(m->h_bias);
-    free(m->h_psum), free(m->h_score_mean), free(m->h_g);
+    free(m->h_rstats), free(m->h_score_mean), free(m->h_seq_score_mean), free(m->h_g), free(m->h_tempered_a);
     route_stats_free(&m->stats);
     route_stats_free(&m->eval_stats);
     memset(m, 0, sizeof *m);
@@ -338,14 +344,34 @@ static void moe_block_forward(ml_model *m, int l, float *out, int record) {
         rp.given_idx = 1;
     }
     be->router_forward(x->probs, x->idx, x->gate, x->logits, bias, M, &rp);
-    be->route_stats((double *)m->d_rstats, (int32_t *)((double *)m->d_rstats + E), x->probs, x->idx, M, k, E);
-    be->to_host(m->h_psum, m->d_rstats, (sizeof(double) + sizeof(int32_t)) * E);
-    memcpy(m->h_selected, m->h_psum + E, sizeof(int32_t) * E);
+    /* the reduced statistics (per sequence, for seq_aux_loss) and the device-form losses' sums, one copy */
+    const int B = m->B, T = m->T, device_loss = record && bal->has_loss && !bal->has_host_loss;
+    const size_t BE = (size_t)B * E;
+    double *d_psum = m->d_rstats, *d_zsum = d_psum + BE, *d_ssum = d_zsum + 1, *d_fsum = d_ssum + 1;
+    double *h_psum = m->h_rstats, *h_zsum = h_psum + BE, *h_ssum = h_zsum + 1, *h_fsum = h_ssum + 1;
+    be->route_stats(d_psum, (int32_t *)(d_fsum + E), x->probs, x->idx, M, k, E, T);
+    if (device_loss && bal->z_coef > 0) be->zloss_forward(d_zsum, x->logits, M, E);
+    if (device_loss && bal->tempered)
+        be->tempered_forward(d_fsum, d_ssum, x->logits, x->probs, x->idx, (float)bal->tempered->tau(&m->cfg), M, k,
+                             E);
+    be->to_host(m->h_rstats, m->d_rstats, sizeof(double) * (BE + 2 + E) + sizeof(int32_t) * BE);
+    const int32_t *seq_selected = (const int32_t *)(h_fsum + E);
+    for (int e = 0; e < E; e++) {
+        double ps = 0;
+        int32_t sel = 0;
+        for (int b = 0; b < B; b++) {
+            ps += h_psum[(size_t)b * E + e], sel += seq_selected[(size_t)b * E + e];
+            m->h_seq_score_mean[(size_t)b * E + e] = h_psum[(size_t)b * E + e] / T;
+        }
+        m->h_score_mean[e] = ps / M, m->h_selected[e] = sel;
+    }
     if (host_scores) {
         be->to_host(m->h_scores, x->probs, sizeof(float) * M * E);
         be->to_host(m->h_idx, x->idx, sizeof(int32_t) * M * k);
     }
-    ctx.selected = m->h_selected;
+    ctx.selected = m->h_selected, ctx.score_mean = m->h_score_mean;
+    ctx.seq_selected = seq_selected, ctx.seq_score_mean = m->h_seq_score_mean;
+    ctx.tempered_fsum = h_fsum, ctx.tempered_ssum = *h_ssum;
 
     const int32_t *route = x->idx;
     int64_t dropped = 0;
@@ -382,28 +408,24 @@ static void moe_block_forward(ml_model *m, int l, float *out, int record) {
     int64_t *load = st->tokens_per_expert + (size_t)l * E, *sel = st->selected + (size_t)l * E;
     double *gate_mean = st->gate_mean_sum + (size_t)l * E;
     for (int e = 0; e < E; e++)
-        load[e] += m->h_counts[e], sel[e] += m->h_selected[e], gate_mean[e] += m->h_psum[e] / M;
+        load[e] += m->h_counts[e], sel[e] += m->h_selected[e], gate_mean[e] += m->h_score_mean[e];
     st->dropped[l] += dropped;
 
-    if (bal->has_loss && !bal->has_host_loss) {
-        /* lbl losses: the value from the mean scores, the gradient in the backward from the saved scores */
-        for (int e = 0; e < E; e++) m->h_score_mean[e] = m->h_psum[e] / M;
-        ctx.running_selected = sel;
-        ctx.running_tokens = (int64_t)(st->micro_batches + 1) * M;
-        ctx.score_mean = m->h_score_mean;
-        double loss = balance_lbl(bal, &m->cfg, &ctx, m->h_g);
+    ctx.running_selected = sel;
+    ctx.running_tokens = (int64_t)(st->micro_batches + 1) * M;
+    if (device_loss) {
+        /* device forms: the value from the reduced sums; the gradients' weights kept on the backend */
+        double *g = m->h_g, *c = g + BE, a = 0;
+        double loss = balance_device_loss(bal, &m->cfg, &ctx, *h_zsum, g, c, &a);
         if (!m->eval_mode) {
             float *gf = m->h_tmp;
-            for (int e = 0; e < E; e++) gf[e] = (float)m->h_g[e];
-            be->from_host(m->d_lbl + (size_t)l * E, gf, sizeof(float) * E);
+            for (size_t i = 0; i < BE + E; i++) gf[i] = (float)g[i];
+            be->from_host(m->d_lbl + (size_t)l * (BE + E), gf, sizeof(float) * (BE + E));
+            m->h_tempered_a[l] = a;
         }
         st->policy_loss[l] += loss;
         m->last_aux += (float)loss;
     } else if (bal->has_loss) {
-        ctx.running_selected = sel;
-        ctx.running_tokens = (int64_t)(st->micro_batches + 1) * M;
-        for (int e = 0; e < E; e++) m->h_score_mean[e] = m->h_psum[e] / M;
-        ctx.score_mean = m->h_score_mean;
         const int slot = m->eval_mode ? m->L : l;
         ctx.dscores = m->h_dscores + (size_t)slot * M * E;
         ctx.dlogits = m->h_dlogits + (size_t)slot * M * E;
@@ -490,12 +512,21 @@ static void moe_block_backward(ml_model *m, int l, const float *dout, float loss
     const double t0 = now_s();
     /* the policies' gradients, kept from the forward, scaled like the rest of this micro-batch's loss */
     float *dprobs = NULL;
-    if (m->balance.has_loss && !m->balance.has_host_loss) {
+    const ml_balance *bal = &m->balance;
+    if (bal->has_loss && !bal->has_host_loss) {
+        const size_t BE = (size_t)m->B * E;
+        const float *g = m->d_lbl + (size_t)l * (BE + E), *c = g + BE;
         be->memset0(m->d_probs, sizeof(float) * M * E);
-        be->lbl_backward(m->d_probs, x->probs, m->d_lbl + (size_t)l * E, loss_scale * E / M, M, E);
         be->memset0(m->d_rlogits, sizeof(float) * M * E);
+        if (bal->has_lbl) be->lbl_backward(m->d_probs, x->probs, g, loss_scale / m->T, M, E, m->T);
+        if (bal->z_coef > 0)
+            be->zloss_backward(m->d_rlogits, x->logits, (float)(loss_scale * 2 * bal->z_coef / M), M, E);
+        if (bal->tempered)
+            be->tempered_backward(m->d_rlogits, m->d_probs, x->logits, x->idx, c, loss_scale,
+                                  (float)(loss_scale * m->h_tempered_a[l]), (float)bal->tempered->tau(&m->cfg), M, k,
+                                  E);
         dprobs = m->d_probs;
-    } else if (m->balance.has_loss) {
+    } else if (bal->has_loss) {
         const size_t ME = (size_t)M * E;
         const float *ds = m->h_dscores + (size_t)l * ME, *dl = m->h_dlogits + (size_t)l * ME;
         for (size_t i = 0; i < ME; i++) m->h_tmp[i] = ds[i] * loss_scale;

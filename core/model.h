@@ -77,10 +77,14 @@ typedef struct ml_model {
     float *h_logits, *h_scores, *h_tmp;        /* (M, E) */
     int32_t *h_idx, *h_route, *h_counts, *h_selected; /* (M, kmax), (M, kmax), (E), (E) */
     float *h_bias;                             /* (L, E) host copy of the biases for the policies */
-    void *d_rstats;                            /* backend: one layer's route_stats (E doubles, then E ints) */
-    double *h_psum;                            /* (E) host copy of d_rstats's score sums */
-    double *h_score_mean, *h_g;                /* (E) each: score sums / M; an lbl gradient's weights */
-    float *d_lbl;                              /* backend (L, E): each layer's lbl weights, for the backward */
+    /* one layer's reduced statistics on the backend: per-sequence score sums (B, E), the z-loss's and
+     * tempered loss's sums (1, 1, E) as doubles, then per-sequence choices (B, E) as ints; h_rstats is the
+     * host copy */
+    void *d_rstats, *h_rstats;
+    double *h_score_mean, *h_seq_score_mean;   /* (E), (B, E): score sums over M, and per sequence over T */
+    double *h_g;                               /* (B, E) lbl weights, then (E) tempered coefficients c */
+    float *d_lbl;                              /* backend (L, B E + E): each layer's g and c, for the backward */
+    double *h_tempered_a;                      /* (L) each layer's tempered coefficient a, for the backward */
     float *h_dscores, *h_dlogits;              /* (L, M, E), only when a policy has a loss */
 
     ml_balance balance;                         /* the active policies (balance.policy) */

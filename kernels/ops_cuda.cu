@@ -247,7 +247,8 @@ static void cu_router_backward(float *dlogits, const float *dgate, const float *
     LAUNCH("router_backward", blocks(M, 128), 128, k_router_backward, dlogits, dgate, dprobs, probs, idx, gate, M, *p);
 }
 
-// ---- routing statistics: row sums, per-chunk column partials, then the partials in chunk order ----
+// ---- routing statistics: row sums, per-chunk column partials, then the partials in chunk order. Chunks of
+// STAT_ROWS rows never straddle a segment (cps chunks per segment), so each segment sums its own chunks. ----
 
 #define STAT_ROWS 128
 __global__ void k_row_sums(double *rs, const float *probs, int M, int E) {
@@ -259,8 +260,9 @@ __global__ void k_row_sums(double *rs, const float *probs, int M, int E) {
     if (lane == 0) rs[m] = acc;
 }
 __global__ void k_route_stats_part(double *psum_part, int32_t *sel_part, const float *probs, const double *rs,
-                                   const int32_t *idx, int M, int k, int E) {
-    const int ch = blockIdx.x, lo = ch * STAT_ROWS, hi = min(M, lo + STAT_ROWS);
+                                   const int32_t *idx, int seg, int cps, int k, int E) {
+    const int ch = blockIdx.x, b = ch / cps, lo = b * seg + (ch % cps) * STAT_ROWS;
+    const int hi = min((b + 1) * seg, lo + STAT_ROWS);
     for (int e = threadIdx.x; e < E; e += blockDim.x) {
         double acc = 0;
         int cnt = 0;
@@ -272,50 +274,185 @@ __global__ void k_route_stats_part(double *psum_part, int32_t *sel_part, const f
         sel_part[(size_t)ch * E + e] = cnt;
     }
 }
-__global__ void k_route_stats_sum(double *psum, int32_t *selected, const double *psum_part, const int32_t *sel_part,
-                                  int chunks, int E) {
-    int e = blockIdx.x * blockDim.x + threadIdx.x;
-    if (e >= E) return;
+// out[b, e] = the sum of segment b's cps chunk partials of column e (nseg x E outputs)
+__global__ void k_chunk_sums(double *psum, int32_t *selected, const double *psum_part, const int32_t *sel_part,
+                             int cps, int nseg, int E) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= nseg * E) return;
+    const int b = i / E, e = i % E;
     double acc = 0;
     int cnt = 0;
-    for (int ch = 0; ch < chunks; ch++) acc += psum_part[(size_t)ch * E + e], cnt += sel_part[(size_t)ch * E + e];
-    psum[e] = acc, selected[e] = cnt;
+    for (int ch = b * cps; ch < (b + 1) * cps; ch++) {
+        acc += psum_part[(size_t)ch * E + e];
+        if (selected) cnt += sel_part[(size_t)ch * E + e];
+    }
+    psum[i] = acc;
+    if (selected) selected[i] = cnt;
 }
 static void cu_route_stats(double *psum, int32_t *selected, const float *probs, const int32_t *idx, int M, int k,
-                           int E) {
+                           int E, int seg) {
     PROF("route_stats");
-    if (M == 0) {
-        CK("route_stats", cudaMemsetAsync(psum, 0, sizeof(double) * E));
-        CK("route_stats", cudaMemsetAsync(selected, 0, sizeof(int32_t) * E));
-        return;
-    }
-    const int chunks = (M + STAT_ROWS - 1) / STAT_ROWS;
+    if (M == 0 || seg <= 0) return;
+    const int nseg = M / seg, cps = (seg + STAT_ROWS - 1) / STAT_ROWS, chunks = nseg * cps;
     char *w = (char *)ml_ws(WS_REDUCE, sizeof(double) * M + (sizeof(double) + sizeof(int32_t)) * (size_t)chunks * E);
     double *rs = (double *)w, *pp = rs + M;
     int32_t *sp = (int32_t *)(pp + (size_t)chunks * E);
     LAUNCH("route_stats", blocks(M, 8), 256, k_row_sums, rs, probs, M, E);
-    LAUNCH("route_stats", chunks, 128, k_route_stats_part, pp, sp, probs, rs, idx, M, k, E);
-    LAUNCH("route_stats", blocks(E, 128), 128, k_route_stats_sum, psum, selected, pp, sp, chunks, E);
+    LAUNCH("route_stats", chunks, 128, k_route_stats_part, pp, sp, probs, rs, idx, seg, cps, k, E);
+    LAUNCH("route_stats", blocks(nseg * E, 128), 128, k_chunk_sums, psum, selected, pp, sp, cps, nseg, E);
 }
 
 // ---- the lbl losses' gradient (backend.h lbl_backward): one warp per token row, double sums ----
 
-__global__ void k_lbl_backward(float *dprobs, const float *probs, const float *g, float scale, int M, int E) {
+__global__ void k_lbl_backward(float *dprobs, const float *probs, const float *g, float scale, int M, int E,
+                               int seg) {
     const int t = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (t >= M) return;
-    const float *s = probs + (size_t)t * E;
+    const float *s = probs + (size_t)t * E, *gb = g + (size_t)(t / seg) * E;
     float *d = dprobs + (size_t)t * E;
     double sum = 0, dot = 0;
-    for (int e = lane; e < E; e += 32) sum += s[e], dot += (double)g[e] * s[e];
+    for (int e = lane; e < E; e += 32) sum += s[e], dot += (double)gb[e] * s[e];
     for (int o = 16; o > 0; o >>= 1)
         sum += __shfl_xor_sync(0xffffffffu, sum, o), dot += __shfl_xor_sync(0xffffffffu, dot, o);
     const double inv = 1.0 / sum, c = scale * inv;
     dot *= inv;
-    for (int e = lane; e < E; e += 32) d[e] += (float)(c * (g[e] - dot));
+    for (int e = lane; e < E; e += 32) d[e] += (float)(c * (gb[e] - dot));
 }
-static void cu_lbl_backward(float *dprobs, const float *probs, const float *g, float scale, int M, int E) {
+static void cu_lbl_backward(float *dprobs, const float *probs, const float *g, float scale, int M, int E, int seg) {
     PROF("lbl_backward");
-    LAUNCH("lbl_backward", blocks(M, 8), 256, k_lbl_backward, dprobs, probs, g, scale, M, E);
+    LAUNCH("lbl_backward", blocks(M, 8), 256, k_lbl_backward, dprobs, probs, g, scale, M, E, seg);
+}
+
+// ---- the z-loss and the tempered (top1_loss) statistics and gradients: a warp per token row; sums over rows
+// in chunks of STAT_ROWS (a block each) added in chunk order, as route_stats ----
+
+// logsumexp of the row l / tau (every lane gets it)
+__device__ double warp_row_lse(const float *l, int E, double inv_tau) {
+    float mx = -INFINITY;
+    for (int e = threadIdx.x % 32; e < E; e += 32) mx = fmaxf(mx, l[e]);
+    mx = warp_max(mx);
+    double sum = 0;
+    for (int e = threadIdx.x % 32; e < E; e += 32) sum += exp(((double)l[e] - mx) * inv_tau);
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    return (double)mx * inv_tau + log(sum);
+}
+#define ROW_WARPS 8 // 256-thread blocks: 8 warps share a chunk's rows
+__global__ void k_zloss_part(double *part, const float *logits, int M, int E) {
+    __shared__ double warp_acc[ROW_WARPS];
+    const int warp = threadIdx.x / 32, lo = blockIdx.x * STAT_ROWS, hi = min(M, lo + STAT_ROWS);
+    double acc = 0;
+    for (int t = lo + warp; t < hi; t += ROW_WARPS) {
+        const double lse = warp_row_lse(logits + (size_t)t * E, E, 1.0);
+        acc += lse * lse;
+    }
+    if (threadIdx.x % 32 == 0) warp_acc[warp] = acc;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double s = 0;
+        for (int w = 0; w < ROW_WARPS; w++) s += warp_acc[w];
+        part[blockIdx.x] = s;
+    }
+}
+static void cu_zloss_forward(double *zsum, const float *logits, int M, int E) {
+    PROF("zloss_forward");
+    const int chunks = (M + STAT_ROWS - 1) / STAT_ROWS;
+    if (chunks == 0) {
+        CK("zloss_forward", cudaMemsetAsync(zsum, 0, sizeof(double)));
+        return;
+    }
+    double *pp = (double *)ml_ws(WS_REDUCE, sizeof(double) * chunks);
+    LAUNCH("zloss_forward", chunks, 32 * ROW_WARPS, k_zloss_part, pp, logits, M, E);
+    LAUNCH("zloss_forward", 1, 32, k_chunk_sums, zsum, (int32_t *)NULL, pp, (const int32_t *)NULL, chunks, 1, 1);
+}
+__global__ void k_zloss_backward(float *dlogits, const float *logits, float scale, int M, int E) {
+    const int t = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (t >= M) return;
+    const float *l = logits + (size_t)t * E;
+    const double lse = warp_row_lse(l, E, 1.0);
+    float *d = dlogits + (size_t)t * E;
+    for (int e = threadIdx.x % 32; e < E; e += 32) d[e] += (float)(scale * lse * exp(l[e] - lse));
+}
+static void cu_zloss_backward(float *dlogits, const float *logits, float scale, int M, int E) {
+    PROF("zloss_backward");
+    LAUNCH("zloss_backward", blocks(M, 8), 256, k_zloss_backward, dlogits, logits, scale, M, E);
+}
+
+// per chunk: the rows' lse (a warp each) and chosen-score sums into shared memory, then a thread per expert
+// sums p_te over the chunk's rows; part = chunks x (E + 1): E columns, then the chosen scores
+__global__ void k_tempered_part(double *part, const float *logits, const float *probs, const int32_t *idx,
+                                double inv_tau, int M, int k, int E) {
+    __shared__ double lse[STAT_ROWS], chosen[STAT_ROWS];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, lo = blockIdx.x * STAT_ROWS;
+    const int rows = min(M - lo, STAT_ROWS);
+    for (int r = warp; r < rows; r += ROW_WARPS) {
+        const int t = lo + r;
+        const double v = warp_row_lse(logits + (size_t)t * E, E, inv_tau);
+        if (lane == 0) {
+            double s = 0;
+            for (int j = 0; j < k; j++) {
+                const int32_t e = idx[(size_t)t * k + j];
+                if (e >= 0) s += probs[(size_t)t * E + e];
+            }
+            lse[r] = v, chosen[r] = s;
+        }
+    }
+    __syncthreads();
+    double *out = part + (size_t)blockIdx.x * (E + 1);
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+        double acc = 0;
+        for (int r = 0; r < rows; r++) acc += exp((double)logits[(size_t)(lo + r) * E + e] * inv_tau - lse[r]);
+        out[e] = acc;
+    }
+    if (threadIdx.x == 0) {
+        double s = 0;
+        for (int r = 0; r < rows; r++) s += chosen[r];
+        out[E] = s;
+    }
+}
+// the chunks' partials in chunk order: fsum (E), then ssum from the last column
+__global__ void k_tempered_sum(double *fsum, double *ssum, const double *part, int chunks, int E) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i > E) return;
+    double acc = 0;
+    for (int ch = 0; ch < chunks; ch++) acc += part[(size_t)ch * (E + 1) + i];
+    if (i < E) fsum[i] = acc;
+    else *ssum = acc;
+}
+static void cu_tempered_forward(double *fsum, double *ssum, const float *logits, const float *probs,
+                                const int32_t *idx, float tau, int M, int k, int E) {
+    PROF("tempered_forward");
+    const int chunks = (M + STAT_ROWS - 1) / STAT_ROWS;
+    if (chunks == 0) {
+        CK("tempered_forward", cudaMemsetAsync(fsum, 0, sizeof(double) * E));
+        CK("tempered_forward", cudaMemsetAsync(ssum, 0, sizeof(double)));
+        return;
+    }
+    double *pp = (double *)ml_ws(WS_REDUCE, sizeof(double) * chunks * (E + 1));
+    LAUNCH("tempered_forward", chunks, 32 * ROW_WARPS, k_tempered_part, pp, logits, probs, idx, 1.0 / tau, M, k, E);
+    LAUNCH("tempered_forward", blocks(E + 1, 128), 128, k_tempered_sum, fsum, ssum, pp, chunks, E);
+}
+__global__ void k_tempered_backward(float *dlogits, float *dprobs, const float *logits, const int32_t *idx,
+                                    const float *c, float cscale, float a, double inv_tau, int M, int k, int E) {
+    const int t = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (t >= M) return;
+    const float *l = logits + (size_t)t * E;
+    const double lse = warp_row_lse(l, E, inv_tau);
+    double dot = 0;
+    for (int e = lane; e < E; e += 32) dot += exp((double)l[e] * inv_tau - lse) * c[e];
+    for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+    float *d = dlogits + (size_t)t * E;
+    for (int e = lane; e < E; e += 32)
+        d[e] += (float)(cscale * exp((double)l[e] * inv_tau - lse) * (c[e] - dot) * inv_tau);
+    for (int j = lane; j < k; j += 32) {
+        const int32_t e = idx[(size_t)t * k + j];
+        if (e >= 0) dprobs[(size_t)t * E + e] += a;
+    }
+}
+static void cu_tempered_backward(float *dlogits, float *dprobs, const float *logits, const int32_t *idx,
+                                 const float *c, float cscale, float a, float tau, int M, int k, int E) {
+    PROF("tempered_backward");
+    LAUNCH("tempered_backward", blocks(M, 8), 256, k_tempered_backward, dlogits, dprobs, logits, idx, c, cscale, a,
+           1.0 / tau, M, k, E);
 }
 
 // ---- dispatch: a stable counting sort of the M k choices by expert, in chunks of 256 choices. Within a warp
@@ -565,6 +702,8 @@ void ml_cuda_fill_ops(ml_backend *b) {
     b->router_forward = cu_router_forward, b->router_backward = cu_router_backward;
     b->route_stats = cu_route_stats;
     b->lbl_backward = cu_lbl_backward;
+    b->zloss_forward = cu_zloss_forward, b->zloss_backward = cu_zloss_backward;
+    b->tempered_forward = cu_tempered_forward, b->tempered_backward = cu_tempered_backward;
     b->moe_dispatch = cu_moe_dispatch;
     b->permute_forward = cu_permute_forward, b->permute_backward = cu_permute_backward;
     b->unpermute_forward = cu_unpermute_forward, b->unpermute_backward = cu_unpermute_backward;

@@ -1,7 +1,7 @@
 /* test_balance.c: the load-balancing policies and the imbalance metrics.
  *  - every loss term's gradient (aux, seq, global with running counts, top1, z) against central finite
- *    differences through the router (softmax and sigmoid scores); the lbl form of aux and global (value
- *    from mean scores, gradient from lbl_backward) against their own loss;
+ *    differences through the router (softmax and sigmoid scores); the device form of each (value from
+ *    the backend's reduced statistics, gradient from its backward ops) against its own loss;
  *  - loss_free: on a router with fixed skewed logits the bias updates bring MaxVio under 0.05 within a stated
  *    number of updates while the gates stay the unbiased scores; in training the update happens once per
  *    global batch, not per micro-batch;
@@ -106,43 +106,112 @@ static void check_loss_gradient(const char *policy, int score, int k, uint64_t s
            score == SCORE_SIGMOID ? "sigmoid" : "softmax", k, worst, gmax, skipped);
 }
 
-/* The lbl form of a loss (value from the mean scores, gradient from the backend's lbl_backward, what the
- * model uses when no policy needs the scores on the host) equals the policy's own loss and gradient. */
-static void check_lbl_form(const char *policy, uint64_t seed) {
+/* The device form of a loss (value from the statistics the backend reduced, gradient from its backward ops:
+ * what the model uses when no policy needs the scores on the host) equals the policy's own loss and
+ * gradient, computed on host copies. The CPU backend's ops stand in for any backend's here; test_gpu_ops
+ * compares the CUDA ops with them. */
+static void check_device_form(const char *policy, int k, uint64_t seed) {
     const ml_backend *be = backend_cpu();
     const ml_policy *p = policy_find(policy);
     ml_config cfg;
     config_preset(&cfg, "tiny", NULL);
-    cfg.balance.aux_coef = 0.07f;
+    cfg.balance.aux_coef = 0.07f, cfg.balance.z_coef = 0.03f, cfg.balance.top1_coef = 0.05f;
+    snprintf(cfg.balance.policy, sizeof cfg.balance.policy, "%s", policy);
+    ml_balance bal;
+    ml_err err;
+    CHECK(balance_init(&bal, &cfg, &err) == 0 && !bal.has_host_loss, "%s: no device form (%s)", policy, err.msg);
     ml_rng rng;
     rng_seed(&rng, seed);
-    const int M = GM, E = GE, k = 2;
+    const int M = GM, E = GE, B = GB, T = GT;
     float logits[GM * GE], scores[GM * GE], gate[GM * 2], dscores[GM * GE] = {0}, dlogits[GM * GE] = {0};
-    float dprobs[GM * GE] = {0}, gf[GE];
-    int32_t idx[GM * 2], selected[GE];
+    float dprobs[GM * GE] = {0}, drlogits[GM * GE] = {0}, gf[GB * GE + GE];
+    int32_t idx[GM * 2], seq_sel[GB * GE], selected[GE] = {0};
     int64_t running[GE];
-    double psum[GE], mean[GE], f[GE], g[GE];
-    for (int i = 0; i < M * E; i++) logits[i] = (float)rng_normal(&rng);
+    double psum[GB * GE], seq_mean[GB * GE], mean[GE] = {0}, g[GB * GE + GE], zsum, fsum[GE], ssum, a;
+    for (int i = 0; i < M * E; i++) logits[i] = (float)(2 * rng_normal(&rng));
     ml_router_params rp = {.E = E, .k = k, .score = SCORE_SOFTMAX, .route_scale = 1};
     router_forward(scores, idx, gate, logits, NULL, M, &rp);
-    be->route_stats(psum, selected, scores, idx, M, k, E);
-    for (int e = 0; e < E; e++) running[e] = selected[e] + 3 * e, mean[e] = psum[e] / M;
-    ml_balance_layer x = {.layer = 0, .M = M, .E = E, .k = k, .B = GB, .T = GT, .logits = logits, .scores = scores,
+    be->route_stats(psum, seq_sel, scores, idx, M, k, E, T);
+    be->zloss_forward(&zsum, logits, M, E);
+    be->tempered_forward(fsum, &ssum, logits, scores, idx, cfg.balance.top1_tau, M, k, E);
+    for (int i = 0; i < B * E; i++)
+        seq_mean[i] = psum[i] / T, mean[i % E] += psum[i] / M, selected[i % E] += seq_sel[i];
+    for (int e = 0; e < E; e++) running[e] = selected[e] + 3 * e;
+    ml_balance_layer x = {.layer = 0, .M = M, .E = E, .k = k, .B = B, .T = T, .logits = logits, .scores = scores,
                           .idx = idx, .selected = selected, .running_selected = running,
                           .running_tokens = M + 3 * 15 / k, .dscores = dscores, .dlogits = dlogits,
-                          .score_mean = mean};
-    const double want = p->loss(&cfg, &x), coef = p->lbl(&cfg, &x, f);
-    double got = 0;
-    for (int e = 0; e < E; e++) got += coef * E * f[e] * mean[e], g[e] = coef * f[e], gf[e] = (float)g[e];
-    ml_balance bal = {.p = {p}, .n = 1, .has_loss = 1};
-    const double via_balance = balance_lbl(&bal, &cfg, &x, g);
-    be->lbl_backward(dprobs, scores, gf, (float)E / M, M, E);
+                          .score_mean = mean, .seq_selected = seq_sel, .seq_score_mean = seq_mean,
+                          .tempered_fsum = fsum, .tempered_ssum = ssum};
+    const double want = p->loss(&cfg, &x), got = balance_device_loss(&bal, &cfg, &x, zsum, g, g + B * E, &a);
+    for (int i = 0; i < B * E + E; i++) gf[i] = (float)g[i];
+    if (bal.has_lbl) be->lbl_backward(dprobs, scores, gf, 1.0f / T, M, E, T);
+    if (bal.z_coef > 0) be->zloss_backward(drlogits, logits, (float)(2 * bal.z_coef / M), M, E);
+    if (bal.tempered)
+        be->tempered_backward(drlogits, dprobs, logits, idx, gf + B * E, 1, (float)a, cfg.balance.top1_tau, M, k, E);
     double worst = 0, dmax = 0;
-    for (int i = 0; i < M * E; i++) worst = fmax(worst, fabs(dprobs[i] - dscores[i])), dmax = fmax(dmax, fabs(dscores[i]));
-    CHECK(NEAR(got, want, 1e-12 * fabs(want)) && NEAR(via_balance, want, 1e-12 * fabs(want)),
-          "%s lbl form: value %.17g (balance_lbl %.17g) vs loss %.17g", policy, got, via_balance, want);
-    CHECK(dmax > 0 && worst <= 1e-6 * dmax, "%s lbl form: lbl_backward vs the loss's dscores, worst %.3g of %.3g",
-          policy, worst, dmax);
+    for (int i = 0; i < M * E; i++) {
+        worst = fmax(worst, fmax(fabs(dprobs[i] - dscores[i]), fabs(drlogits[i] - dlogits[i])));
+        dmax = fmax(dmax, fmax(fabs(dscores[i]), fabs(dlogits[i])));
+    }
+    /* top1_loss's host form takes float exponentials (~1e-7); the rest agree to double rounding */
+    const double tol = strcmp(policy, "top1_loss") ? 1e-12 : 1e-7;
+    CHECK(want > 0 && NEAR(got, want, tol * fabs(want)), "%s k=%d device form: value %.17g vs loss %.17g", policy, k,
+          got, want);
+    CHECK(dmax > 0 && worst <= 1e-5 * dmax, "%s k=%d device form: gradient vs the loss's, worst %.3g of %.3g", policy,
+          k, worst, dmax);
+}
+
+/* Whole training steps (small-cpu, gradient accumulation over 3 micro-batches) with every loss in its
+ * device form and again on host copies (MOELAB_HOST_LOSSES=1): the same balancing losses, the same
+ * routing and parameters within float rounding. */
+static void check_forms_in_model(const char *data, const char *policy) {
+    char path[600];
+    snprintf(path, sizeof path, "%s/train.bin", data);
+    float aux[2] = {0}, *params[2] = {NULL, NULL};
+    int64_t load[2][64] = {{0}};
+    size_t n = 0;
+    for (int form = 0; form < 2; form++) {
+        if (form) setenv("MOELAB_HOST_LOSSES", "1", 1);
+        ml_config c;
+        ml_err err = {0};
+        config_preset(&c, "small-cpu", NULL);
+        c.train.batch = 2;
+        snprintf(c.balance.policy, sizeof c.balance.policy, "%s", policy);
+        ml_model m;
+        ml_loader d;
+        int ok = !model_init(&m, &c, backend_cpu(), 2, 0, &err) &&
+                 !loader_open(&d, path, 2, c.model.seq_len, c.model.vocab, &err);
+        unsetenv("MOELAB_HOST_LOSSES");
+        CHECK(ok && m.balance.has_host_loss == form, "%s form %d: %s", policy, form, err.msg);
+        if (!ok) return;
+        model_init_weights(&m, 3);
+        for (int step = 0; step < 2; step++) {
+            model_begin_step(&m, (uint64_t)step * 3 * 512);
+            model_zero_grad(&m);
+            for (int micro = 0; micro < 3; micro++) {
+                loader_next(&d);
+                model_forward(&m, d.inputs, d.targets);
+                aux[form] += m.last_aux;
+                model_backward(&m, 1.0f / 3);
+            }
+            model_adamw(&m, 1e-3f, 1.0f, step + 1);
+            model_end_step(&m);
+        }
+        for (int i = 0; i < m.L * m.E && i < 64; i++) load[form][i] = m.stats.tokens_per_expert[i];
+        n = m.nparams;
+        params[form] = malloc(sizeof(float) * n);
+        memcpy(params[form], m.params, sizeof(float) * n);
+        loader_close(&d);
+        model_free(&m);
+    }
+    double worst = 0, pmax = 0;
+    for (size_t i = 0; i < n; i++)
+        worst = fmax(worst, fabs(params[0][i] - params[1][i])), pmax = fmax(pmax, fabs(params[1][i]));
+    CHECK(aux[1] > 0 && NEAR(aux[0], aux[1], 1e-5 * aux[1]), "%s: balancing losses device %.9g host %.9g", policy,
+          aux[0], aux[1]);
+    CHECK(!memcmp(load[0], load[1], sizeof load[0]), "%s: the same loads with both forms", policy);
+    CHECK(worst <= 1e-5 * pmax, "%s: parameters after 2 steps differ by %.3g (largest %.3g)", policy, worst, pmax);
+    free(params[0]), free(params[1]);
 }
 
 /* ---------------------------------------------------------------- loss_free */
@@ -444,14 +513,16 @@ int main(int argc, char **argv) {
     for (size_t i = 0; i < sizeof losses / sizeof losses[0]; i++)
         for (int score = 0; score < 2; score++)
             for (int k = 1; k <= 2; k++) check_loss_gradient(losses[i], score, k, 100 + i * 7 + score * 3 + k);
-    check_lbl_form("aux_loss", 5);
-    check_lbl_form("global_aux_loss", 6);
+    for (size_t i = 0; i < sizeof losses / sizeof losses[0]; i++)
+        for (int k = 1; k <= 2; k++) check_device_form(losses[i], k, 5 + i * 2 + k);
     check_loss_free_router(SCORE_SOFTMAX, 300);
     check_loss_free_router(SCORE_SIGMOID, 300);
     check_schedule();
     check_capacity();
     check_metrics();
     check_policies_in_model(data);
+    check_forms_in_model(data, "seq_aux_loss+z_loss+top1_loss");
+    check_forms_in_model(data, "global_aux_loss+aux_loss");
     check_policy_resume(data);
     printf("balance: %d passed, %d failed\n", passed, failed);
     return failed ? 1 : 0;

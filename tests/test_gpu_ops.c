@@ -208,26 +208,69 @@ static void test_attention(void) {
     }
 }
 
-/* route_stats: score sums (double) and choices per expert, against the CPU's */
+/* route_stats per sequence (segments of 250 tokens: chunks end at each sequence's end): score sums (double)
+ * and choices per expert, against the CPU's */
 static void test_route_stats(void) {
-    enum { Mn = 1000, En = 40, kn = 3 };
+    enum { Mn = 1000, En = 40, kn = 3, Sn = 4, Tn = Mn / Sn };
     float *pr = randv((size_t)Mn * En, 1);
     for (int i = 0; i < Mn * En; i++) pr[i] = fabsf(pr[i]) + 1e-3f;
-    int32_t *idx = malloc(sizeof(int32_t) * Mn * kn), sel[En], gsel[En];
+    int32_t *idx = malloc(sizeof(int32_t) * Mn * kn), sel[Sn * En], gsel[Sn * En];
     for (int i = 0; i < Mn * kn; i++) idx[i] = (int32_t)(rng_next(&rng) % (En - 2)); /* 2 experts never chosen */
     idx[7] = -1;
-    double ps[En], gps[En];
+    double ps[Sn * En], gps[Sn * En];
     float *d_pr = dev(pr, sizeof(float) * Mn * En);
     int32_t *d_idx = dev(idx, sizeof(int32_t) * Mn * kn), *d_sel = gpu->alloc(sizeof sel);
     double *d_ps = gpu->alloc(sizeof ps);
-    cpu->route_stats(ps, sel, pr, idx, Mn, kn, En), gpu->route_stats(d_ps, d_sel, d_pr, d_idx, Mn, kn, En);
+    cpu->route_stats(ps, sel, pr, idx, Mn, kn, En, Tn);
+    gpu->route_stats(d_ps, d_sel, d_pr, d_idx, Mn, kn, En, Tn);
     gpu->to_host(gps, d_ps, sizeof gps), gpu->to_host(gsel, d_sel, sizeof gsel);
     double e = 0;
-    for (int i = 0; i < En; i++) e = fmax(e, fabs(ps[i] - gps[i]) / fabs(ps[i] + 1e-300));
-    CHECK(e < 1e-12, "route_stats score sums: relative error %.3g (bound 1e-12, double sums)", e);
-    CHECK(!memcmp(sel, gsel, sizeof sel) && sel[En - 1] == 0, "route_stats: identical choices per expert");
+    for (int i = 0; i < Sn * En; i++) e = fmax(e, fabs(ps[i] - gps[i]) / fabs(ps[i] + 1e-300));
+    CHECK(e < 1e-12, "route_stats score sums per sequence: relative error %.3g (bound 1e-12, double sums)", e);
+    CHECK(!memcmp(sel, gsel, sizeof sel) && sel[En - 1] == 0 && sel[3 * En - 1] == 0,
+          "route_stats: identical choices per expert and sequence");
     free(pr), free(idx);
     gpu->free(d_pr), gpu->free(d_idx), gpu->free(d_sel), gpu->free(d_ps);
+}
+
+/* The balancing losses' device ops against the CPU's: lbl_backward per sequence, the z-loss's and tempered
+ * loss's sums (double, bound 1e-9) and gradients (bound 1e-5: float outputs from double sums, exp on both) */
+static void test_loss_ops(void) {
+    enum { Mn = 300, En = 96, kn = 2, Sn = 2, Tn = Mn / Sn };
+    const float tau = 0.1f;
+    float *lg = randv((size_t)Mn * En, 4), *pr = malloc(sizeof(float) * Mn * En);
+    float *gate = malloc(sizeof(float) * Mn * kn);
+    int32_t *idx = malloc(sizeof(int32_t) * Mn * kn);
+    ml_router_params rp = {.E = En, .k = kn, .score = SCORE_SOFTMAX, .route_scale = 1};
+    cpu->router_forward(pr, idx, gate, lg, NULL, Mn, &rp);
+    idx[5] = -1; /* a dropped choice is skipped */
+    float *g = randv(Sn * En + En, 1), *dp = randv((size_t)Mn * En, 1), *dl = randv((size_t)Mn * En, 1);
+    float *d_lg = dev(lg, sizeof(float) * Mn * En), *d_pr = dev(pr, sizeof(float) * Mn * En);
+    float *d_g = dev(g, sizeof(float) * (Sn * En + En));
+    float *d_dp = dev(dp, sizeof(float) * Mn * En), *d_dl = dev(dl, sizeof(float) * Mn * En);
+    int32_t *d_idx = dev(idx, sizeof(int32_t) * Mn * kn);
+    double zs, fs[En + 1], ss, gz, gfs[En + 1], gss;
+    double *d_sums = gpu->alloc(sizeof(double) * (En + 3));
+    cpu->zloss_forward(&zs, lg, Mn, En), gpu->zloss_forward(d_sums, d_lg, Mn, En);
+    gpu->to_host(&gz, d_sums, sizeof gz);
+    CHECK(fabs(zs - gz) <= 1e-9 * zs, "zloss_forward: cpu %.17g gpu %.17g", zs, gz);
+    cpu->tempered_forward(fs, &ss, lg, pr, idx, tau, Mn, kn, En);
+    gpu->tempered_forward(d_sums + 1, d_sums + En + 1, d_lg, d_pr, d_idx, tau, Mn, kn, En);
+    gpu->to_host(gfs, d_sums + 1, sizeof(double) * En), gpu->to_host(&gss, d_sums + En + 1, sizeof gss);
+    double e = fabs(ss - gss) / ss;
+    for (int i = 0; i < En; i++) e = fmax(e, fabs(fs[i] - gfs[i]) / fmax(fs[i], 1e-3));
+    CHECK(e < 1e-9, "tempered_forward: sums relative error %.3g (bound 1e-9)", e);
+    cpu->lbl_backward(dp, pr, g, 0.7f, Mn, En, Tn), gpu->lbl_backward(d_dp, d_pr, d_g, 0.7f, Mn, En, Tn);
+    SAME("lbl_backward per sequence", dp, d_dp, (size_t)Mn * En, 1e-5);
+    cpu->zloss_backward(dl, lg, 0.3f, Mn, En), gpu->zloss_backward(d_dl, d_lg, 0.3f, Mn, En);
+    SAME("zloss_backward", dl, d_dl, (size_t)Mn * En, 1e-5);
+    cpu->tempered_backward(dl, dp, lg, idx, g + Sn * En, 0.9f, -0.25f, tau, Mn, kn, En);
+    gpu->tempered_backward(d_dl, d_dp, d_lg, d_idx, d_g + Sn * En, 0.9f, -0.25f, tau, Mn, kn, En);
+    SAME("tempered_backward: dlogits", dl, d_dl, (size_t)Mn * En, 1e-5);
+    SAME("tempered_backward: dprobs", dp, d_dp, (size_t)Mn * En, 1e-5);
+    free(lg), free(pr), free(gate), free(idx), free(g), free(dp), free(dl);
+    gpu->free(d_lg), gpu->free(d_pr), gpu->free(d_g), gpu->free(d_dp), gpu->free(d_dl), gpu->free(d_idx);
+    gpu->free(d_sums);
 }
 
 /* the dispatch at a size with many chunks and warps, dropped choices and empty experts */
@@ -360,8 +403,10 @@ static void test_moe(int score, int order, int norm_topk) {
 }
 
 /* Two training steps (forward, backward, AdamW) of a small MoE model under a balancing policy, on the CPU
- * and on cuda-fp32 (twice: the same seed must give the same bits); no device allocation inside the steps. */
-static void test_model_step(const char *policy) {
+ * and on cuda-fp32 (twice: the same seed must give the same bits); no device allocation inside the steps.
+ * host_losses: the losses run on host copies of the scores (MOELAB_HOST_LOSSES) instead of their device forms. */
+static void test_model_step(const char *policy, int host_losses) {
+    if (host_losses) setenv("MOELAB_HOST_LOSSES", "1", 1);
     ml_config cfg;
     config_preset(&cfg, "tiny", NULL);
     config_set(&cfg, "model.experts=8", NULL), config_set(&cfg, "model.top_k=2", NULL);
@@ -417,6 +462,7 @@ static void test_model_step(const char *policy) {
     free(pc), free(pg), free(pg2), free(tok);
     model_free(mc), model_free(mg), model_free(mg2);
     free(mc), free(mg), free(mg2);
+    unsetenv("MOELAB_HOST_LOSSES");
 }
 
 /* 50 steps of bf16 ("cuda") against fp32 ("cuda-fp32") from the same weights on a learnable stream (a
@@ -497,14 +543,17 @@ int main(void) {
     test_dense_ops();
     test_attention();
     test_route_stats();
+    test_loss_ops();
     test_dispatch_large();
     test_bf16_gemms();
     for (int s = 0; s < 2; s++)
         for (int o = 0; o < 2 - s; o++) /* after-order needs softmax */
             for (int n = 0; n < 2; n++) test_moe(s, o, n);
-    test_model_step("aux_loss");        /* a host policy: the scores go to the host */
-    test_model_step("loss_free");       /* bias updates; statistics reduced on the device only */
-    test_model_step("capacity+z_loss"); /* drops and a logit loss */
+    test_model_step("aux_loss", 0);                        /* the lbl device form */
+    test_model_step("seq_aux_loss+z_loss+top1_loss", 0);   /* every device form at once */
+    test_model_step("global_aux_loss+top1_loss", 1);       /* the same losses on host copies */
+    test_model_step("loss_free", 0);                       /* bias updates; statistics reduced on the device */
+    test_model_step("capacity+z_loss", 0);                 /* drops (scores to the host) and a logit loss */
     test_bf16_training();
     printf("gpu_ops: %d passed, %d failed\n", passed, failed);
     return failed != 0;

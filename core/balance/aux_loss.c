@@ -44,17 +44,23 @@ int aux_coef_validate(const ml_config *cfg, ml_err *err) {
     return ML_OK;
 }
 
-static double lbl(const ml_config *cfg, const ml_balance_layer *x, double *f) {
+/* f_i = choices of expert i / (M k) over the micro-batch */
+static void fractions(const ml_balance_layer *x, double *f) {
     for (int e = 0; e < x->E; e++) f[e] = (double)x->selected[e] / ((double)x->M * x->k);
-    return cfg->balance.aux_coef;
+}
+
+/* P_i is the mean of the B sequences' means: g_bi = coef E f_i / B */
+static void lbl(const ml_config *cfg, const ml_balance_layer *x, double *g) {
+    double f[x->E];
+    fractions(x, f);
+    for (int b = 0; b < x->B; b++)
+        for (int e = 0; e < x->E; e++) g[(size_t)b * x->E + e] += (double)cfg->balance.aux_coef * x->E * f[e] / x->B;
 }
 
 static double loss(const ml_config *cfg, const ml_balance_layer *x) {
-    double *f = malloc(sizeof(double) * x->E);
-    lbl(cfg, x, f);
-    double l = lbl_term(f, x->scores, x->dscores, 0, x->M, x->E, cfg->balance.aux_coef, 1.0);
-    free(f);
-    return l;
+    double f[x->E];
+    fractions(x, f);
+    return lbl_term(f, x->scores, x->dscores, 0, x->M, x->E, cfg->balance.aux_coef, 1.0);
 }
 
 const ml_policy policy_aux_loss = {

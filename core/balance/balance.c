@@ -65,7 +65,10 @@ int balance_init(ml_balance *b, const ml_config *cfg, ml_err *err) {
         }
         b->p[b->n++] = p;
         b->has_loss |= p->loss != NULL;
-        b->has_host_loss |= p->loss != NULL && p->lbl == NULL;
+        b->has_host_loss |= p->loss != NULL && !p->lbl && !p->z_coef && !p->tempered;
+        b->has_lbl |= p->lbl != NULL;
+        if (p->z_coef) b->z_coef += p->z_coef(cfg);
+        if (p->tempered) b->tempered = p; /* one at most: only top1_loss has the form */
         b->has_cap |= p->cap != NULL;
         b->has_after_step |= p->after_step != NULL;
         if (p->assign) {
@@ -117,16 +120,17 @@ void balance_cap(const ml_balance *b, const ml_config *cfg, const ml_balance_lay
         if (b->p[i]->cap) b->p[i]->cap(cfg, x, route);
 }
 
-double balance_lbl(const ml_balance *b, const ml_config *cfg, const ml_balance_layer *x, double *g) {
-    double total = 0, f[x->E];
-    for (int e = 0; e < x->E; e++) g[e] = 0;
-    for (int i = 0; i < b->n; i++) {
-        if (!b->p[i]->lbl) continue;
-        const double coef = b->p[i]->lbl(cfg, x, f);
-        double dot = 0;
-        for (int e = 0; e < x->E; e++) dot += f[e] * x->score_mean[e], g[e] += coef * f[e];
-        total += coef * x->E * dot;
-    }
+double balance_device_loss(const ml_balance *b, const ml_config *cfg, const ml_balance_layer *x, double zsum,
+                           double *g, double *c, double *a) {
+    double total = 0;
+    const size_t BE = (size_t)x->B * x->E;
+    for (size_t i = 0; i < BE; i++) g[i] = 0;
+    for (int i = 0; i < b->n; i++)
+        if (b->p[i]->lbl) b->p[i]->lbl(cfg, x, g);
+    for (size_t i = 0; i < BE; i++) total += g[i] * x->seq_score_mean[i];
+    if (x->M > 0) total += b->z_coef * zsum / x->M;
+    *a = 0;
+    if (b->tempered) total += b->tempered->tempered(cfg, x, c, a);
     return total;
 }
 

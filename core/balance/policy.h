@@ -4,6 +4,8 @@
  *   assign      instead of top-k selection: which experts each token goes to (forced_balance)
  *   cap         after selection: drop assignments over an expert's capacity (capacity)
  *   loss        after routing: a loss term and its gradient on the router scores and logits (aux losses)
+ *   lbl, z_coef, tau + tempered
+ *               the same loss in a form the backend computes where the scores live (see below)
  *   after_step  after the optimizer step, once per global batch: update the selection biases (loss_free)
  * Policies compose (balance.policy=aux_loss+z_loss+topk_schedule). Adding one is one file in core/balance/
  * plus its line in registry.c. Everything here runs on host memory. */
@@ -44,6 +46,10 @@ typedef struct {
     int64_t running_tokens;       /* tokens of the global batch so far, this micro-batch included */
     float *dscores, *dlogits;     /* (M, E) gradient accumulators: a loss adds dL/dscores and dL/dlogits */
     const double *score_mean;     /* (E) mean over the micro-batch of s_te / sum_e' s_te' (from the backend) */
+    const int32_t *seq_selected;  /* (B, E) choices per expert in each sequence (before drops) */
+    const double *seq_score_mean; /* (B, E) score_mean over each sequence */
+    const double *tempered_fsum;  /* (E) sum over tokens of softmax(logits_t / tau) (for tempered) */
+    double tempered_ssum;         /* sum over tokens of the chosen scores (for tempered) */
 } ml_balance_layer;
 
 typedef struct ml_policy {
@@ -56,10 +62,18 @@ typedef struct ml_policy {
     void (*assign)(const ml_config *cfg, const ml_balance_layer *x, int32_t *idx);
     void (*cap)(const ml_config *cfg, const ml_balance_layer *x, int32_t *route);
     double (*loss)(const ml_config *cfg, const ml_balance_layer *x);
-    /* optional, for a loss that is exactly lbl_term(f, scores, dscores, 0, M, E, coef, 1): fills f (E) and
-     * returns coef, so the model can take the value from score_mean and the gradient from the backend's
-     * lbl_backward op without copying the scores to the host */
-    double (*lbl)(const ml_config *cfg, const ml_balance_layer *x, double *f);
+    /* Optional device forms of loss: with them the model reads only statistics the backend reduced (backend.h
+     * route_stats, zloss_*, tempered_*) and never copies a layer's scores or logits to the host.
+     *   lbl       the loss is sum_b sum_e g_be P_be with P_be = x->seq_score_mean: adds its g (B, E)
+     *   z_coef    the loss is coef * mean_t logsumexp(logits_t)^2: returns coef
+     *   tau, tempered
+     *             the loss is a function of f = x->tempered_fsum / M (softmax of logits / tau) and s =
+     *             x->tempered_ssum / M (chosen scores): tempered returns it and the gradient's coefficients
+     *             for tempered_backward, c (E) and a, per token (the 1/M folded in) */
+    void (*lbl)(const ml_config *cfg, const ml_balance_layer *x, double *g);
+    double (*z_coef)(const ml_config *cfg);
+    double (*tau)(const ml_config *cfg);
+    double (*tempered)(const ml_config *cfg, const ml_balance_layer *x, double *c, double *a);
     void (*after_step)(const ml_config *cfg, const ml_route_stats *stats, const int *layer_k, float *bias);
 } ml_policy;
 
@@ -69,7 +83,10 @@ typedef struct {
     const ml_policy *p[ML_MAX_POLICIES];
     int n;
     int has_loss, has_assign, has_cap, has_after_step;
-    int has_host_loss; /* a loss without an lbl form: the scores and logits go to the host */
+    int has_host_loss; /* a loss without a device form: every loss runs on host copies of scores and logits */
+    int has_lbl;       /* device forms in use (when !has_host_loss): lbl, the summed z coefficient, tempered */
+    double z_coef;
+    const ml_policy *tempered;
 } ml_balance;
 
 /* Parses balance.policy ("none", "aux_loss+z_loss", ...) and validates each policy's keys. */
@@ -88,9 +105,10 @@ void balance_assign(const ml_balance *b, const ml_config *cfg, const ml_balance_
 void balance_cap(const ml_balance *b, const ml_config *cfg, const ml_balance_layer *x, int32_t *route);
 /* Sum of the loss terms; their gradients accumulate into x->dscores and x->dlogits. */
 double balance_loss(const ml_balance *b, const ml_config *cfg, const ml_balance_layer *x);
-/* For balancings whose losses all have an lbl form (!has_host_loss): g (E) = sum over them of coef * f, and
- * the summed loss value, from x->score_mean. */
-double balance_lbl(const ml_balance *b, const ml_config *cfg, const ml_balance_layer *x, double *g);
+/* The device forms (when !has_host_loss): g (B, E) = the sum of the lbl forms' g, and the summed value of all
+ * device-form losses; for tempered, c (E) and *a as its callback gives them. zsum = backend zloss_forward's. */
+double balance_device_loss(const ml_balance *b, const ml_config *cfg, const ml_balance_layer *x, double zsum,
+                           double *g, double *c, double *a);
 void balance_after_step(const ml_balance *b, const ml_config *cfg, const ml_route_stats *stats,
                         const int *layer_k, float *bias);
 

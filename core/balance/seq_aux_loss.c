@@ -19,10 +19,17 @@ static double loss(const ml_config *cfg, const ml_balance_layer *x) {
     return total;
 }
 
+/* the mean over sequences of coef E sum_i f_bi P_bi: g_bi = coef E f_bi / B, f_bi = choices in b / (T k) */
+static void lbl(const ml_config *cfg, const ml_balance_layer *x, double *g) {
+    for (size_t i = 0; i < (size_t)x->B * x->E; i++)
+        g[i] += (double)cfg->balance.aux_coef * x->E * x->seq_selected[i] / ((double)x->T * x->k) / x->B;
+}
+
 const ml_policy policy_seq_aux_loss = {
     .name = "seq_aux_loss",
     .summary = "aux loss per sequence, averaged over the batch (DeepSeek-V2/V3 sequence-wise balance loss)",
     .keys = (const char *const[]){"balance.aux_coef", NULL},
     .validate = aux_coef_validate,
     .loss = loss,
+    .lbl = lbl,
 };

@@ -68,10 +68,28 @@ static double loss(const ml_config *cfg, const ml_balance_layer *x) {
     return L;
 }
 
+static double tau(const ml_config *cfg) { return cfg->balance.top1_tau; }
+
+/* the device form: the same value from the backend's sums; the gradient's coefficients per token, dL/dlogits
+ * = p (c - p.c) / tau with c_i = 2 coef E f_i / (s M), and dL/dscore = a = -L / (s M) on each chosen score */
+static double tempered(const ml_config *cfg, const ml_balance_layer *x, double *c, double *a) {
+    const int M = x->M, E = x->E;
+    const double coef = cfg->balance.top1_coef, s = x->tempered_ssum / M;
+    if (M == 0 || !(s > 0)) return *a = 0, 0;
+    double sq = 0;
+    for (int e = 0; e < E; e++) sq += (x->tempered_fsum[e] / M) * (x->tempered_fsum[e] / M);
+    const double L = coef * E * sq / s;
+    for (int e = 0; e < E; e++) c[e] = 2 * coef * E * (x->tempered_fsum[e] / M) / (s * M);
+    *a = -L / (s * M);
+    return L;
+}
+
 const ml_policy policy_top1_loss = {
     .name = "top1_loss",
     .summary = "coef*E*sum f~_i^2 / s with f~ = mean softmax(logits/tau), s = mean top-k score (Sigma-MoE-Tiny author)",
     .keys = (const char *const[]){"balance.top1_coef", "balance.top1_tau", NULL},
     .validate = validate,
     .loss = loss,
+    .tau = tau,
+    .tempered = tempered,
 };

@@ -28,10 +28,13 @@ static double loss(const ml_config *cfg, const ml_balance_layer *x) {
     return coef * total / M;
 }
 
+static double z_coef(const ml_config *cfg) { return cfg->balance.z_coef; }
+
 const ml_policy policy_z_loss = {
     .name = "z_loss",
     .summary = "router z-loss coef*mean logsumexp(logits)^2 (ST-MoE)",
     .keys = (const char *const[]){"balance.z_coef", NULL},
     .validate = validate,
     .loss = loss,
+    .z_coef = z_coef,
 };

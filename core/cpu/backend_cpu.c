@@ -4,6 +4,7 @@
 
 #include "backend.h"
 #include "ops_cpu.h"
+#include "route_ops_cpu.h"
 
 static void *cpu_alloc(size_t bytes) {
     void *p = NULL;
@@ -38,33 +39,6 @@ static void cpu_attention_backward(float *dq, float *dk, float *dv, const float 
     attention_backward(dq, dk, dv, dout, att, q, k, v, B, T, H, KV, hd);
 }
 
-static void cpu_route_stats(double *psum, int32_t *selected, const float *probs, const int32_t *idx, int M, int k,
-                            int E) {
-    memset(psum, 0, sizeof(double) * E);
-    memset(selected, 0, sizeof(int32_t) * E);
-    for (int t = 0; t < M; t++) {
-        const float *s = probs + (size_t)t * E;
-        double sum = 0;
-        for (int e = 0; e < E; e++) sum += s[e];
-        for (int e = 0; e < E; e++) psum[e] += s[e] / sum;
-    }
-    for (int i = 0; i < M * k; i++)
-        if (idx[i] >= 0) selected[idx[i]]++;
-}
-
-static void cpu_lbl_backward(float *dprobs, const float *probs, const float *g, float scale, int M, int E) {
-#pragma omp parallel for schedule(static)
-    for (int t = 0; t < M; t++) {
-        const float *s = probs + (size_t)t * E;
-        float *d = dprobs + (size_t)t * E;
-        double sum = 0, dot = 0;
-        for (int e = 0; e < E; e++) sum += s[e], dot += (double)g[e] * s[e];
-        const double inv = 1.0 / sum, c = scale * inv;
-        dot *= inv;
-        for (int e = 0; e < E; e++) d[e] += (float)(c * (g[e] - dot));
-    }
-}
-
 const ml_backend *backend_cpu(void) {
     static const ml_backend b = {
         .name = "cpu",
@@ -92,6 +66,10 @@ const ml_backend *backend_cpu(void) {
         .router_backward = router_backward,
         .route_stats = cpu_route_stats,
         .lbl_backward = cpu_lbl_backward,
+        .zloss_forward = cpu_zloss_forward,
+        .zloss_backward = cpu_zloss_backward,
+        .tempered_forward = cpu_tempered_forward,
+        .tempered_backward = cpu_tempered_backward,
         .moe_dispatch = cpu_moe_dispatch,
         .permute_forward = permute_forward,
         .permute_backward = permute_backward,
