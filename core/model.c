@@ -333,7 +333,7 @@ static void moe_block_forward(ml_model *m, int l, float *out, int record) {
 
     /* the policies run on the host: they get copies of what they read; the statistics are reduced on the
      * backend, so a policy-free layer moves only 3E numbers */
-    const int host_scores = bal->has_host_loss || bal->has_cap, host_logits = bal->has_host_loss || bal->has_assign;
+    const int host_scores = bal->has_host_loss || bal->has_cap, host_logits = bal->has_host_loss; /* assign reads only the shapes and stream */
     double t0 = now_s();
     be->matmul_forward(x->logits, x->ln2, w->router, M, C, E);
     if (host_logits) be->to_host(m->h_logits, x->logits, sizeof(float) * M * E);
