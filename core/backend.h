@@ -86,6 +86,11 @@ typedef struct ml_backend {
                              float tau, int M, int k, int E);
     void (*tempered_backward)(float *dlogits, float *dprobs, const float *logits, const int32_t *idx, const float *c,
                               float cscale, float a, float tau, int M, int k, int E);
+    /* capacity drops, given moe_dispatch's offsets and slot for idx: route(M,k) = idx where the choice is among
+     * its expert's first cap (by_score: the highest probs(t,e), ties to the earlier choice; else the earliest
+     * choices), -1 elsewhere */
+    void (*capacity_route)(int32_t *route, const int32_t *idx, const float *probs, const int32_t *offsets,
+                           const int32_t *slot, int cap, int by_score, int M, int k, int E);
     /* counting sort of the choices idx(M,k) by expert (idx -1 = dropped): counts(E), offsets(E+1), slot(M*k) */
     void (*moe_dispatch)(int32_t *counts, int32_t *offsets, int32_t *slot, const int32_t *idx, int M, int k, int E);
     void (*permute_forward)(float *xe, const float *inp, const int32_t *slot, int M, int k, int C);

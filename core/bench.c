@@ -176,6 +176,10 @@ int cli_bench(int argc, char **argv) {
 #else
     (void)allocs_before;
 #endif
+    const char *expert_gemm = "cpu";
+#ifdef ML_HAVE_CUDA
+    if (on_gpu) expert_gemm = cuda_grouped_gemm_path(bf16);
+#endif
     double total = t_fwd + t_bwd + t_opt, tok_s = (double)M * steps / total;
     double attn = 6.0 * cfg.model.layers * cfg.model.seq_len * cfg.model.dim;
     double flops_tok = 6 * model_active_params(&cfg) + attn;
@@ -187,11 +191,11 @@ int cli_bench(int argc, char **argv) {
                "\"routing_ms\": %.2f, \"routing_fraction\": %.4f, \"trace_ms\": %.3f, \"trace_fraction\": %.5f, "
                "\"gflops\": %.2f, \"peak_gflops\": %.2f, \"peak_kind\": \"%s\", \"fraction_of_peak\": %.4f, "
                "\"mfu\": %.4f, \"params\": %zu, \"active_params\": %.0f, \"backend\": \"%s\", "
-               "\"step_allocations\": %ld, \"ops\": {",
+               "\"step_allocations\": %ld, \"expert_gemm\": \"%s\", \"ops\": {",
                cfg.preset, M, steps, tok_s, 1e3 * total / steps, 1e3 * t_fwd / steps, 1e3 * t_bwd / steps,
                1e3 * t_opt / steps, 1e3 * t_route / steps, t_route / total, 1e3 * t_trace / steps, t_trace / total,
                gflops, peak, peak_kind, of_peak, mfu, m->nparams, model_active_params(&cfg), be->name,
-               step_allocs);
+               step_allocs, expert_gemm);
         for (int i = 0; i < nops; i++)
             printf("%s\"%s\": {\"ms_per_step\": %.3f, \"calls_per_step\": %.1f}", i ? ", " : "", ops[i].op,
                    ops[i].ms / prof_steps, (double)ops[i].calls / prof_steps);
@@ -212,6 +216,7 @@ int cli_bench(int argc, char **argv) {
         printf("  MFU (6 x %.3g active params)    %8.1f%%\n", model_active_params(&cfg), 100 * mfu);
         if (on_gpu) {
             printf("  device allocations during the timed steps: %ld\n", step_allocs);
+            printf("  experts' GEMMs: %s\n", expert_gemm);
             printf("  per op (CUDA events, mean of %d more steps; %.2f ms in ops per step):\n", prof_steps,
                    prof_total / prof_steps);
             for (int i = 0; i < nops; i++)

@@ -113,10 +113,11 @@ int model_init(ml_model *m, const ml_config *cfg, const ml_backend *be, int B, i
     set_dims(m, cfg, B);
     m->be = be;
     if ((rc = balance_init(&m->balance, cfg, err))) return rc;
-    /* MOELAB_HOST_LOSSES=1: every loss on host copies of the scores and logits, not its device form (the
-     * reference the tests compare the device forms with, in whole training steps) */
-    const char *host_losses = getenv("MOELAB_HOST_LOSSES");
-    if (host_losses && !strcmp(host_losses, "1")) m->balance.has_host_loss = m->balance.has_loss;
+    /* MOELAB_HOST_POLICIES=1: every loss and cap on host copies of the scores, logits and choices, not in its
+     * device form (the reference the tests compare the device forms with, in whole training steps) */
+    const char *host_policies = getenv("MOELAB_HOST_POLICIES");
+    if (host_policies && !strcmp(host_policies, "1"))
+        m->balance.has_host_loss = m->balance.has_loss, m->balance.has_host_cap = m->balance.has_cap;
     balance_choose_k(&m->balance, cfg, 0, m->layer_k);
     m->kmax = kmax > balance_max_k(cfg) ? kmax : balance_max_k(cfg);
 
@@ -333,7 +334,8 @@ static void moe_block_forward(ml_model *m, int l, float *out, int record) {
 
     /* the policies run on the host: they get copies of what they read; the statistics are reduced on the
      * backend, so a policy-free layer moves only 3E numbers */
-    const int host_scores = bal->has_host_loss || bal->has_cap, host_logits = bal->has_host_loss; /* assign reads only the shapes and stream */
+    const int host_scores = bal->has_host_loss || bal->has_host_cap;
+    const int host_logits = bal->has_host_loss; /* assign reads only the shapes and the stream */
     double t0 = now_s();
     be->matmul_forward(x->logits, x->ln2, w->router, M, C, E);
     if (host_logits) be->to_host(m->h_logits, x->logits, sizeof(float) * M * E);
@@ -374,13 +376,20 @@ static void moe_block_forward(ml_model *m, int l, float *out, int record) {
     ctx.tempered_fsum = h_fsum, ctx.tempered_ssum = *h_ssum;
 
     const int32_t *route = x->idx;
-    int64_t dropped = 0;
-    if (bal->has_cap) {
+    if (bal->has_host_cap) {
         memcpy(m->h_route, m->h_idx, sizeof(int32_t) * M * k);
         balance_cap(bal, &m->cfg, &ctx, m->h_route);
-        for (int i = 0; i < M * k; i++) dropped += m->h_route[i] < 0;
         be->from_host(x->route, m->h_route, sizeof(int32_t) * M * k);
         route = x->route;
+    } else if (bal->has_cap) {
+        /* the device form: dispatch the choices, drop by rank within each expert, dispatch what is left */
+        int by_score;
+        const int cap = balance_cap_limit(bal, &m->cfg, &ctx, &by_score);
+        if (cap >= 0) {
+            be->moe_dispatch(x->counts, x->offsets, x->slot, x->idx, M, k, E);
+            be->capacity_route(x->route, x->idx, x->probs, x->offsets, x->slot, cap, by_score, M, k, E);
+            route = x->route;
+        }
     }
     be->moe_dispatch(x->counts, x->offsets, x->slot, route, M, k, E);
     be->sync();
@@ -407,8 +416,11 @@ static void moe_block_forward(ml_model *m, int l, float *out, int record) {
     be->to_host(m->h_counts, x->counts, sizeof(int32_t) * E);
     int64_t *load = st->tokens_per_expert + (size_t)l * E, *sel = st->selected + (size_t)l * E;
     double *gate_mean = st->gate_mean_sum + (size_t)l * E;
-    for (int e = 0; e < E; e++)
+    int64_t dropped = 0; /* choices made minus choices that reached an expert */
+    for (int e = 0; e < E; e++) {
         load[e] += m->h_counts[e], sel[e] += m->h_selected[e], gate_mean[e] += m->h_score_mean[e];
+        dropped += m->h_selected[e] - m->h_counts[e];
+    }
     st->dropped[l] += dropped;
 
     ctx.running_selected = sel;

@@ -29,9 +29,12 @@ int cuda_profile_stop(ml_op_time *out, int cap);
 long cuda_alloc_count(void);
 
 /* The experts' GEMMs: 1 = cublasGemmGroupedBatchedEx (the default; MOELAB_GROUPED_GEMM=loop turns it off),
- * 0 = one GEMM per expert. active(bf16_inputs) is 0 when that path is off or cuBLAS refused the grouped call
- * for those input types (it then says so once on stderr) and the loop took over. */
+ * 0 = one GEMM per expert. active(bf16_inputs) is 0 when that path is off or cuBLAS refused every grouped
+ * form for that precision (it says so once on stderr per refusal) and the loop took over. */
 void cuda_set_grouped_gemm(int on);
 int cuda_grouped_gemm_active(int bf16_inputs);
+/* how the experts run now in that precision: "grouped fp32", "grouped bf16", "grouped tf32 (bf16 refused)", or
+ * "one fp32|bf16 GEMM per expert"; cuda_set_grouped_gemm(1) forgets refusals (cuBLAS is asked again) */
+const char *cuda_grouped_gemm_path(int bf16_inputs);
 
 #endif

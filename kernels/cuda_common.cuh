@@ -74,7 +74,7 @@ struct ml_prof_scope {
 
 // ---- scratch: numbered slots, sized by prepare() so no step allocates (a slot that must grow later is
 // counted: cuda_alloc_count() shows it) ----
-enum { WS_CAST_A, WS_CAST_B, WS_CAST_W, WS_REDUCE, WS_DISPATCH, WS_SLOTS };
+enum { WS_CAST_A, WS_CAST_B, WS_CAST_W, WS_REDUCE, WS_DISPATCH, WS_CAPACITY, WS_SLOTS };
 void *ml_ws(int slot, size_t bytes);
 
 // ---- bf16 shadows of the bound fp32 master weights ----

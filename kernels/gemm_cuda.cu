@@ -5,16 +5,29 @@
 //         the bf16 shadow of the fp32 master weights (runtime_cuda.cu; refreshed by AdamW), activations and
 //         output gradients are rounded to bf16 into the workspace just before the GEMM.
 // The experts' GEMMs go through cublasGemmGroupedBatchedEx (one group per expert that received tokens; empty
-// experts are left out, so their weight gradients are never touched) or, where cuBLAS refuses it or
-// cuda_set_grouped_gemm(0) asks, one GEMM per expert.
+// experts are left out, so their weight gradients are never touched). Its documented type table may not hold
+// bf16 inputs with fp32 outputs: if cuBLAS refuses them, the bf16 table's experts run as grouped TF32 GEMMs on
+// the fp32 operands (tensor cores, 10-bit mantissas: no less precise than bf16), and if that is refused too, or
+// cuda_set_grouped_gemm(0) asks, as one GEMM per expert.
 #include "cuda_common.cuh"
 
 void ml_cast_bf16(const char *op, bf16 *dst, const float *src, size_t n); // runtime_cuda.cu
 
-static int grouped_wanted = 1, grouped_refused[2]; // refused by cuBLAS: [0] fp32, [1] bf16 inputs
+// the experts' path for each precision ([0] fp32, [1] bf16), moved on when cuBLAS refuses the current one
+enum { PATH_GROUPED, PATH_TF32, PATH_LOOP };
+static int grouped_wanted = 1, expert_path[2];
 
-extern "C" void cuda_set_grouped_gemm(int on) { grouped_wanted = on; }
-extern "C" int cuda_grouped_gemm_active(int bf16_inputs) { return grouped_wanted && !grouped_refused[!!bf16_inputs]; }
+extern "C" void cuda_set_grouped_gemm(int on) { grouped_wanted = on, expert_path[0] = expert_path[1] = PATH_GROUPED; }
+static int path_of(int bf) { return grouped_wanted ? expert_path[bf] : PATH_LOOP; }
+extern "C" int cuda_grouped_gemm_active(int bf16_inputs) { return path_of(!!bf16_inputs) != PATH_LOOP; }
+extern "C" const char *cuda_grouped_gemm_path(int bf16_inputs) {
+    static const char *const names[2][3] = {
+        {"grouped fp32", "", "one fp32 GEMM per expert"},
+        {"grouped bf16", "grouped tf32 (bf16 refused)", "one bf16 GEMM per expert"}};
+    return names[!!bf16_inputs][path_of(!!bf16_inputs)];
+}
+// the bf16 table's experts take fp32 operands while their path is TF32
+static int experts_fp32(int bf) { return !bf || path_of(1) == PATH_TF32; }
 
 // An operand as cuBLAS gets it: a pointer and its type.
 struct operand {
@@ -104,8 +117,9 @@ struct group_shape {
     float beta;
 };
 
-static void grouped(const char *op, const group_shape &s, operand A, ptr_rule ra, operand B, ptr_rule rb, float *C,
-                    ptr_rule rc, const int32_t *offsets_dev, int E) {
+// bf16_table: called from the bf16 table (whose operands are fp32 while its experts' path is TF32)
+static void grouped(const char *op, int bf16_table, const group_shape &s, operand A, ptr_rule ra, operand B,
+                    ptr_rule rb, float *C, ptr_rule rc, const int32_t *offsets_dev, int E) {
     const int32_t *off = ml_offsets_host(op, offsets_dev, E);
     static int m[MAX_GROUPS], n[MAX_GROUPS], k[MAX_GROUPS], lda[MAX_GROUPS], ldb[MAX_GROUPS], ldc[MAX_GROUPS];
     static int size[MAX_GROUPS];
@@ -124,20 +138,23 @@ static void grouped(const char *op, const group_shape &s, operand A, ptr_rule ra
     }
     if (groups == 0) return;
     ra.base = (const char *)A.p, rb.base = (const char *)B.p, rc.base = (const char *)C;
-    const int bf = A.t == CUDA_R_16BF;
-    if (cuda_grouped_gemm_active(bf)) {
+    // the table's precision (bf), and this call's: bf16 operands, or fp32 ones (the fp32 table, or TF32)
+    const int bf = A.t == CUDA_R_16BF || (bf16_table && path_of(1) == PATH_TF32);
+    const int path = path_of(bf);
+    // grouped when the operands fit the path (a refusal earlier in this op may have moved the path on)
+    if (path != PATH_LOOP && (A.t == CUDA_R_16BF) == (path == PATH_GROUPED && bf)) {
         LAUNCH(op, 1, 1, k_group_ptrs, group_ptrs, offsets_dev, E, ra, rb, rc);
+        const cublasComputeType_t compute = path == PATH_TF32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
         cublasStatus_t st = cublasGemmGroupedBatchedEx(
             ml_blas, ta, tb, m, n, k, alpha, (const void *const *)group_ptrs, A.t, lda,
             (const void *const *)(group_ptrs + MAX_GROUPS), B.t, ldb, beta, group_ptrs + 2 * MAX_GROUPS, CUDA_R_32F,
-            ldc, groups, size, CUBLAS_COMPUTE_32F);
+            ldc, groups, size, compute);
         if (st == CUBLAS_STATUS_SUCCESS) return;
         if (st != CUBLAS_STATUS_NOT_SUPPORTED && st != CUBLAS_STATUS_INVALID_VALUE) BK(op, st);
-        fprintf(stderr,
-                "moelab cuda: %s: cublasGemmGroupedBatchedEx refused %s inputs (%s); one GEMM per expert for them "
-                "from now on\n",
-                op, bf ? "bf16" : "fp32", cublasGetStatusString(st));
-        grouped_refused[bf] = 1;
+        expert_path[bf] = bf && path == PATH_GROUPED ? PATH_TF32 : PATH_LOOP;
+        fprintf(stderr, "moelab cuda: %s: cublasGemmGroupedBatchedEx refused %s (%s); the experts run as %s "
+                "from now on\n", op, path == PATH_TF32 ? "TF32" : bf ? "bf16 inputs" : "fp32 inputs", cublasGetStatusString(st),
+                cuda_grouped_gemm_path(bf));
     }
     int g = 0;
     for (int e = 0; e < E; e++) {
@@ -163,9 +180,10 @@ static void grouped_matmul_forward(float *out, const float *inp, const float *w,
     const int rows = rows_of(op, offsets, E);
     if (rows == 0) return;
     // expert e: out_e(n_e,N) = inp_e(n_e,K) @ w_e(N,K)^T: column-major C(N,n_e) = W_e^T X_e
-    operand W = weight(op, w, (size_t)E * N * K, BF), X = act(op, inp, (size_t)rows * K, BF, WS_CAST_A);
+    const int bf = !experts_fp32(BF);
+    operand W = weight(op, w, (size_t)E * N * K, bf), X = act(op, inp, (size_t)rows * K, bf, WS_CAST_A);
     group_shape s{CUBLAS_OP_T, CUBLAS_OP_N, N, 0, K, K, K, N, ROWS_N, 0};
-    grouped(op, s, W, ptr_rule{0, (long long)elt(W) * N * K, 0}, X, ptr_rule{0, 0, (long long)elt(X) * K}, out,
+    grouped(op, BF, s, W, ptr_rule{0, (long long)elt(W) * N * K, 0}, X, ptr_rule{0, 0, (long long)elt(X) * K}, out,
             ptr_rule{0, 0, (long long)sizeof(float) * N}, offsets, E);
 }
 template <int BF>
@@ -175,18 +193,19 @@ static void grouped_matmul_backward(float *dinp, float *dw, const float *dout, c
     const char *op = "grouped_matmul_backward";
     const int rows = rows_of(op, offsets, E);
     if (rows == 0) return; // every expert empty: no gradient anywhere
-    operand G = act(op, dout, (size_t)rows * N, BF, WS_CAST_B);
+    const int bf = !experts_fp32(BF);
+    operand G = act(op, dout, (size_t)rows * N, bf, WS_CAST_B);
     const ptr_rule g_rows{0, 0, (long long)elt(G) * N};
     if (dinp) { // dinp_e(n_e,K) += dout_e(n_e,N) @ w_e(N,K): column-major C(K,n_e) = W_e(K,N) G_e(N,n_e)
-        operand W = weight(op, w, (size_t)E * N * K, BF);
+        operand W = weight(op, w, (size_t)E * N * K, bf);
         group_shape s{CUBLAS_OP_N, CUBLAS_OP_N, K, 0, N, K, N, K, ROWS_N, 1};
-        grouped(op, s, W, ptr_rule{0, (long long)elt(W) * N * K, 0}, G, g_rows, dinp,
+        grouped(op, BF, s, W, ptr_rule{0, (long long)elt(W) * N * K, 0}, G, g_rows, dinp,
                 ptr_rule{0, 0, (long long)sizeof(float) * K}, offsets, E);
     }
     // dw_e(N,K) += dout_e^T @ inp_e: column-major C(K,N) = X_e(K,n_e) G_e^T(n_e,N); k = n_e
-    operand X = act(op, inp, (size_t)rows * K, BF, WS_CAST_A);
+    operand X = act(op, inp, (size_t)rows * K, bf, WS_CAST_A);
     group_shape s{CUBLAS_OP_N, CUBLAS_OP_T, K, N, 0, K, N, K, ROWS_K, 1};
-    grouped(op, s, X, ptr_rule{0, 0, (long long)elt(X) * K}, G, g_rows, dw,
+    grouped(op, BF, s, X, ptr_rule{0, 0, (long long)elt(X) * K}, G, g_rows, dw,
             ptr_rule{0, (long long)sizeof(float) * N * K, 0}, offsets, E);
 }
 

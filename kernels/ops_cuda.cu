@@ -443,10 +443,11 @@ __global__ void k_tempered_backward(float *dlogits, float *dprobs, const float *
     float *d = dlogits + (size_t)t * E;
     for (int e = lane; e < E; e += 32)
         d[e] += (float)(cscale * exp((double)l[e] * inv_tau - lse) * (c[e] - dot) * inv_tau);
-    for (int j = lane; j < k; j += 32) {
-        const int32_t e = idx[(size_t)t * k + j];
-        if (e >= 0) dprobs[(size_t)t * E + e] += a;
-    }
+    if (lane == 0) // one lane: a row that names an expert twice (forced round-robin, k > E) adds a twice
+        for (int j = 0; j < k; j++) {
+            const int32_t e = idx[(size_t)t * k + j];
+            if (e >= 0) dprobs[(size_t)t * E + e] += a;
+        }
 }
 static void cu_tempered_backward(float *dlogits, float *dprobs, const float *logits, const int32_t *idx,
                                  const float *c, float cscale, float a, float tau, int M, int k, int E) {
@@ -528,6 +529,47 @@ static void cu_moe_dispatch(int32_t *counts, int32_t *offsets, int32_t *slot, co
     LAUNCH("moe_dispatch", 1, 1024, k_dispatch_scan, counts, offsets, chunk, chunks, E);
     LAUNCH_SMEM("moe_dispatch", grid, DISPATCH_CHUNK, smem, k_dispatch_slots, slot, chunk, idx, n, E);
     ml_offsets_publish(offsets, E);
+}
+
+// ---- capacity drops (backend.h capacity_route) on a dispatch of idx: by position a choice's rank is its slot's
+// place in its expert's range; by score, a thread per choice counts the choices of its expert that come first
+// (higher score, or the same score and an earlier position), through perm (slot -> choice) ----
+
+__global__ void k_capacity_perm(int32_t *perm, const int32_t *idx, const int32_t *slot, int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n && idx[i] >= 0) perm[slot[i]] = i;
+}
+__global__ void k_capacity_route(int32_t *route, const int32_t *idx, const float *probs, const int32_t *offsets,
+                                 const int32_t *slot, const int32_t *perm, int cap, int by_score, int n, int k,
+                                 int E) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const int e = idx[i];
+    if (e < 0) {
+        route[i] = -1;
+        return;
+    }
+    const int lo = offsets[e], hi = offsets[e + 1];
+    int rank = slot[i] - lo;
+    if (by_score && hi - lo > cap) {
+        const float si = probs[(size_t)(i / k) * E + e];
+        rank = 0;
+        for (int r = lo; r < hi && rank < cap; r++) {
+            const int j = perm[r];
+            const float sj = probs[(size_t)(j / k) * E + e];
+            rank += sj > si || (sj == si && j < i);
+        }
+    }
+    route[i] = rank < cap ? e : -1;
+}
+static void cu_capacity_route(int32_t *route, const int32_t *idx, const float *probs, const int32_t *offsets,
+                              const int32_t *slot, int cap, int by_score, int M, int k, int E) {
+    PROF("capacity_route");
+    const int n = M * k;
+    int32_t *perm = by_score ? (int32_t *)ml_ws(WS_CAPACITY, sizeof(int32_t) * (size_t)(n ? n : 1)) : NULL;
+    if (by_score) LAUNCH("capacity_route", blocks(n, 256), 256, k_capacity_perm, perm, idx, slot, n);
+    LAUNCH("capacity_route", blocks(n, 256), 256, k_capacity_route, route, idx, probs, offsets, slot, perm, cap,
+           by_score, n, k, E);
 }
 
 // ---- permute / unpermute ----
@@ -704,6 +746,7 @@ void ml_cuda_fill_ops(ml_backend *b) {
     b->lbl_backward = cu_lbl_backward;
     b->zloss_forward = cu_zloss_forward, b->zloss_backward = cu_zloss_backward;
     b->tempered_forward = cu_tempered_forward, b->tempered_backward = cu_tempered_backward;
+    b->capacity_route = cu_capacity_route;
     b->moe_dispatch = cu_moe_dispatch;
     b->permute_forward = cu_permute_forward, b->permute_backward = cu_permute_backward;
     b->unpermute_forward = cu_unpermute_forward, b->unpermute_backward = cu_unpermute_backward;

@@ -188,6 +188,8 @@ static void prepare(const ml_backend_plan *p, int bf16_casts) {
     ml_ws(WS_REDUCE, reduce > norm ? reduce : norm);
     // moe_dispatch: per-chunk counts and bases, (M k / 256 + 1) x E each
     ml_ws(WS_DISPATCH, 2 * sizeof(int32_t) * (MK / 256 + 1) * E);
+    // capacity_route by score: the choices in slot order (M k)
+    ml_ws(WS_CAPACITY, sizeof(int32_t) * MK);
 }
 static void cu_prepare_fp32(const ml_backend_plan *p) { prepare(p, 0); }
 static void cu_prepare_bf16(const ml_backend_plan *p) { prepare(p, 1); }

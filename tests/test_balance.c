@@ -161,57 +161,59 @@ static void check_device_form(const char *policy, int k, uint64_t seed) {
           k, worst, dmax);
 }
 
-/* Whole training steps (small-cpu, gradient accumulation over 3 micro-batches) with every loss in its
- * device form and again on host copies (MOELAB_HOST_LOSSES=1): the same balancing losses, the same
- * routing and parameters within float rounding. */
+/* A whole training step (small-cpu, gradient accumulation over 3 micro-batches) with every loss and cap in its
+ * device form and again on host copies (MOELAB_HOST_POLICIES=1): the same balancing losses, the same routing
+ * and drops (capacity factor 1) and the same gradients within float rounding. */
 static void check_forms_in_model(const char *data, const char *policy) {
     char path[600];
     snprintf(path, sizeof path, "%s/train.bin", data);
-    float aux[2] = {0}, *params[2] = {NULL, NULL};
-    int64_t load[2][64] = {{0}};
+    float aux[2] = {0}, *grads[2] = {NULL, NULL};
+    int64_t load[2][64] = {{0}}, dropped[2] = {0};
     size_t n = 0;
     for (int form = 0; form < 2; form++) {
-        if (form) setenv("MOELAB_HOST_LOSSES", "1", 1);
+        if (form) setenv("MOELAB_HOST_POLICIES", "1", 1);
         ml_config c;
         ml_err err = {0};
         config_preset(&c, "small-cpu", NULL);
         c.train.batch = 2;
         snprintf(c.balance.policy, sizeof c.balance.policy, "%s", policy);
+        c.balance.capacity_factor = 1.0f;
         ml_model m;
         ml_loader d;
         int ok = !model_init(&m, &c, backend_cpu(), 2, 0, &err) &&
                  !loader_open(&d, path, 2, c.model.seq_len, c.model.vocab, &err);
-        unsetenv("MOELAB_HOST_LOSSES");
-        CHECK(ok && m.balance.has_host_loss == form, "%s form %d: %s", policy, form, err.msg);
+        unsetenv("MOELAB_HOST_POLICIES");
+        CHECK(ok && m.balance.has_host_loss == (form && m.balance.has_loss) &&
+                  m.balance.has_host_cap == (form && m.balance.has_cap), "%s form %d: %s", policy, form, err.msg);
         if (!ok) return;
         model_init_weights(&m, 3);
-        for (int step = 0; step < 2; step++) {
-            model_begin_step(&m, (uint64_t)step * 3 * 512);
-            model_zero_grad(&m);
-            for (int micro = 0; micro < 3; micro++) {
-                loader_next(&d);
-                model_forward(&m, d.inputs, d.targets);
-                aux[form] += m.last_aux;
-                model_backward(&m, 1.0f / 3);
-            }
-            model_adamw(&m, 1e-3f, 1.0f, step + 1);
-            model_end_step(&m);
+        model_begin_step(&m, 0);
+        model_zero_grad(&m);
+        for (int micro = 0; micro < 3; micro++) {
+            loader_next(&d);
+            model_forward(&m, d.inputs, d.targets);
+            aux[form] += m.last_aux;
+            model_backward(&m, 1.0f / 3);
         }
         for (int i = 0; i < m.L * m.E && i < 64; i++) load[form][i] = m.stats.tokens_per_expert[i];
+        for (int l = 0; l < m.L; l++) dropped[form] += m.stats.dropped[l];
         n = m.nparams;
-        params[form] = malloc(sizeof(float) * n);
-        memcpy(params[form], m.params, sizeof(float) * n);
+        grads[form] = malloc(sizeof(float) * n);
+        memcpy(grads[form], m.grads, sizeof(float) * n);
         loader_close(&d);
         model_free(&m);
     }
-    double worst = 0, pmax = 0;
+    double worst = 0, gmax = 0;
     for (size_t i = 0; i < n; i++)
-        worst = fmax(worst, fabs(params[0][i] - params[1][i])), pmax = fmax(pmax, fabs(params[1][i]));
-    CHECK(aux[1] > 0 && NEAR(aux[0], aux[1], 1e-5 * aux[1]), "%s: balancing losses device %.9g host %.9g", policy,
-          aux[0], aux[1]);
-    CHECK(!memcmp(load[0], load[1], sizeof load[0]), "%s: the same loads with both forms", policy);
-    CHECK(worst <= 1e-5 * pmax, "%s: parameters after 2 steps differ by %.3g (largest %.3g)", policy, worst, pmax);
-    free(params[0]), free(params[1]);
+        worst = fmax(worst, fabs(grads[0][i] - grads[1][i])), gmax = fmax(gmax, fabs(grads[1][i]));
+    CHECK(NEAR(aux[0], aux[1], 1e-5 * aux[1]), "%s: balancing losses device %.9g host %.9g", policy, aux[0], aux[1]);
+    CHECK(strstr(policy, "capacity") ? dropped[1] > 0 : aux[1] > 0, "%s: nothing to compare", policy);
+    CHECK(!memcmp(load[0], load[1], sizeof load[0]) && dropped[0] == dropped[1],
+          "%s: the same loads (and %lld / %lld drops) with both forms", policy, (long long)dropped[0],
+          (long long)dropped[1]);
+    CHECK(worst <= 1e-5 * gmax, "%s: gradients of a 3-micro-batch step differ by %.3g (largest %.3g)", policy, worst,
+          gmax);
+    free(grads[0]), free(grads[1]);
 }
 
 /* ---------------------------------------------------------------- loss_free */
@@ -347,6 +349,42 @@ static void check_capacity(void) {
     cap->cap(&c, &x2, r2);
     const int32_t want3[M2 * 2] = {-1, -1, 0, 2, 1, -1}; /* expert 1: 0.3 (t0) vs 0.7 (t2): keep t2 */
     CHECK(!memcmp(r2, want3, sizeof r2), "k=2 probs: %d %d %d %d %d %d", r2[0], r2[1], r2[2], r2[3], r2[4], r2[5]);
+}
+
+/* The device form of capacity (the backend's capacity_route on a dispatch of the choices) drops exactly what
+ * the policy's cap drops, on random choices with many tied scores, for both drop policies and several
+ * factors (including one that drops nothing). */
+static void check_capacity_form(void) {
+    enum { M = 300, E = 7, k = 2 };
+    const ml_backend *be = backend_cpu();
+    const ml_policy *p = policy_find("capacity");
+    ml_config c;
+    config_preset(&c, "tiny", NULL);
+    ml_rng rng;
+    rng_seed(&rng, 77);
+    float scores[M * E];
+    int32_t idx[M * k], want[M * k], got[M * k], counts[E], offsets[E + 1], slot[M * k];
+    for (int i = 0; i < M * E; i++) scores[i] = (float)(rng_next(&rng) % 5) / 4; /* 5 values: ties */
+    for (int m = 0; m < M; m++) {
+        idx[m * k] = (int32_t)(rng_next(&rng) % 3); /* experts 0-2 over-full, 6 never chosen */
+        idx[m * k + 1] = 3 + (int32_t)(rng_next(&rng) % 3);
+    }
+    be->moe_dispatch(counts, offsets, slot, idx, M, k, E);
+    const float factors[] = {0.3f, 1.0f, 2.5f};
+    for (int f = 0; f < 3; f++)
+        for (int drop = 0; drop < 2; drop++) {
+            c.balance.capacity_factor = factors[f], c.balance.drop_policy = drop ? DROP_POSITION : DROP_PROBS;
+            ml_balance_layer x = {.M = M, .E = E, .k = k, .scores = scores, .idx = idx};
+            memcpy(want, idx, sizeof want);
+            p->cap(&c, &x, want);
+            int by_score, dropped = 0;
+            const int cap = p->cap_limit(&c, &x, &by_score);
+            be->capacity_route(got, idx, scores, offsets, slot, cap, by_score, M, k, E);
+            for (int i = 0; i < M * k; i++) dropped += want[i] < 0;
+            CHECK(!memcmp(want, got, sizeof want) && by_score == !drop && (f == 2 ? dropped == 0 : dropped > 0),
+                  "capacity_route vs cap (factor %.1f, %s): %d dropped", factors[f], drop ? "position" : "probs",
+                  dropped);
+        }
 }
 
 /* ---------------------------------------------------------------- metrics */
@@ -519,10 +557,12 @@ int main(int argc, char **argv) {
     check_loss_free_router(SCORE_SIGMOID, 300);
     check_schedule();
     check_capacity();
+    check_capacity_form();
     check_metrics();
     check_policies_in_model(data);
     check_forms_in_model(data, "seq_aux_loss+z_loss+top1_loss");
     check_forms_in_model(data, "global_aux_loss+aux_loss");
+    check_forms_in_model(data, "capacity+aux_loss");
     check_policy_resume(data);
     printf("balance: %d passed, %d failed\n", passed, failed);
     return failed ? 1 : 0;

@@ -273,6 +273,36 @@ static void test_loss_ops(void) {
     gpu->free(d_sums);
 }
 
+/* capacity_route against the CPU's on a dispatch of 2,000 choices with tied scores: by position and by score,
+ * for a capacity that drops and one that does not */
+static void test_capacity_route(void) {
+    enum { Mn = 1000, En = 12, kn = 2 };
+    float *pr = malloc(sizeof(float) * Mn * En);
+    for (int i = 0; i < Mn * En; i++) pr[i] = (float)(rng_next(&rng) % 8) / 8; /* ties */
+    int32_t *idx = malloc(sizeof(int32_t) * Mn * kn), *route = malloc(sizeof(int32_t) * Mn * kn);
+    int32_t *groute = malloc(sizeof(int32_t) * Mn * kn), *slot = malloc(sizeof(int32_t) * Mn * kn);
+    int32_t cnt[En], off[En + 1];
+    for (int m = 0; m < Mn; m++) /* experts 0-3 over-full */
+        idx[m * kn] = (int32_t)(rng_next(&rng) % 4), idx[m * kn + 1] = 4 + (int32_t)(rng_next(&rng) % 8);
+    cpu->moe_dispatch(cnt, off, slot, idx, Mn, kn, En);
+    float *d_pr = dev(pr, sizeof(float) * Mn * En);
+    int32_t *d_idx = dev(idx, sizeof(int32_t) * Mn * kn), *d_slot = dev(slot, sizeof(int32_t) * Mn * kn);
+    int32_t *d_off = dev(off, sizeof off), *d_route = gpu->alloc(sizeof(int32_t) * Mn * kn);
+    for (int by_score = 0; by_score < 2; by_score++)
+        for (int cap = 100; cap <= 400; cap += 300) {
+            cpu->capacity_route(route, idx, pr, off, slot, cap, by_score, Mn, kn, En);
+            gpu->capacity_route(d_route, d_idx, d_pr, d_off, d_slot, cap, by_score, Mn, kn, En);
+            gpu->to_host(groute, d_route, sizeof(int32_t) * Mn * kn);
+            int dropped = 0;
+            for (int i = 0; i < Mn * kn; i++) dropped += route[i] < 0;
+            CHECK(!memcmp(route, groute, sizeof(int32_t) * Mn * kn) && (cap == 400 ? dropped == 0 : dropped > 0),
+                  "capacity_route (%s, capacity %d): the same drops as the CPU (%d)", by_score ? "score" : "position",
+                  cap, dropped);
+        }
+    free(pr), free(idx), free(route), free(groute), free(slot);
+    gpu->free(d_pr), gpu->free(d_idx), gpu->free(d_slot), gpu->free(d_off), gpu->free(d_route);
+}
+
 /* the dispatch at a size with many chunks and warps, dropped choices and empty experts */
 static void test_dispatch_large(void) {
     enum { Mn = 3000, kn = 2, En = 96 };
@@ -357,13 +387,17 @@ static void test_moe(int score, int order, int norm_topk) {
     cpu->grouped_matmul_forward(he, xe, w, off, E, C, N);
     cpu->grouped_matmul_backward(dxe, dw, dhe, xe, w, off, E, C, N);
     float *d_dhe = dev(dhe, rows * N * 4), *d_dxe = gpu->alloc(rows * C * 4), *d_dw = gpu->alloc(E * N * C * 4);
-    /* cublasGemmGroupedBatchedEx and the one-GEMM-per-expert fallback, in fp32 and bf16 */
-    for (int path = 0; path < 4; path++) {
+    /* cublasGemmGroupedBatchedEx and the one-GEMM-per-expert fallback, in fp32 and bf16; on the emulator also
+     * the bf16 table's fallbacks when cuBLAS refuses bf16 grouped GEMMs (TF32) and then TF32 too (the loop) */
+    const char *refuse[6] = {"", "", "", "", "bf16-grouped", "bf16-grouped,tf32-grouped"};
+    const int emulated = getenv("MOELAB_GPU_TEST_EMULATED") != NULL;
+    for (int path = 0; path < (emulated ? 6 : 4); path++) {
         const ml_backend *be = path < 2 ? gpu : gbf;
         const double tol = path < 2 ? 1e-4 : 2e-2;
         char what[160];
-        const char *name = path % 2 ? "one GEMM per expert" : "grouped";
-        cuda_set_grouped_gemm(path % 2 == 0);
+        const char *name = path < 4 ? (path % 2 ? "one GEMM per expert" : "grouped") : refuse[path];
+        cuda_set_grouped_gemm(path % 2 == 0 || path >= 4);
+        setenv("MOELAB_EMU_REFUSE", refuse[path], 1);
         be->from_host(d_dw, dw0, E * N * C * 4), be->memset0(d_dxe, rows * C * 4);
         be->grouped_matmul_forward(d_he, d_xe, d_w, d_off, E, C, N);
         snprintf(what, sizeof what, "%s grouped_matmul_forward (%s) %s", be->name, name, tag);
@@ -378,10 +412,15 @@ static void test_moe(int score, int order, int norm_topk) {
               "%s (%s): the empty experts' weight gradients are left exactly as they were", be->name, name);
         free(g);
         if (path == 0) CHECK(cuda_grouped_gemm_active(0), "cuda-fp32: cuBLAS ran the grouped GEMM (no fallback)");
-        if (path == 2) /* bf16 inputs with fp32 outputs: cuBLAS may refuse them; the loop is then the path */
-            printf("note: bf16 experts ran %s\n", cuda_grouped_gemm_active(1) ? "through cublasGemmGroupedBatchedEx"
-                                                                             : "one GEMM per expert (refused)");
+        if (path == 2) /* bf16 inputs with fp32 outputs: cuBLAS may refuse them; TF32 is then the path */
+            printf("note: bf16 experts ran as %s\n", cuda_grouped_gemm_path(1));
+        if (path >= 4) {
+            const char *want = path == 4 ? "grouped tf32 (bf16 refused)" : "one bf16 GEMM per expert";
+            CHECK(!strcmp(cuda_grouped_gemm_path(1), want), "refusing %s: the experts run as %s (want %s)",
+                  refuse[path], cuda_grouped_gemm_path(1), want);
+        }
     }
+    unsetenv("MOELAB_EMU_REFUSE");
     cuda_set_grouped_gemm(1);
     gpu->from_host(d_dxe, dxe, rows * C * 4); /* the CPU's dinp: the last path above was bf16 */
     free(dw0);
@@ -404,12 +443,13 @@ static void test_moe(int score, int order, int norm_topk) {
 
 /* Two training steps (forward, backward, AdamW) of a small MoE model under a balancing policy, on the CPU
  * and on cuda-fp32 (twice: the same seed must give the same bits); no device allocation inside the steps.
- * host_losses: the losses run on host copies of the scores (MOELAB_HOST_LOSSES) instead of their device forms. */
-static void test_model_step(const char *policy, int host_losses) {
-    if (host_losses) setenv("MOELAB_HOST_LOSSES", "1", 1);
+ * host_policies: losses and caps run on host copies of the scores (MOELAB_HOST_POLICIES), not in device forms. */
+static void test_model_step(const char *policy, int host_policies) {
+    if (host_policies) setenv("MOELAB_HOST_POLICIES", "1", 1);
     ml_config cfg;
     config_preset(&cfg, "tiny", NULL);
     config_set(&cfg, "model.experts=8", NULL), config_set(&cfg, "model.top_k=2", NULL);
+    config_set(&cfg, "balance.capacity_factor=1.0", NULL); /* read by capacity only */
     char kv[96];
     snprintf(kv, sizeof kv, "balance.policy=%s", policy);
     ml_err err = {0};
@@ -448,7 +488,11 @@ static void test_model_step(const char *policy, int host_losses) {
         same_load &= mc->stats.tokens_per_expert[i] == mg->stats.tokens_per_expert[i];
         e_gate = fmax(e_gate, fabs(mc->stats.gate_mean_sum[i] - mg->stats.gate_mean_sum[i]));
     }
+    int64_t drops[2] = {0, 0};
+    for (int l = 0; l < L; l++) drops[0] += mc->stats.dropped[l], drops[1] += mg->stats.dropped[l];
     CHECK(same_load, "[%s] routing statistics: the same tokens per expert", policy);
+    CHECK(drops[0] == drops[1] && (strstr(policy, "capacity") ? drops[0] > 0 : drops[0] == 0),
+          "[%s] the same capacity drops: cpu %lld gpu %lld", policy, (long long)drops[0], (long long)drops[1]);
     CHECK(e_gate < 1e-5, "[%s] routing statistics: gate means within 1e-5 (%.3g)", policy, e_gate);
     float *pc = malloc(sizeof(float) * mc->nparams), *pg = malloc(sizeof(float) * mc->nparams);
     float *pg2 = malloc(sizeof(float) * mc->nparams);
@@ -462,7 +506,7 @@ static void test_model_step(const char *policy, int host_losses) {
     free(pc), free(pg), free(pg2), free(tok);
     model_free(mc), model_free(mg), model_free(mg2);
     free(mc), free(mg), free(mg2);
-    unsetenv("MOELAB_HOST_LOSSES");
+    unsetenv("MOELAB_HOST_POLICIES");
 }
 
 /* 50 steps of bf16 ("cuda") against fp32 ("cuda-fp32") from the same weights on a learnable stream (a
@@ -544,6 +588,7 @@ int main(void) {
     test_attention();
     test_route_stats();
     test_loss_ops();
+    test_capacity_route();
     test_dispatch_large();
     test_bf16_gemms();
     for (int s = 0; s < 2; s++)
@@ -553,7 +598,8 @@ int main(void) {
     test_model_step("seq_aux_loss+z_loss+top1_loss", 0);   /* every device form at once */
     test_model_step("global_aux_loss+top1_loss", 1);       /* the same losses on host copies */
     test_model_step("loss_free", 0);                       /* bias updates; statistics reduced on the device */
-    test_model_step("capacity+z_loss", 0);                 /* drops (scores to the host) and a logit loss */
+    test_model_step("capacity+z_loss", 0);                 /* drops on the device and a logit loss */
+    test_model_step("capacity+z_loss", 1);                 /* the same on host copies */
     test_bf16_training();
     printf("gpu_ops: %d passed, %d failed\n", passed, failed);
     return failed != 0;

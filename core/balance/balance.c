@@ -70,6 +70,7 @@ int balance_init(ml_balance *b, const ml_config *cfg, ml_err *err) {
         if (p->z_coef) b->z_coef += p->z_coef(cfg);
         if (p->tempered) b->tempered = p; /* one at most: only top1_loss has the form */
         b->has_cap |= p->cap != NULL;
+        b->has_host_cap |= p->cap != NULL && !p->cap_limit;
         b->has_after_step |= p->after_step != NULL;
         if (p->assign) {
             if (b->has_assign)
@@ -118,6 +119,17 @@ void balance_assign(const ml_balance *b, const ml_config *cfg, const ml_balance_
 void balance_cap(const ml_balance *b, const ml_config *cfg, const ml_balance_layer *x, int32_t *route) {
     for (int i = 0; i < b->n; i++)
         if (b->p[i]->cap) b->p[i]->cap(cfg, x, route);
+}
+
+int balance_cap_limit(const ml_balance *b, const ml_config *cfg, const ml_balance_layer *x, int *by_score) {
+    int limit = -1;
+    *by_score = 0;
+    for (int i = 0; i < b->n; i++) {
+        if (!b->p[i]->cap_limit) continue;
+        int score, c = b->p[i]->cap_limit(cfg, x, &score);
+        if (c >= 0 && (limit < 0 || c < limit)) limit = c, *by_score = score;
+    }
+    return limit;
 }
 
 double balance_device_loss(const ml_balance *b, const ml_config *cfg, const ml_balance_layer *x, double zsum,

@@ -25,13 +25,19 @@ static int by_score_desc(const void *a, const void *b) {
     return x->pos - y->pos; /* ties: earlier token first */
 }
 
-static void cap(const ml_config *cfg, const ml_balance_layer *x, int32_t *route) {
+static int cap_limit(const ml_config *cfg, const ml_balance_layer *x, int *by_score) {
     const double factor = cfg->balance.capacity_factor;
-    if (factor <= 0) return;
+    *by_score = cfg->balance.drop_policy != DROP_POSITION;
+    return factor > 0 ? (int)ceil(factor * x->M * x->k / x->E) : -1;
+}
+
+static void cap(const ml_config *cfg, const ml_balance_layer *x, int32_t *route) {
+    int by_score;
+    const int C = cap_limit(cfg, x, &by_score);
+    if (C < 0) return;
     const int M = x->M, k = x->k, E = x->E;
-    const int C = (int)ceil(factor * M * k / E);
     int *count = calloc(E, sizeof(int));
-    if (cfg->balance.drop_policy == DROP_POSITION) {
+    if (!by_score) {
         for (int i = 0; i < M * k; i++) {
             int e = route[i];
             if (e < 0) continue;
@@ -65,4 +71,5 @@ const ml_policy policy_capacity = {
     .keys = (const char *const[]){"balance.capacity_factor", "balance.drop_policy", NULL},
     .validate = validate,
     .cap = cap,
+    .cap_limit = cap_limit,
 };

@@ -4,8 +4,8 @@
  *   assign      instead of top-k selection: which experts each token goes to (forced_balance)
  *   cap         after selection: drop assignments over an expert's capacity (capacity)
  *   loss        after routing: a loss term and its gradient on the router scores and logits (aux losses)
- *   lbl, z_coef, tau + tempered
- *               the same loss in a form the backend computes where the scores live (see below)
+ *   lbl, z_coef, tau + tempered, cap_limit
+ *               the same loss or cap in a form the backend computes where the scores live (see below)
  *   after_step  after the optimizer step, once per global batch: update the selection biases (loss_free)
  * Policies compose (balance.policy=aux_loss+z_loss+topk_schedule). Adding one is one file in core/balance/
  * plus its line in registry.c. Everything here runs on host memory. */
@@ -74,6 +74,9 @@ typedef struct ml_policy {
     double (*z_coef)(const ml_config *cfg);
     double (*tau)(const ml_config *cfg);
     double (*tempered)(const ml_config *cfg, const ml_balance_layer *x, double *c, double *a);
+    /* optional device form of cap: the capacity (choices per expert; -1 = none) and whether an over-full
+     * expert keeps its highest-scoring choices (else its earliest); the backend's capacity_route drops */
+    int (*cap_limit)(const ml_config *cfg, const ml_balance_layer *x, int *by_score);
     void (*after_step)(const ml_config *cfg, const ml_route_stats *stats, const int *layer_k, float *bias);
 } ml_policy;
 
@@ -84,6 +87,7 @@ typedef struct {
     int n;
     int has_loss, has_assign, has_cap, has_after_step;
     int has_host_loss; /* a loss without a device form: every loss runs on host copies of scores and logits */
+    int has_host_cap;  /* a cap without a device form: caps run on host copies of the scores and choices */
     int has_lbl;       /* device forms in use (when !has_host_loss): lbl, the summed z coefficient, tempered */
     double z_coef;
     const ml_policy *tempered;
@@ -103,6 +107,9 @@ void balance_choose_k(const ml_balance *b, const ml_config *cfg, uint64_t tokens
 
 void balance_assign(const ml_balance *b, const ml_config *cfg, const ml_balance_layer *x, int32_t *idx);
 void balance_cap(const ml_balance *b, const ml_config *cfg, const ml_balance_layer *x, int32_t *route);
+/* The device form (when !has_host_cap): the smallest capacity of the cap policies (-1 = none) and its policy's
+ * by_score. */
+int balance_cap_limit(const ml_balance *b, const ml_config *cfg, const ml_balance_layer *x, int *by_score);
 /* Sum of the loss terms; their gradients accumulate into x->dscores and x->dlogits. */
 double balance_loss(const ml_balance *b, const ml_config *cfg, const ml_balance_layer *x);
 /* The device forms (when !has_host_loss): g (B, E) = the sum of the lbl forms' g, and the summed value of all

@@ -70,6 +70,7 @@ const ml_backend *backend_cpu(void) {
         .zloss_backward = cpu_zloss_backward,
         .tempered_forward = cpu_tempered_forward,
         .tempered_backward = cpu_tempered_backward,
+        .capacity_route = cpu_capacity_route,
         .moe_dispatch = cpu_moe_dispatch,
         .permute_forward = permute_forward,
         .permute_backward = permute_backward,

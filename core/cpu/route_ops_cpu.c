@@ -1,6 +1,7 @@
 /* route_ops_cpu.c: routing statistics and the balancing losses' device forms on the CPU. Sums run in double
  * over fixed chunks added in a fixed order, so results do not depend on the thread count. */
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "route_ops_cpu.h"
@@ -114,4 +115,38 @@ void cpu_tempered_backward(float *dlogits, float *dprobs, const float *logits, c
             if (e >= 0) dprobs[(size_t)t * E + e] += a;
         }
     }
+}
+
+/* a choice of one expert: its score and its position m k + j (the tie-break: earlier first) */
+typedef struct {
+    float score;
+    int pos;
+} pick;
+
+static int by_score_desc(const void *a, const void *b) {
+    const pick *x = a, *y = b;
+    if (x->score != y->score) return x->score < y->score ? 1 : -1;
+    return x->pos - y->pos;
+}
+
+void cpu_capacity_route(int32_t *route, const int32_t *idx, const float *probs, const int32_t *offsets,
+                        const int32_t *slot, int cap, int by_score, int M, int k, int E) {
+    const int n = M * k;
+    for (int i = 0; i < n; i++) /* by position: the slot's rank among its expert's choices (the sort is stable) */
+        route[i] = idx[i] >= 0 && slot[i] - offsets[idx[i]] < cap ? idx[i] : -1;
+    if (!by_score) return;
+    /* by score: each over-full expert's choices in slot order, sorted by score; its first cap are kept */
+    pick *all = malloc(sizeof(pick) * (size_t)(n > 0 ? n : 1));
+    for (int i = 0; i < n; i++)
+        if (idx[i] >= 0) all[slot[i]] = (pick){probs[(size_t)(i / k) * E + idx[i]], i};
+    for (int e = 0; e < E; e++) {
+        const int lo = offsets[e], cnt = offsets[e + 1] - offsets[e];
+        if (cnt <= cap) {
+            for (int r = 0; r < cnt; r++) route[all[lo + r].pos] = e;
+            continue;
+        }
+        qsort(all + lo, cnt, sizeof(pick), by_score_desc);
+        for (int r = 0; r < cnt; r++) route[all[lo + r].pos] = r < cap ? e : -1;
+    }
+    free(all);
 }

@@ -1,5 +1,5 @@
 /* route_ops_cpu.h: the CPU ops of the routing statistics and the balancing losses' device forms (the
- * contracts are backend.h's route_stats, lbl_backward, zloss_* and tempered_*). */
+ * contracts are backend.h's route_stats, lbl_backward, zloss_*, tempered_* and capacity_route). */
 #ifndef MOELAB_ROUTE_OPS_CPU_H
 #define MOELAB_ROUTE_OPS_CPU_H
 
@@ -14,5 +14,7 @@ void cpu_tempered_forward(double *fsum, double *ssum, const float *logits, const
                           float tau, int M, int k, int E);
 void cpu_tempered_backward(float *dlogits, float *dprobs, const float *logits, const int32_t *idx, const float *c,
                            float cscale, float a, float tau, int M, int k, int E);
+void cpu_capacity_route(int32_t *route, const int32_t *idx, const float *probs, const int32_t *offsets,
+                        const int32_t *slot, int cap, int by_score, int M, int k, int E);
 
 #endif

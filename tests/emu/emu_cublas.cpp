@@ -2,6 +2,9 @@
 // C(m x n) = alpha op(A) op(B) + beta C with op(A) m x k and op(B) k x n; beta = 0 ignores C's old values.
 // Inputs are fp32 or bf16 (widened to fp32), outputs fp32; the products run in OpenBLAS (column-major sgemm).
 #include <cblas.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 #include <vector>
 
 #include "cuda_emu.h"
@@ -10,10 +13,11 @@ struct ml_emu_blas {
     int unused;
 };
 
-// X (rows x cols as stored, column-major, leading dimension ld) as fp32
-static const float *widen(const void *X, cudaDataType_t t, int ld, int cols, std::vector<float> &buf) {
+// X (rows x cols as stored, column-major, leading dimension ld) as fp32; only its (cols - 1) ld + rows
+// elements are read
+static const float *widen(const void *X, cudaDataType_t t, int rows, int ld, int cols, std::vector<float> &buf) {
     if (t == CUDA_R_32F) return (const float *)X;
-    buf.resize((size_t)ld * cols);
+    buf.resize(cols ? (size_t)(cols - 1) * ld + rows : 0);
     for (size_t i = 0; i < buf.size(); i++) buf[i] = __bfloat162float(((const __nv_bfloat16 *)X)[i]);
     return buf.data();
 }
@@ -31,7 +35,7 @@ static cublasStatus_t gemm(cublasOperation_t ta, cublasOperation_t tb, int m, in
         return CUBLAS_STATUS_SUCCESS;
     }
     std::vector<float> wa, wb;
-    const float *a = widen(A, at, lda, a_cols, wa), *b = widen(B, bt, ldb, b_cols, wb);
+    const float *a = widen(A, at, a_rows, lda, a_cols, wa), *b = widen(B, bt, b_rows, ldb, b_cols, wb);
     cblas_sgemm(CblasColMajor, ta == CUBLAS_OP_N ? CblasNoTrans : CblasTrans, tb == CUBLAS_OP_N ? CblasNoTrans : CblasTrans,
                 m, n, k, alpha, a, lda, b, ldb, beta, C, ldc);
     return CUBLAS_STATUS_SUCCESS;
@@ -56,6 +60,23 @@ cublasStatus_t cublasGemmEx(cublasHandle_t, cublasOperation_t ta, cublasOperatio
     return gemm(ta, tb, m, n, k, *(const float *)alpha, A, at, lda, B, bt, ldb, *(const float *)beta, (float *)C,
                 ldc);
 }
+// MOELAB_EMU_REFUSE lists grouped forms to refuse as a cuBLAS without them would ("bf16-grouped",
+// "tf32-grouped"), so tests can walk the backend's fallbacks
+static bool refused(const char *form) {
+    const char *r = getenv("MOELAB_EMU_REFUSE");
+    return r && strstr(r, form);
+}
+// X rounded to TF32 (10-bit mantissa, to nearest even) as the tensor cores read it
+static const float *tf32(const void *X, int rows, int ld, int cols, std::vector<float> &buf) {
+    buf.resize(cols ? (size_t)(cols - 1) * ld + rows : 0);
+    for (size_t i = 0; i < buf.size(); i++) {
+        uint32_t u;
+        memcpy(&u, (const float *)X + i, 4);
+        u = (u + 0xfffu + ((u >> 13) & 1)) & ~0x1fffu;
+        memcpy(&buf[i], &u, 4);
+    }
+    return buf.data();
+}
 // group g: group_size[g] problems sharing its parameters; the pointer arrays list every problem in order
 cublasStatus_t cublasGemmGroupedBatchedEx(cublasHandle_t, const cublasOperation_t ta[], const cublasOperation_t tb[],
                                           const int m[], const int n[], const int k[], const void *alpha,
@@ -63,12 +84,24 @@ cublasStatus_t cublasGemmGroupedBatchedEx(cublasHandle_t, const cublasOperation_
                                           const void *const B[], cudaDataType_t bt, const int ldb[], const void *beta,
                                           void *const C[], cudaDataType_t ct, const int ldc[], int groups,
                                           const int group_size[], cublasComputeType_t compute) {
-    if (ct != CUDA_R_32F || compute != CUBLAS_COMPUTE_32F || at != bt || groups < 0) return CUBLAS_STATUS_NOT_SUPPORTED;
+    const bool is_tf32 = compute == CUBLAS_COMPUTE_32F_FAST_TF32;
+    if (ct != CUDA_R_32F || (compute != CUBLAS_COMPUTE_32F && !is_tf32) || at != bt || groups < 0 ||
+        (is_tf32 && at != CUDA_R_32F))
+        return CUBLAS_STATUS_NOT_SUPPORTED;
+    if ((at == CUDA_R_16BF && refused("bf16-grouped")) || (is_tf32 && refused("tf32-grouped")))
+        return CUBLAS_STATUS_NOT_SUPPORTED;
     int p = 0;
+    std::vector<float> ra, rb;
     for (int g = 0; g < groups; g++)
         for (int i = 0; i < group_size[g]; i++, p++) {
-            cublasStatus_t s = gemm(ta[g], tb[g], m[g], n[g], k[g], ((const float *)alpha)[g], A[p], at, lda[g], B[p],
-                                    bt, ldb[g], ((const float *)beta)[g], (float *)C[p], ldc[g]);
+            const void *a = A[p], *b = B[p];
+            if (is_tf32) {
+                const bool an = ta[g] == CUBLAS_OP_N, bn = tb[g] == CUBLAS_OP_N;
+                a = tf32(a, an ? m[g] : k[g], lda[g], an ? k[g] : m[g], ra);
+                b = tf32(b, bn ? k[g] : n[g], ldb[g], bn ? n[g] : k[g], rb);
+            }
+            cublasStatus_t s = gemm(ta[g], tb[g], m[g], n[g], k[g], ((const float *)alpha)[g], a, at, lda[g], b, bt,
+                                    ldb[g], ((const float *)beta)[g], (float *)C[p], ldc[g]);
             if (s != CUBLAS_STATUS_SUCCESS) return s;
         }
     return CUBLAS_STATUS_SUCCESS;
