@@ -39,6 +39,12 @@ typedef struct ml_backend {
      * backend shadows in bf16 (every write to them goes through this table: from_host, memset0, adamw). */
     void (*prepare)(const struct ml_backend_plan *plan);
     void (*bind_params)(const float *params, size_t n);
+    /* optional (NULL on the CPU, where to_host is a memcpy): host memory the backend can copy into while it
+     * works (pinned), and such a copy, queued behind the work before it and complete after the next sync or
+     * to_host */
+    void *(*host_alloc)(size_t bytes);
+    void (*host_free)(void *p);
+    void (*to_host_async)(void *host, const void *src, size_t bytes);
 
     void (*encoder_forward)(float *out, const int32_t *tokens, const float *wte, int M, int C);
     void (*encoder_backward)(float *dwte, const float *dout, const int32_t *tokens, int M, int C);

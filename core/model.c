@@ -185,17 +185,19 @@ int model_init(ml_model *m, const ml_config *cfg, const ml_backend *be, int B, i
         m->d_probs = ALLOC_F(&a, M * E), m->d_rlogits = ALLOC_F(&a, M * E);
     }
     m->router_bias = ALLOC_F(&a, (size_t)m->L * (E ? E : 1));
-    const size_t BE = (size_t)B * (E ? E : 1), rstats_bytes = sizeof(double) * (BE + 2 + E) + sizeof(int32_t) * BE;
-    m->d_rstats = take(&a, rstats_bytes);
+    const size_t BE = (size_t)B * (E ? E : 1);
+    m->rstats_bytes = sizeof(double) * (BE + 2 + E) + sizeof(int32_t) * BE;
+    m->d_rstats = take(&a, m->rstats_bytes);
     m->d_lbl = ALLOC_F(&a, (size_t)m->L * (BE + E));
     const size_t ME = M * (E ? E : 1);
     int host_failed = !(m->h_logits = malloc(sizeof(float) * ME)) | !(m->h_scores = malloc(sizeof(float) * ME)) |
                       !(m->h_tmp = malloc(sizeof(float) * (ME > M ? ME : M) + sizeof(float) * (BE + E))) |
                       !(m->h_idx = malloc(sizeof(int32_t) * MK)) | !(m->h_route = malloc(sizeof(int32_t) * MK)) |
-                      !(m->h_counts = malloc(sizeof(int32_t) * (E ? E : 1))) |
                       !(m->h_selected = malloc(sizeof(int32_t) * (E ? E : 1))) |
                       !(m->h_bias = malloc(sizeof(float) * m->L * (E ? E : 1))) |
-                      !(m->h_rstats = malloc(rstats_bytes));
+                      !(m->h_lbl = calloc((size_t)m->L * (BE + E), sizeof(float)));
+    const size_t slots = (m->rstats_bytes + sizeof(int32_t) * (E ? E : 1)) * m->L;
+    host_failed |= !(m->h_rstats = be->host_alloc ? be->host_alloc(slots) : malloc(slots));
     host_failed |= !(m->h_score_mean = malloc(sizeof(double) * (E ? E : 1))) |
                    !(m->h_seq_score_mean = malloc(sizeof(double) * BE)) |
                    !(m->h_g = calloc(BE + E, sizeof(double))) | !(m->h_tempered_a = calloc(m->L, sizeof(double)));
@@ -244,8 +246,9 @@ void model_free(ml_model *m) {
             if (p[i]) be->free(p[i]);
     }
     free(m->h_logits), free(m->h_scores), free(m->h_tmp), free(m->h_idx), free(m->h_route);
-    free(m->h_counts), free(m->h_selected), free(m->h_dscores), free(m->h_dlogits), free(m->h_bias);
-    free(m->h_rstats), free(m->h_score_mean), free(m->h_seq_score_mean), free(m->h_g), free(m->h_tempered_a);
+    free(m->h_selected), free(m->h_dscores), free(m->h_dlogits), free(m->h_bias), free(m->h_lbl);
+    if (m->h_rstats) be->host_free ? be->host_free(m->h_rstats) : free(m->h_rstats);
+    free(m->h_score_mean), free(m->h_seq_score_mean), free(m->h_g), free(m->h_tempered_a);
     route_stats_free(&m->stats);
     route_stats_free(&m->eval_stats);
     memset(m, 0, sizeof *m);
@@ -317,6 +320,75 @@ static uint64_t policy_stream(const ml_model *m, int l) {
     return h;
 }
 
+/* Layer l's host slot: the copy of d_rstats, then its loads (E ints). */
+static void *rstats_slot(const ml_model *m, int l) {
+    return (char *)m->h_rstats + (m->rstats_bytes + sizeof(int32_t) * m->E) * l;
+}
+
+/* What the policies read of layer l, from its host slot: totals over the micro-batch (h_selected,
+ * h_score_mean) and per sequence (h_seq_score_mean), the tempered loss's sums. */
+static void unpack_stats(ml_model *m, int l, ml_balance_layer *ctx) {
+    const int B = m->B, T = m->T, E = m->E, M = B * T;
+    const size_t BE = (size_t)B * E;
+    const double *psum = rstats_slot(m, l), *ssum = psum + BE + 1, *fsum = ssum + 1;
+    const int32_t *seq_selected = (const int32_t *)(fsum + E);
+    for (int e = 0; e < E; e++) {
+        double ps = 0;
+        int32_t sel = 0;
+        for (int b = 0; b < B; b++) {
+            ps += psum[(size_t)b * E + e], sel += seq_selected[(size_t)b * E + e];
+            m->h_seq_score_mean[(size_t)b * E + e] = psum[(size_t)b * E + e] / T;
+        }
+        m->h_score_mean[e] = ps / M, m->h_selected[e] = sel;
+    }
+    ctx->selected = m->h_selected, ctx->score_mean = m->h_score_mean;
+    ctx->seq_selected = seq_selected, ctx->seq_score_mean = m->h_seq_score_mean;
+    ctx->tempered_fsum = fsum, ctx->tempered_ssum = *ssum;
+}
+
+/* Records layer l of a forward with targets (after unpack_stats; its loads in its slot): loads after drops,
+ * choices, mean normalised scores, drops, the balancing losses' values; their gradients' weights (device
+ * forms: h_lbl, uploaded once per forward) or gradients (host forms: h_dscores, h_dlogits) for the backward. */
+static void record_layer(ml_model *m, int l, ml_balance_layer *ctx) {
+    const ml_balance *bal = &m->balance;
+    ml_route_stats *st = m->eval_mode ? &m->eval_stats : &m->stats;
+    const int M = m->B * m->T, E = m->E;
+    const size_t BE = (size_t)m->B * E;
+    const int32_t *counts = (const int32_t *)((const char *)rstats_slot(m, l) + m->rstats_bytes);
+    int64_t *load = st->tokens_per_expert + (size_t)l * E, *sel = st->selected + (size_t)l * E;
+    double *gate_mean = st->gate_mean_sum + (size_t)l * E;
+    int64_t dropped = 0; /* choices made minus choices that reached an expert */
+    for (int e = 0; e < E; e++) {
+        load[e] += counts[e], sel[e] += m->h_selected[e], gate_mean[e] += m->h_score_mean[e];
+        dropped += m->h_selected[e] - counts[e];
+    }
+    st->dropped[l] += dropped;
+
+    ctx->running_selected = sel;
+    ctx->running_tokens = (int64_t)(st->micro_batches + 1) * M;
+    double loss = 0;
+    if (bal->has_loss && !bal->has_host_loss) {
+        /* device forms: the value from the reduced sums; the gradients' weights kept for the backward */
+        double *g = m->h_g, *c = g + BE, a = 0;
+        const double zsum = ((const double *)rstats_slot(m, l))[BE];
+        loss = balance_device_loss(bal, &m->cfg, ctx, zsum, g, c, &a);
+        if (!m->eval_mode) {
+            float *gf = m->h_lbl + (size_t)l * (BE + E);
+            for (size_t i = 0; i < BE + E; i++) gf[i] = (float)g[i];
+            m->h_tempered_a[l] = a;
+        }
+    } else if (bal->has_loss) {
+        const int slot = m->eval_mode ? m->L : l;
+        ctx->dscores = m->h_dscores + (size_t)slot * M * E;
+        ctx->dlogits = m->h_dlogits + (size_t)slot * M * E;
+        memset(ctx->dscores, 0, sizeof(float) * M * E);
+        memset(ctx->dlogits, 0, sizeof(float) * M * E);
+        loss = balance_loss(bal, &m->cfg, ctx);
+    }
+    st->policy_loss[l] += loss;
+    m->last_aux += (float)loss;
+}
+
 /* The MoE FFN of block l: out(M,C) = sum_j gate_j expert_j(ln2) + shared(ln2). The policies may assign the
  * experts and drop assignments over capacity; with record, the routing statistics and the policies' losses
  * (and, outside eval_mode, their gradients for the backward) are recorded. */
@@ -328,12 +400,11 @@ static void moe_block_forward(ml_model *m, int l, float *out, int record) {
     const int M = m->B * m->T, C = m->C, E = m->E, k = m->layer_k[l], F = m->F;
     ml_router_params rp = router_params(m, l);
     const float *bias = m->router_bias + (size_t)l * E;
-    ml_route_stats *st = m->eval_mode ? &m->eval_stats : &m->stats;
     ml_balance_layer ctx = {.layer = l, .M = M, .E = E, .k = k, .B = m->B, .T = m->T,
                             .logits = m->h_logits, .scores = m->h_scores, .idx = m->h_idx};
 
     /* the policies run on the host: they get copies of what they read; the statistics are reduced on the
-     * backend, so a policy-free layer moves only 3E numbers */
+     * backend, so a layer moves 3E numbers per sequence and a few sums */
     const int host_scores = bal->has_host_loss || bal->has_host_cap;
     const int host_logits = bal->has_host_loss; /* assign reads only the shapes and the stream */
     double t0 = now_s();
@@ -350,30 +421,25 @@ static void moe_block_forward(ml_model *m, int l, float *out, int record) {
     const int B = m->B, T = m->T, device_loss = record && bal->has_loss && !bal->has_host_loss;
     const size_t BE = (size_t)B * E;
     double *d_psum = m->d_rstats, *d_zsum = d_psum + BE, *d_ssum = d_zsum + 1, *d_fsum = d_ssum + 1;
-    double *h_psum = m->h_rstats, *h_zsum = h_psum + BE, *h_ssum = h_zsum + 1, *h_fsum = h_ssum + 1;
     be->route_stats(d_psum, (int32_t *)(d_fsum + E), x->probs, x->idx, M, k, E, T);
     if (device_loss && bal->z_coef > 0) be->zloss_forward(d_zsum, x->logits, M, E);
     if (device_loss && bal->tempered)
         be->tempered_forward(d_fsum, d_ssum, x->logits, x->probs, x->idx, (float)bal->tempered->tau(&m->cfg), M, k,
                              E);
-    be->to_host(m->h_rstats, m->d_rstats, sizeof(double) * (BE + 2 + E) + sizeof(int32_t) * BE);
-    const int32_t *seq_selected = (const int32_t *)(h_fsum + E);
-    for (int e = 0; e < E; e++) {
-        double ps = 0;
-        int32_t sel = 0;
-        for (int b = 0; b < B; b++) {
-            ps += h_psum[(size_t)b * E + e], sel += seq_selected[(size_t)b * E + e];
-            m->h_seq_score_mean[(size_t)b * E + e] = h_psum[(size_t)b * E + e] / T;
-        }
-        m->h_score_mean[e] = ps / M, m->h_selected[e] = sel;
+    /* a policy that reads scores on the host needs the statistics now; otherwise they travel while the
+     * experts run and are recorded at the end of the forward */
+    void *slot = rstats_slot(m, l);
+    const int defer = record && !host_scores && be->to_host_async;
+    if (defer) {
+        be->to_host_async(slot, m->d_rstats, m->rstats_bytes);
+    } else {
+        be->to_host(slot, m->d_rstats, m->rstats_bytes);
+        unpack_stats(m, l, &ctx);
     }
     if (host_scores) {
         be->to_host(m->h_scores, x->probs, sizeof(float) * M * E);
         be->to_host(m->h_idx, x->idx, sizeof(int32_t) * M * k);
     }
-    ctx.selected = m->h_selected, ctx.score_mean = m->h_score_mean;
-    ctx.seq_selected = seq_selected, ctx.seq_score_mean = m->h_seq_score_mean;
-    ctx.tempered_fsum = h_fsum, ctx.tempered_ssum = *h_ssum;
 
     const int32_t *route = x->idx;
     if (bal->has_host_cap) {
@@ -392,12 +458,14 @@ static void moe_block_forward(ml_model *m, int l, float *out, int record) {
         }
     }
     be->moe_dispatch(x->counts, x->offsets, x->slot, route, M, k, E);
+    /* the routed rows, read while the device has only routing queued (the backward reuses them) */
+    int rows;
+    be->to_host(&rows, x->offsets + E, sizeof rows);
+    m->moe_rows[l] = rows;
     if (m->time_routing) be->sync();
     m->routing_seconds += now_s() - t0;
     be->permute_forward(x->xe, x->ln2, x->slot, M, k, C);
     be->grouped_matmul_forward(x->eh13, x->xe, w->expert_w13, x->offsets, E, C, 2 * F);
-    int rows;
-    be->to_host(&rows, x->offsets + E, sizeof rows);
     be->swiglu_forward(x->eact, x->eh13, rows, F);
     be->grouped_matmul_forward(x->ye, x->eact, w->expert_w2, x->offsets, E, F, C);
     be->memset0(out, sizeof(float) * M * C);
@@ -411,41 +479,13 @@ static void moe_block_forward(ml_model *m, int l, float *out, int record) {
     }
     if (!record) return;
     t0 = now_s();
-
-    /* statistics: loads after drops, choices, mean normalised score, drops */
-    be->to_host(m->h_counts, x->counts, sizeof(int32_t) * E);
-    int64_t *load = st->tokens_per_expert + (size_t)l * E, *sel = st->selected + (size_t)l * E;
-    double *gate_mean = st->gate_mean_sum + (size_t)l * E;
-    int64_t dropped = 0; /* choices made minus choices that reached an expert */
-    for (int e = 0; e < E; e++) {
-        load[e] += m->h_counts[e], sel[e] += m->h_selected[e], gate_mean[e] += m->h_score_mean[e];
-        dropped += m->h_selected[e] - m->h_counts[e];
-    }
-    st->dropped[l] += dropped;
-
-    ctx.running_selected = sel;
-    ctx.running_tokens = (int64_t)(st->micro_batches + 1) * M;
-    if (device_loss) {
-        /* device forms: the value from the reduced sums; the gradients' weights kept on the backend */
-        double *g = m->h_g, *c = g + BE, a = 0;
-        double loss = balance_device_loss(bal, &m->cfg, &ctx, *h_zsum, g, c, &a);
-        if (!m->eval_mode) {
-            float *gf = m->h_tmp;
-            for (size_t i = 0; i < BE + E; i++) gf[i] = (float)g[i];
-            be->from_host(m->d_lbl + (size_t)l * (BE + E), gf, sizeof(float) * (BE + E));
-            m->h_tempered_a[l] = a;
-        }
-        st->policy_loss[l] += loss;
-        m->last_aux += (float)loss;
-    } else if (bal->has_loss) {
-        const int slot = m->eval_mode ? m->L : l;
-        ctx.dscores = m->h_dscores + (size_t)slot * M * E;
-        ctx.dlogits = m->h_dlogits + (size_t)slot * M * E;
-        memset(ctx.dscores, 0, sizeof(float) * M * E);
-        memset(ctx.dlogits, 0, sizeof(float) * M * E);
-        double loss = balance_loss(bal, &m->cfg, &ctx);
-        st->policy_loss[l] += loss;
-        m->last_aux += (float)loss;
+    int32_t *loads = (int32_t *)((char *)slot + m->rstats_bytes);
+    if (defer) {
+        be->to_host_async(loads, x->counts, sizeof(int32_t) * E);
+        m->rstats_pending[l] = 1;
+    } else {
+        be->to_host(loads, x->counts, sizeof(int32_t) * E);
+        record_layer(m, l, &ctx);
     }
     m->routing_seconds += now_s() - t0;
 }
@@ -479,15 +519,26 @@ float model_forward(ml_model *m, const int32_t *tokens, const int32_t *targets) 
     be->rmsnorm_forward(m->lnf, m->rstdf, m->res_final, m->p.final_norm, M, C, m->cfg.model.norm_eps);
     be->matmul_forward(m->logits, m->lnf, m->p.lm_head, M, C, m->V);
     if (!targets) return 0;
-    ml_route_stats *st = m->eval_mode ? &m->eval_stats : &m->stats;
-    st->micro_batches++;
-    st->tokens += M;
     be->from_host(m->targets, targets, sizeof(int32_t) * M);
     be->crossentropy_forward(m->losses, m->logits, m->targets, M, m->V);
-    be->to_host(m->h_tmp, m->losses, sizeof(float) * M);
+    be->to_host(m->h_tmp, m->losses, sizeof(float) * M); /* waits for everything queued, the statistics too */
     double sum = 0;
     for (int i = 0; i < M; i++) sum += m->h_tmp[i];
     m->last_loss = (float)(sum / M);
+    const double t0 = now_s();
+    for (int l = 0; l < m->L; l++)
+        if (m->rstats_pending[l]) {
+            ml_balance_layer ctx = {.layer = l, .M = M, .E = m->E, .k = m->layer_k[l], .B = m->B, .T = m->T};
+            unpack_stats(m, l, &ctx);
+            record_layer(m, l, &ctx);
+            m->rstats_pending[l] = 0;
+        }
+    if (m->E && m->balance.has_loss && !m->balance.has_host_loss && !m->eval_mode)
+        be->from_host(m->d_lbl, m->h_lbl, sizeof(float) * m->L * ((size_t)m->B * m->E + m->E));
+    m->routing_seconds += now_s() - t0;
+    ml_route_stats *st = m->eval_mode ? &m->eval_stats : &m->stats;
+    st->micro_batches++;
+    st->tokens += M;
     return m->last_loss;
 }
 
@@ -499,8 +550,7 @@ static void moe_block_backward(ml_model *m, int l, const float *dout, float loss
     ml_block_acts *x = &m->acts[l];
     const int M = m->B * m->T, C = m->C, E = m->E, k = m->layer_k[l], F = m->F;
     const ml_router_params rp = router_params(m, l);
-    int rows;
-    be->to_host(&rows, x->offsets + E, sizeof rows);
+    const int rows = m->moe_rows[l]; /* from the forward: no wait for the work queued before this block */
 
     be->memset0(m->d_ln, sizeof(float) * M * C);
     if (m->Fs) {

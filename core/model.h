@@ -75,15 +75,20 @@ typedef struct ml_model {
     /* host side of routing: copies of one layer's logits, scores and choices for the policies, and each
      * layer's policy gradients (kept from the forward for the backward) */
     float *h_logits, *h_scores, *h_tmp;        /* (M, E) */
-    int32_t *h_idx, *h_route, *h_counts, *h_selected; /* (M, kmax), (M, kmax), (E), (E) */
+    int32_t *h_idx, *h_route, *h_selected;     /* (M, kmax), (M, kmax), (E) */
     float *h_bias;                             /* (L, E) host copy of the biases for the policies */
     /* one layer's reduced statistics on the backend: per-sequence score sums (B, E), the z-loss's and
-     * tempered loss's sums (1, 1, E) as doubles, then per-sequence choices (B, E) as ints; h_rstats is the
-     * host copy */
+     * tempered loss's sums (1, 1, E) as doubles, then per-sequence choices (B, E) as ints; h_rstats holds a
+     * host copy per layer (pinned where the backend has it), followed by the layer's loads (E ints). When no
+     * policy needs them at once they are copied asynchronously and recorded at the end of the forward
+     * (rstats_pending). */
     void *d_rstats, *h_rstats;
+    size_t rstats_bytes;                       /* d_rstats's size; a layer's host slot adds E ints */
+    unsigned char rstats_pending[ML_MAX_LAYERS];
+    int moe_rows[ML_MAX_LAYERS];               /* each MoE layer's routed rows in the latest forward */
     double *h_score_mean, *h_seq_score_mean;   /* (E), (B, E): score sums over M, and per sequence over T */
     double *h_g;                               /* (B, E) lbl weights, then (E) tempered coefficients c */
-    float *d_lbl;                              /* backend (L, B E + E): each layer's g and c, for the backward */
+    float *d_lbl, *h_lbl;                      /* (L, B E + E): each layer's g and c, for the backward */
     double *h_tempered_a;                      /* (L) each layer's tempered coefficient a, for the backward */
     float *h_dscores, *h_dlogits;              /* (L, M, E), only when a policy has a loss */
 

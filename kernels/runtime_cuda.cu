@@ -156,6 +156,15 @@ static void cu_from_host(void *dst, const void *host, size_t bytes) {
     offsets_forget(dst, bytes);
 }
 static void cu_sync(void) { CK("sync", cudaDeviceSynchronize()); }
+static void *cu_host_alloc(size_t bytes) {
+    void *p = NULL;
+    CK("host_alloc", cudaMallocHost(&p, bytes ? bytes : 1));
+    return p;
+}
+static void cu_host_free(void *p) { CK("host_free", cudaFreeHost(p)); }
+static void cu_to_host_async(void *host, const void *src, size_t bytes) {
+    CK("to_host_async", cudaMemcpyAsync(host, src, bytes, cudaMemcpyDeviceToHost, 0));
+}
 
 // ---- workspace ----
 
@@ -309,6 +318,7 @@ static void init_runtime(void) {
 static void fill_common(ml_backend *b) {
     b->alloc = cu_alloc, b->free = cu_free, b->memset0 = cu_memset0, b->to_host = cu_to_host;
     b->from_host = cu_from_host, b->sync = cu_sync;
+    b->host_alloc = cu_host_alloc, b->host_free = cu_host_free, b->to_host_async = cu_to_host_async;
     ml_cuda_fill_ops(b);
     ml_cuda_fill_attention(b);
 }

@@ -201,15 +201,31 @@ cudaError_t cudaMalloc(void **p, size_t bytes) {
 }
 cudaError_t cudaMallocHost(void **p, size_t bytes) { return cudaMalloc(p, bytes); }
 cudaError_t cudaFree(void *p) { return free(p), cudaSuccess; }
+cudaError_t cudaFreeHost(void *p) { return cudaFree(p); }
 cudaError_t cudaMemset(void *p, int v, size_t bytes) { return memset(p, v, bytes), cudaSuccess; }
 cudaError_t cudaMemsetAsync(void *p, int v, size_t bytes, cudaStream_t) { return cudaMemset(p, v, bytes); }
+// Asynchronous copies to the host are as late as the hardware may make them: the source is read when the copy
+// is queued (stream order), the host sees the bytes only at the next synchronizing call, so a host read that
+// misses its sync sees stale bytes here too.
+struct pending_copy {
+    void *dst;
+    std::vector<char> bytes;
+};
+static std::vector<pending_copy> pending_copies;
+static void land_copies() {
+    for (pending_copy &c : pending_copies) memcpy(c.dst, c.bytes.data(), c.bytes.size());
+    pending_copies.clear();
+}
 cudaError_t cudaMemcpy(void *dst, const void *src, size_t bytes, cudaMemcpyKind) {
+    land_copies();
     return memmove(dst, src, bytes), cudaSuccess;
 }
 cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t bytes, cudaMemcpyKind k, cudaStream_t) {
-    return cudaMemcpy(dst, src, bytes, k);
+    if (k != cudaMemcpyDeviceToHost) return memmove(dst, src, bytes), cudaSuccess;
+    pending_copies.push_back(pending_copy{dst, std::vector<char>((const char *)src, (const char *)src + bytes)});
+    return cudaSuccess;
 }
-cudaError_t cudaDeviceSynchronize(void) { return cudaSuccess; }
+cudaError_t cudaDeviceSynchronize(void) { return land_copies(), cudaSuccess; }
 cudaError_t cudaGetLastError(void) { return cudaSuccess; }
 const char *cudaGetErrorString(cudaError_t e) { return e ? "emulated error" : "no error"; }
 cudaError_t cudaGetDeviceCount(int *n) { return *n = 1, cudaSuccess; }
@@ -222,7 +238,7 @@ cudaError_t cudaGetDeviceProperties(cudaDeviceProp *p, int) {
 cudaError_t cudaEventCreate(cudaEvent_t *e) { return *e = new ml_emu_event{now_ms()}, cudaSuccess; }
 cudaError_t cudaEventCreateWithFlags(cudaEvent_t *e, unsigned) { return cudaEventCreate(e); }
 cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t) { return e->t = now_ms(), cudaSuccess; }
-cudaError_t cudaEventSynchronize(cudaEvent_t) { return cudaSuccess; }
+cudaError_t cudaEventSynchronize(cudaEvent_t) { return land_copies(), cudaSuccess; }
 cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t a, cudaEvent_t b) { return *ms = (float)(b->t - a->t), cudaSuccess; }
 cudaError_t cudaEventDestroy(cudaEvent_t e) { return delete e, cudaSuccess; }
 cudaError_t ml_emu_func_set_attribute(const void *kernel, cudaFuncAttribute, int v) {
