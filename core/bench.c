@@ -183,6 +183,14 @@ int cli_bench(int argc, char **argv) {
 #else
     (void)allocs_before;
 #endif
+    /* attention's achieved rate in the profiled steps: causal FLOPs, 4 B H T^2 hd / 2 per layer forward and
+     * 2.5 times that backward (FlashAttention's counting: five matmuls, none counted twice) */
+    const double attn_fwd_flop = 2.0 * m->B * m->H * (double)m->T * m->T * m->hd * m->L;
+    double attn_tflops[2] = {0, 0}; /* forward, backward */
+    for (int i = 0; i < nops; i++)
+        for (int d = 0; d < 2; d++)
+            if (!strcmp(ops[i].op, d ? "attention_backward" : "attention_forward") && ops[i].ms > 0)
+                attn_tflops[d] = (d ? 2.5 : 1.0) * attn_fwd_flop * prof_steps / (ops[i].ms * 1e-3) / 1e12;
     const char *expert_gemm = "cpu";
 #ifdef ML_HAVE_CUDA
     if (on_gpu) expert_gemm = cuda_grouped_gemm_path(bf16);
@@ -198,11 +206,12 @@ int cli_bench(int argc, char **argv) {
                "\"routing_ms\": %.2f, \"routing_fraction\": %.4f, \"trace_ms\": %.3f, \"trace_fraction\": %.5f, "
                "\"gflops\": %.2f, \"peak_gflops\": %.2f, \"peak_kind\": \"%s\", \"fraction_of_peak\": %.4f, "
                "\"mfu\": %.4f, \"params\": %zu, \"active_params\": %.0f, \"backend\": \"%s\", "
-               "\"step_allocations\": %ld, \"expert_gemm\": \"%s\", \"ops\": {",
+               "\"step_allocations\": %ld, \"expert_gemm\": \"%s\", \"attention_tflops_forward\": %.2f, "
+               "\"attention_tflops_backward\": %.2f, \"ops\": {",
                cfg.preset, M, steps, tok_s, 1e3 * total / steps, 1e3 * t_fwd / steps, 1e3 * t_bwd / steps,
                1e3 * t_opt / steps, 1e3 * t_route / steps, t_route / total, 1e3 * t_trace / steps, t_trace / total,
                gflops, peak, peak_kind, of_peak, mfu, m->nparams, model_active_params(&cfg), be->name,
-               step_allocs, expert_gemm);
+               step_allocs, expert_gemm, attn_tflops[0], attn_tflops[1]);
         for (int i = 0; i < nops; i++)
             printf("%s\"%s\": {\"ms_per_step\": %.3f, \"calls_per_step\": %.1f}", i ? ", " : "", ops[i].op,
                    ops[i].ms / prof_steps, (double)ops[i].calls / prof_steps);
@@ -224,6 +233,8 @@ int cli_bench(int argc, char **argv) {
         if (on_gpu) {
             printf("  device allocations during the timed steps: %ld\n", step_allocs);
             printf("  experts' GEMMs: %s\n", expert_gemm);
+            printf("  attention: %.1f TFLOP/s forward, %.1f backward (causal FLOPs)\n", attn_tflops[0],
+                   attn_tflops[1]);
             printf("  per op (CUDA events, mean of %d more steps; %.2f ms in ops per step):\n", prof_steps,
                    prof_total / prof_steps);
             for (int i = 0; i < nops; i++)
