@@ -191,7 +191,7 @@ int model_init(ml_model *m, const ml_config *cfg, const ml_backend *be, int B, i
     m->d_lbl = ALLOC_F(&a, (size_t)m->L * (BE + E));
     const size_t ME = M * (E ? E : 1);
     int host_failed = !(m->h_logits = malloc(sizeof(float) * ME)) | !(m->h_scores = malloc(sizeof(float) * ME)) |
-                      !(m->h_tmp = malloc(sizeof(float) * (ME > M ? ME : M) + sizeof(float) * (BE + E))) |
+                      !(m->h_tmp = malloc(sizeof(float) * (ME > M ? ME : M))) |
                       !(m->h_idx = malloc(sizeof(int32_t) * MK)) | !(m->h_route = malloc(sizeof(int32_t) * MK)) |
                       !(m->h_selected = malloc(sizeof(int32_t) * (E ? E : 1))) |
                       !(m->h_bias = malloc(sizeof(float) * m->L * (E ? E : 1))) |
@@ -320,30 +320,45 @@ static uint64_t policy_stream(const ml_model *m, int l) {
     return h;
 }
 
-/* Layer l's host slot: the copy of d_rstats, then its loads (E ints). */
-static void *rstats_slot(const ml_model *m, int l) {
-    return (char *)m->h_rstats + (m->rstats_bytes + sizeof(int32_t) * m->E) * l;
+/* The layout of d_rstats and of each layer's host slot: per-sequence score sums (B, E), the z-loss's sum, the
+ * chosen scores' sum, the tempered softmax sums (E) as doubles, then per-sequence choices (B, E) as ints; a
+ * host slot ends with the layer's loads (E ints). */
+typedef struct {
+    double *psum, *zsum, *ssum, *fsum;
+    int32_t *seq_selected, *loads;
+} rstats_view;
+
+static rstats_view rstats_at(const ml_model *m, void *base) {
+    const size_t BE = (size_t)m->B * m->E;
+    rstats_view v = {.psum = base, .zsum = (double *)base + BE};
+    v.ssum = v.zsum + 1, v.fsum = v.ssum + 1;
+    v.seq_selected = (int32_t *)(v.fsum + m->E);
+    v.loads = (int32_t *)((char *)base + m->rstats_bytes);
+    return v;
+}
+
+/* Layer l's host slot. */
+static rstats_view rstats_slot(const ml_model *m, int l) {
+    return rstats_at(m, (char *)m->h_rstats + (m->rstats_bytes + sizeof(int32_t) * m->E) * l);
 }
 
 /* What the policies read of layer l, from its host slot: totals over the micro-batch (h_selected,
  * h_score_mean) and per sequence (h_seq_score_mean), the tempered loss's sums. */
 static void unpack_stats(ml_model *m, int l, ml_balance_layer *ctx) {
     const int B = m->B, T = m->T, E = m->E, M = B * T;
-    const size_t BE = (size_t)B * E;
-    const double *psum = rstats_slot(m, l), *ssum = psum + BE + 1, *fsum = ssum + 1;
-    const int32_t *seq_selected = (const int32_t *)(fsum + E);
+    const rstats_view v = rstats_slot(m, l);
     for (int e = 0; e < E; e++) {
         double ps = 0;
         int32_t sel = 0;
         for (int b = 0; b < B; b++) {
-            ps += psum[(size_t)b * E + e], sel += seq_selected[(size_t)b * E + e];
-            m->h_seq_score_mean[(size_t)b * E + e] = psum[(size_t)b * E + e] / T;
+            ps += v.psum[(size_t)b * E + e], sel += v.seq_selected[(size_t)b * E + e];
+            m->h_seq_score_mean[(size_t)b * E + e] = v.psum[(size_t)b * E + e] / T;
         }
         m->h_score_mean[e] = ps / M, m->h_selected[e] = sel;
     }
     ctx->selected = m->h_selected, ctx->score_mean = m->h_score_mean;
-    ctx->seq_selected = seq_selected, ctx->seq_score_mean = m->h_seq_score_mean;
-    ctx->tempered_fsum = fsum, ctx->tempered_ssum = *ssum;
+    ctx->seq_selected = v.seq_selected, ctx->seq_score_mean = m->h_seq_score_mean;
+    ctx->tempered_fsum = v.fsum, ctx->tempered_ssum = *v.ssum;
 }
 
 /* Records layer l of a forward with targets (after unpack_stats; its loads in its slot): loads after drops,
@@ -354,7 +369,8 @@ static void record_layer(ml_model *m, int l, ml_balance_layer *ctx) {
     ml_route_stats *st = m->eval_mode ? &m->eval_stats : &m->stats;
     const int M = m->B * m->T, E = m->E;
     const size_t BE = (size_t)m->B * E;
-    const int32_t *counts = (const int32_t *)((const char *)rstats_slot(m, l) + m->rstats_bytes);
+    const rstats_view v = rstats_slot(m, l);
+    const int32_t *counts = v.loads;
     int64_t *load = st->tokens_per_expert + (size_t)l * E, *sel = st->selected + (size_t)l * E;
     double *gate_mean = st->gate_mean_sum + (size_t)l * E;
     int64_t dropped = 0; /* choices made minus choices that reached an expert */
@@ -370,8 +386,7 @@ static void record_layer(ml_model *m, int l, ml_balance_layer *ctx) {
     if (bal->has_loss && !bal->has_host_loss) {
         /* device forms: the value from the reduced sums; the gradients' weights kept for the backward */
         double *g = m->h_g, *c = g + BE, a = 0;
-        const double zsum = ((const double *)rstats_slot(m, l))[BE];
-        loss = balance_device_loss(bal, &m->cfg, ctx, zsum, g, c, &a);
+        loss = balance_device_loss(bal, &m->cfg, ctx, *v.zsum, g, c, &a);
         if (!m->eval_mode) {
             float *gf = m->h_lbl + (size_t)l * (BE + E);
             for (size_t i = 0; i < BE + E; i++) gf[i] = (float)g[i];
@@ -418,22 +433,20 @@ static void moe_block_forward(ml_model *m, int l, float *out, int record) {
     }
     be->router_forward(x->probs, x->idx, x->gate, x->logits, bias, M, &rp);
     /* the reduced statistics (per sequence, for seq_aux_loss) and the device-form losses' sums, one copy */
-    const int B = m->B, T = m->T, device_loss = record && bal->has_loss && !bal->has_host_loss;
-    const size_t BE = (size_t)B * E;
-    double *d_psum = m->d_rstats, *d_zsum = d_psum + BE, *d_ssum = d_zsum + 1, *d_fsum = d_ssum + 1;
-    be->route_stats(d_psum, (int32_t *)(d_fsum + E), x->probs, x->idx, M, k, E, T);
-    if (device_loss && bal->z_coef > 0) be->zloss_forward(d_zsum, x->logits, M, E);
+    const int device_loss = record && bal->has_loss && !bal->has_host_loss;
+    const rstats_view d = rstats_at(m, m->d_rstats), h = rstats_slot(m, l);
+    be->route_stats(d.psum, d.seq_selected, x->probs, x->idx, M, k, E, m->T);
+    if (device_loss && bal->z_coef > 0) be->zloss_forward(d.zsum, x->logits, M, E);
     if (device_loss && bal->tempered)
-        be->tempered_forward(d_fsum, d_ssum, x->logits, x->probs, x->idx, (float)bal->tempered->tau(&m->cfg), M, k,
+        be->tempered_forward(d.fsum, d.ssum, x->logits, x->probs, x->idx, (float)bal->tempered->tau(&m->cfg), M, k,
                              E);
     /* a policy that reads scores on the host needs the statistics now; otherwise they travel while the
      * experts run and are recorded at the end of the forward */
-    void *slot = rstats_slot(m, l);
     const int defer = record && !host_scores && be->to_host_async;
     if (defer) {
-        be->to_host_async(slot, m->d_rstats, m->rstats_bytes);
+        be->to_host_async(h.psum, m->d_rstats, m->rstats_bytes);
     } else {
-        be->to_host(slot, m->d_rstats, m->rstats_bytes);
+        be->to_host(h.psum, m->d_rstats, m->rstats_bytes);
         unpack_stats(m, l, &ctx);
     }
     if (host_scores) {
@@ -479,12 +492,11 @@ static void moe_block_forward(ml_model *m, int l, float *out, int record) {
     }
     if (!record) return;
     t0 = now_s();
-    int32_t *loads = (int32_t *)((char *)slot + m->rstats_bytes);
     if (defer) {
-        be->to_host_async(loads, x->counts, sizeof(int32_t) * E);
+        be->to_host_async(h.loads, x->counts, sizeof(int32_t) * E);
         m->rstats_pending[l] = 1;
     } else {
-        be->to_host(loads, x->counts, sizeof(int32_t) * E);
+        be->to_host(h.loads, x->counts, sizeof(int32_t) * E);
         record_layer(m, l, &ctx);
     }
     m->routing_seconds += now_s() - t0;

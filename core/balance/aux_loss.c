@@ -38,6 +38,11 @@ double lbl_term(const double *f, const float *scores, float *dscores, int m0, in
     return loss;
 }
 
+void lbl_add_batch(const ml_balance_layer *x, const double *f, double coef, double *g) {
+    for (int b = 0; b < x->B; b++)
+        for (int e = 0; e < x->E; e++) g[(size_t)b * x->E + e] += coef * x->E * f[e] / x->B;
+}
+
 int aux_coef_validate(const ml_config *cfg, ml_err *err) {
     if (!(cfg->balance.aux_coef >= 0))
         return ml_errf(err, ML_EINPUT, "balance.aux_coef: %g must not be negative", cfg->balance.aux_coef);
@@ -49,12 +54,10 @@ static void fractions(const ml_balance_layer *x, double *f) {
     for (int e = 0; e < x->E; e++) f[e] = (double)x->selected[e] / ((double)x->M * x->k);
 }
 
-/* P_i is the mean of the B sequences' means: g_bi = coef E f_i / B */
 static void lbl(const ml_config *cfg, const ml_balance_layer *x, double *g) {
     double f[x->E];
     fractions(x, f);
-    for (int b = 0; b < x->B; b++)
-        for (int e = 0; e < x->E; e++) g[(size_t)b * x->E + e] += (double)cfg->balance.aux_coef * x->E * f[e] / x->B;
+    lbl_add_batch(x, f, cfg->balance.aux_coef, g);
 }
 
 static double loss(const ml_config *cfg, const ml_balance_layer *x) {

@@ -11,12 +11,10 @@ static void fractions(const ml_balance_layer *x, double *f) {
     for (int e = 0; e < x->E; e++) f[e] = (double)x->running_selected[e] / ((double)x->running_tokens * x->k);
 }
 
-/* P_i is the mean of the B sequences' means: g_bi = coef E f_i / B */
 static void lbl(const ml_config *cfg, const ml_balance_layer *x, double *g) {
     double f[x->E];
     fractions(x, f);
-    for (int b = 0; b < x->B; b++)
-        for (int e = 0; e < x->E; e++) g[(size_t)b * x->E + e] += (double)cfg->balance.aux_coef * x->E * f[e] / x->B;
+    lbl_add_batch(x, f, cfg->balance.aux_coef, g);
 }
 
 static double loss(const ml_config *cfg, const ml_balance_layer *x) {

@@ -132,6 +132,10 @@ void balance_print_help(FILE *f);
 double lbl_term(const double *f, const float *scores, float *dscores, int m0, int m1, int E, double coef,
                 double weight);
 
+/* The lbl form of lbl_term over the whole micro-batch (P_i is the mean of the B sequences' means): adds
+ * coef E f_i / B to g (B, E) for every sequence. */
+void lbl_add_batch(const ml_balance_layer *x, const double *f, double coef, double *g);
+
 /* The aux-loss family's check of balance.aux_coef. */
 int aux_coef_validate(const ml_config *cfg, ml_err *err);
 
