@@ -100,8 +100,8 @@ typedef struct ml_model {
     float last_loss, last_aux;                  /* of the latest forward: mean CE, summed balancing loss */
     double routing_seconds;                     /* wall time in routing: router GEMMs and op, dispatch, policies,
                                                  * statistics (forward and backward); for moelab bench */
-    int time_routing;                           /* wait for the backend at the ends of the routing sections, so
-                                                 * routing_seconds is device time (two syncs per MoE layer) */
+    int time_routing;                           /* wait for the backend at both ends of the routing sections,
+                                                 * so routing_seconds is device time (four syncs per MoE layer) */
 } ml_model;
 
 /* Builds the tensor table and allocates parameters, gradients, optimizer state and activations for

@@ -1,287 +1,331 @@
-// attention_tc.cu: flash-style causal GQA attention on tensor cores (WMMA bf16 16x16x16, fp32 accumulation),
-// the "cuda" table's attention. Same contract and saved state as attention_cuda.cu (lse, then delta, each
-// B x H x T), which stays the fp32 table's and the reference these kernels are tested against.
-// q, k, v, out and the gradients are fp32 in memory; tiles are rounded to bf16 as they enter shared memory.
+// attention_tc.cu: flash-style causal GQA attention on tensor cores, the "cuda" table's attention (FlashAttention-2
+// structure: the score tile, the softmax and the accumulators live in registers). Same contract and saved state
+// as attention_cuda.cu (lse, then delta, each B x H x T), which stays the fp32 table's and the reference these
+// kernels are tested against. q, k, v, out and the gradients are fp32 in memory; tiles are rounded to bf16 as
+// they enter shared memory; products accumulate in fp32 (mma.sync m16n8k16, bf16 inputs).
 // The head dimension is padded with zeros to a multiple of 16 (NK = padded / 16 <= 8).
-//   forward: a block = 4 warps x 16 query rows; key tiles of 64; S = Q K^T on tensor cores into shared
-//            memory, online softmax per row in fp32, P in bf16, O (fp32, shared memory) rescaled and += P V.
-//   dq:      the same blocks; per key tile P = exp(S - lse), dP = dO V^T, dS = P (dP - delta) scale,
-//            dq += dS K with the accumulators in registers.
+//   forward: a block = 4 warps x 16 query rows; key tiles of 64 (K row-major, V transposed in shared memory);
+//            per warp S = Q K^T (16 x 64) in registers, online softmax (exp2, fp32), P rounded to bf16 straight
+//            from the accumulator layout into the A-operand layout, O += P V in registers.
+//   dq:      the same blocks; per key tile S = Q K^T, dP = dO V^T, dS = P (dP - delta) scale, dq += dS K.
 //   dk, dv:  a block = 4 warps x 16 key rows; over the group's query heads and the query tiles at or after
 //            the block's first key: S^T = K Q^T, dP^T = V dO^T, dv += P^T dO, dk += dS^T Q.
 // Deterministic: every output element has one writer; sums run in a fixed order.
-#include <mma.h>
-
+// Fragment layouts (PTX ISA, mma.m16n8k16, g = lane / 4, t = lane % 4): A 16 x 16 row-major, registers
+// {(g, 2t..2t+1), (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..)}; B 16 x 8, registers {(2t..2t+1, g), (2t+8.., g)};
+// C 16 x 8 fp32 {(g, 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1)}. Two adjacent C tiles (16 x 16) are one A tile.
 #include "cuda_common.cuh"
-
-using namespace nvcuda;
 
 #define BQ 64 // rows (queries or keys) per block: 4 warps x 16
 #define BT 64 // columns per tile (keys or queries)
 #define FULL 0xffffffffu
 
-typedef wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> frag_a;
-typedef wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> frag_b_row;
-typedef wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> frag_b_col;
-typedef wmma::fragment<wmma::accumulator, 16, 16, 16, float> frag_c;
+// shared-memory row strides (bf16 elements): 8 extra elements spread a fragment load's 8 rows over all banks
+template <int DP> struct strides {
+    static constexpr int row = DP + 8; // a (rows x DP) tile, row-major
+    static constexpr int tr = BT + 8;  // a (DP x 64) transposed tile
+};
 
-// rows [r0, r0 + n) of a (B,T,heads,hd) tensor at head h into a (n x DP) bf16 tile, zero padded
-__device__ void load_tile(bf16 *dst, const float *src, int b, int r0, int n, int T, int heads, int h, int hd, int DP) {
-    for (int i = threadIdx.x; i < n * DP; i += blockDim.x) {
-        int r = i / DP, d = i % DP, t = r0 + r;
-        float x = t < T && d < hd ? src[(((size_t)b * T + t) * heads + h) * hd + d] : 0.f;
-        dst[i] = __float2bfloat16_rn(x);
-    }
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+    const bf16 l = __float2bfloat16_rn(lo), h = __float2bfloat16_rn(hi);
+    uint16_t a, b;
+    memcpy(&a, &l, 2), memcpy(&b, &h, 2);
+    return (uint32_t)a | (uint32_t)b << 16;
 }
+__device__ __forceinline__ uint32_t ld32(const bf16 *p) { return *(const uint32_t *)p; }
 
-// dst rows [r0, r0 + 16) of a (B,T,heads,hd) tensor at head h += the warp's staged 16 x DP rows
-__device__ void add_rows(float *dst, const float *stage, int b, int r0, int T, int heads, int h, int hd, int DP) {
-    for (int i = threadIdx.x % 32; i < 16 * hd; i += 32) {
-        int r = i / hd, d = i % hd, t = r0 + r;
-        if (t < T) dst[(((size_t)b * T + t) * heads + h) * hd + d] += stage[r * DP + d];
-    }
-}
-
-// C(16 x 16*NC) = A(16 x 16*NKK) B, A row-major (lda), B as given; written row-major into C (ldc, fp32)
-template <int NKK, int NC, typename FB>
-__device__ void mma_rows(float *C, int ldc, const bf16 *A, int lda, const bf16 *B, int b_col_stride, int b_k_stride,
-                         int ldb) {
-    for (int n = 0; n < NC; n++) {
-        frag_c acc;
-        wmma::fill_fragment(acc, 0.f);
-#pragma unroll
-        for (int kk = 0; kk < NKK; kk++) {
-            frag_a a;
-            FB bf;
-            wmma::load_matrix_sync(a, A + kk * 16, lda);
-            wmma::load_matrix_sync(bf, B + n * b_col_stride + kk * b_k_stride, ldb);
-            wmma::mma_sync(acc, a, bf, acc);
+// rows [r0, r0 + n) of a (B,T,heads,hd) tensor at head h into a bf16 tile, zero padded to DP columns and past T;
+// row-major (dst[r * row + d]) or transposed (dst[d * tr + r])
+template <int DP, bool TRANSPOSED>
+__device__ void load_tile(bf16 *dst, const float *src, int b, int r0, int n, int T, int heads, int h, int hd) {
+    constexpr int row = strides<DP>::row, tr = strides<DP>::tr;
+    if (hd % 4 == 0) { // 16-byte loads
+        const int q4 = DP / 4;
+        for (int i = threadIdx.x; i < n * q4; i += blockDim.x) {
+            const int r = i / q4, d = (i % q4) * 4, t = r0 + r;
+            float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (t < T && d < hd) x = *(const float4 *)&src[(((size_t)b * T + t) * heads + h) * hd + d];
+            if (TRANSPOSED) {
+                dst[(d + 0) * tr + r] = __float2bfloat16_rn(x.x), dst[(d + 1) * tr + r] = __float2bfloat16_rn(x.y);
+                dst[(d + 2) * tr + r] = __float2bfloat16_rn(x.z), dst[(d + 3) * tr + r] = __float2bfloat16_rn(x.w);
+            } else {
+                *(uint32_t *)&dst[r * row + d] = pack2(x.x, x.y), *(uint32_t *)&dst[r * row + d + 2] = pack2(x.z, x.w);
+            }
         }
-        wmma::store_matrix_sync(C + n * 16, acc, ldc, wmma::mem_row_major);
+        return;
+    }
+    for (int i = threadIdx.x; i < n * DP; i += blockDim.x) {
+        const int r = i / DP, d = i % DP, t = r0 + r;
+        const float x = t < T && d < hd ? src[(((size_t)b * T + t) * heads + h) * hd + d] : 0.f;
+        dst[TRANSPOSED ? d * tr + r : r * row + d] = __float2bfloat16_rn(x);
+    }
+}
+
+// D += A B for one warp (m16n8k16, bf16 inputs, fp32 accumulators)
+__device__ __forceinline__ void mma16816(float d[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+#ifdef ML_CUDA_EMU
+    const uint32_t b[2] = {b0, b1};
+    ml_emu_mma16816(d, a, b);
+#else
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+}
+// the A fragment of rows [0, 16) x columns [16 kk, 16 kk + 16) of a row-major bf16 tile (stride ld)
+__device__ __forceinline__ void load_a(uint32_t a[4], const bf16 *tile, int ld, int kk) {
+    const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+    const bf16 *p = tile + g * ld + kk * 16 + 2 * t;
+    a[0] = ld32(p), a[1] = ld32(p + 8 * ld), a[2] = ld32(p + 8), a[3] = ld32(p + 8 * ld + 8);
+}
+// C(16 x 64) = A(16 x 16 NK, fragments a) B, B(k, n) = rows[n][k] of a row-major bf16 tile (stride ld): the
+// 64 rows' products with the A rows, e.g. S = Q K^T with rows = the key tile
+template <int NK>
+__device__ __forceinline__ void mma_rows64(float c[8][4], const uint32_t a[NK][4], const bf16 *rows, int ld) {
+    const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+#pragma unroll
+    for (int n = 0; n < 8; n++) {
+        c[n][0] = c[n][1] = c[n][2] = c[n][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < NK; kk++) {
+            const bf16 *p = rows + (n * 8 + g) * ld + kk * 16 + 2 * t;
+            mma16816(c[n], a[kk], ld32(p), ld32(p + 8));
+        }
+    }
+}
+// acc(16 x DP) += P(16 x 64, C layout in c, rounded to bf16 here) B, B(k, n) = tr[n][k] of a transposed bf16
+// tile (stride strides::tr), e.g. O += P V with tr = V^T
+template <int NK>
+__device__ __forceinline__ void mma_p_tr(float acc[2 * NK][4], const float c[8][4], const bf16 *tr) {
+    constexpr int ld = BT + 8;
+    const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+#pragma unroll
+    for (int kk = 0; kk < BT / 16; kk++) {
+        const uint32_t a[4] = {pack2(c[2 * kk][0], c[2 * kk][1]), pack2(c[2 * kk][2], c[2 * kk][3]),
+                               pack2(c[2 * kk + 1][0], c[2 * kk + 1][1]), pack2(c[2 * kk + 1][2], c[2 * kk + 1][3])};
+#pragma unroll
+        for (int n = 0; n < 2 * NK; n++) {
+            const bf16 *p = tr + (n * 8 + g) * ld + kk * 16 + 2 * t;
+            mma16816(acc[n], a, ld32(p), ld32(p + 8));
+        }
+    }
+}
+// dst rows [r0, r0 + 16) of a (B,T,heads,hd) tensor at head h += this warp's accumulators (16 x DP)
+template <int NK>
+__device__ void add_rows(float *dst, const float acc[2 * NK][4], int b, int r0, int T, int heads, int h, int hd) {
+    const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+        const int tt = r0 + g + 8 * half;
+        if (tt >= T) continue;
+        float *row = dst + (((size_t)b * T + tt) * heads + h) * hd;
+#pragma unroll
+        for (int n = 0; n < 2 * NK; n++)
+#pragma unroll
+            for (int j = 0; j < 2; j++) {
+                const int d = n * 8 + 2 * t + j;
+                if (d < hd) row[d] += acc[n][2 * half + j];
+            }
     }
 }
 
 // ---------------------------------------------------------------- forward
 
 template <int NK>
-__global__ void k_attn_fwd_tc(float *out, float *lse, const float *q, const float *k, const float *v, int T, int H,
-                              int KV, int hd, float scale) {
-    constexpr int DP = 16 * NK;
+__global__ void __launch_bounds__(128) k_attn_fwd_tc(float *out, float *lse, const float *q, const float *k,
+                                                     const float *v, int T, int H, int KV, int hd, float scale) {
+    constexpr int DP = 16 * NK, LD = strides<DP>::row;
     ML_DYNAMIC_SMEM(unsigned char, smem);
-    bf16 *Qs = (bf16 *)smem, *Ks = Qs + BQ * DP, *Vs = Ks + BT * DP;
-    float *Ss = (float *)(Vs + BT * DP);
-    bf16 *Ps = (bf16 *)(Ss + BQ * BT);
-    float *Os = (float *)(Ps + BQ * BT), *Ms = Os + BQ * DP, *Ls = Ms + BQ;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    bf16 *Ks = (bf16 *)smem, *Vt = Ks + BT * LD; // Ks also stages Q before the loop
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int h = blockIdx.y, b = blockIdx.z, kh = h / (H / KV);
     const int t0 = (gridDim.x - 1 - blockIdx.x) * BQ, t_last = min(T - 1, t0 + BQ - 1), w0 = t0 + warp * 16;
-    load_tile(Qs, q, b, t0, BQ, T, H, h, hd, DP);
-    for (int i = threadIdx.x; i < BQ * DP; i += blockDim.x) Os[i] = 0;
-    for (int i = threadIdx.x; i < BQ; i += blockDim.x) Ms[i] = -INFINITY, Ls[i] = 0;
-    float *S = Ss + warp * 16 * BT, *O = Os + warp * 16 * DP;
-    bf16 *P = Ps + warp * 16 * BT;
-    const int r = lane / 2, c0 = (lane % 2) * (BT / 2), t = w0 + r; // this lane's row and half of the columns
-    for (int s0 = 0; s0 <= t_last; s0 += BT) {
-        __syncthreads(); // the previous tile is consumed (and Q, O, M, L are ready on the first)
-        load_tile(Ks, k, b, s0, BT, T, KV, kh, hd, DP);
-        load_tile(Vs, v, b, s0, BT, T, KV, kh, hd, DP);
-        __syncthreads();
-        if (w0 > t_last || s0 > w0 + 15) continue; // warp-uniform: nothing of this tile reaches these rows
-        mma_rows<NK, BT / 16, frag_b_col>(S, BT, Qs + warp * 16 * DP, DP, Ks, 16 * DP, 16, DP); // S = Q K^T
-        __syncwarp();
-        float mx = -INFINITY;
-        for (int j = 0; j < BT / 2; j++) {
-            const int c = c0 + (j + lane) % (BT / 2); // staggered: the lanes of a warp hit 32 different banks
-            float x = s0 + c <= t && t < T ? S[r * BT + c] * scale : -INFINITY;
-            S[r * BT + c] = x;
-            mx = fmaxf(mx, x);
-        }
-        mx = fmaxf(mx, __shfl_xor_sync(FULL, mx, 1));
-        const float m_old = Ms[warp * 16 + r], m_new = fmaxf(m_old, mx);
-        float sum = 0;
-        for (int j = 0; j < BT / 2; j++) {
-            const int c = c0 + (j + lane) % (BT / 2); // staggered: the lanes of a warp hit 32 different banks
-            float p = m_new == -INFINITY ? 0.f : expf(S[r * BT + c] - m_new);
-            P[r * BT + c] = __float2bfloat16_rn(p);
-            sum += __bfloat162float(P[r * BT + c]); // the sum of what the P V product will see
-        }
-        sum += __shfl_xor_sync(FULL, sum, 1);
-        const float corr = m_old == -INFINITY ? 0.f : expf(m_old - m_new);
-        for (int j = 0; j < DP / 2; j++) O[r * DP + (lane % 2) * (DP / 2) + (j + lane) % (DP / 2)] *= corr;
-        __syncwarp();
-        if (lane % 2 == 0) Ms[warp * 16 + r] = m_new, Ls[warp * 16 + r] = Ls[warp * 16 + r] * corr + sum;
-        for (int n = 0; n < NK; n++) { // O += P V
-            frag_c acc;
-            wmma::load_matrix_sync(acc, O + n * 16, DP, wmma::mem_row_major);
-#pragma unroll
-            for (int kk = 0; kk < BT / 16; kk++) {
-                frag_a a;
-                frag_b_row bv;
-                wmma::load_matrix_sync(a, P + kk * 16, BT);
-                wmma::load_matrix_sync(bv, Vs + kk * 16 * DP + n * 16, DP);
-                wmma::mma_sync(acc, a, bv, acc);
-            }
-            wmma::store_matrix_sync(O + n * 16, acc, DP, wmma::mem_row_major);
-        }
-        __syncwarp();
-    }
+    const float sl2 = scale * 1.4426950408889634f; // scores in log2 units: exp2 is one instruction
+    load_tile<DP, false>(Ks, q, b, t0, BQ, T, H, h, hd);
     __syncthreads();
-    for (int i = lane; i < 16 * hd; i += 32) {
-        int rr = i / hd, d = i % hd, tt = w0 + rr;
-        if (tt < T) out[(((size_t)b * T + tt) * H + h) * hd + d] = O[rr * DP + d] / Ls[warp * 16 + rr];
+    uint32_t qa[NK][4];
+#pragma unroll
+    for (int kk = 0; kk < NK; kk++) load_a(qa[kk], Ks + warp * 16 * LD, LD, kk);
+    float o[2 * NK][4];
+#pragma unroll
+    for (int n = 0; n < 2 * NK; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f}; // rows g and g + 8; l: this thread's columns only
+    for (int s0 = 0; s0 <= t_last; s0 += BT) {
+        __syncthreads(); // Q's fragments are read (first tile) or the previous tile is consumed
+        load_tile<DP, false>(Ks, k, b, s0, BT, T, KV, kh, hd);
+        load_tile<DP, true>(Vt, v, b, s0, BT, T, KV, kh, hd);
+        __syncthreads();
+        if (s0 > w0 + 15) continue; // warp-uniform: every key of this tile is after this warp's rows
+        float s[8][4];
+        mma_rows64<NK>(s, qa, Ks, LD);
+        float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int n = 0; n < 8; n++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int key = s0 + n * 8 + 2 * t + (i & 1), row = w0 + g + 8 * (i >> 1);
+                s[n][i] = key <= row && row < T ? s[n][i] * sl2 : -INFINITY;
+                mx[i >> 1] = fmaxf(mx[i >> 1], s[n][i]);
+            }
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL, mx[r], 1));
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL, mx[r], 2));
+        }
+#pragma unroll
+        for (int r = 0; r < 2; r++) { // rescale what was summed under the old maximum
+            const float m_new = fmaxf(m[r], mx[r]), corr = m[r] == -INFINITY ? 0.f : exp2f(m[r] - m_new);
+            m[r] = m_new, l[r] *= corr;
+#pragma unroll
+            for (int n = 0; n < 2 * NK; n++) o[n][2 * r] *= corr, o[n][2 * r + 1] *= corr;
+        }
+#pragma unroll
+        for (int n = 0; n < 8; n++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const float mr = m[i >> 1], p = mr == -INFINITY ? 0.f : exp2f(s[n][i] - mr);
+                s[n][i] = p;
+                l[i >> 1] += __bfloat162float(__float2bfloat16_rn(p)); // the sum of what the P V product sees
+            }
+        mma_p_tr<NK>(o, s, Vt);
     }
-    if (lane < 16 && w0 + lane < T)
-        lse[((size_t)b * H + h) * T + w0 + lane] = Ms[warp * 16 + lane] + logf(Ls[warp * 16 + lane]);
+#pragma unroll
+    for (int r = 0; r < 2; r++) l[r] += __shfl_xor_sync(FULL, l[r], 1), l[r] += __shfl_xor_sync(FULL, l[r], 2);
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+        const int tt = w0 + g + 8 * half;
+        if (tt >= T) continue;
+        float *row = out + (((size_t)b * T + tt) * H + h) * hd;
+        const float inv = 1.f / l[half];
+#pragma unroll
+        for (int n = 0; n < 2 * NK; n++)
+#pragma unroll
+            for (int j = 0; j < 2; j++) {
+                const int d = n * 8 + 2 * t + j;
+                if (d < hd) row[d] = o[n][2 * half + j] * inv;
+            }
+        if (t == 0) lse[((size_t)b * H + h) * T + tt] = (m[half] + log2f(l[half])) * 0.6931471805599453f;
+    }
 }
 
 // ---------------------------------------------------------------- dq
 
 template <int NK>
-__global__ void k_attn_dq_tc(float *dq, const float *dout, const float *lse, const float *delta, const float *q,
-                             const float *k, const float *v, int T, int H, int KV, int hd, float scale) {
-    constexpr int DP = 16 * NK;
+__global__ void __launch_bounds__(128) k_attn_dq_tc(float *dq, const float *dout, const float *lse,
+                                                    const float *delta, const float *q, const float *k,
+                                                    const float *v, int T, int H, int KV, int hd, float scale) {
+    constexpr int DP = 16 * NK, LD = strides<DP>::row;
     ML_DYNAMIC_SMEM(unsigned char, smem);
-    bf16 *Qs = (bf16 *)smem, *Gs = Qs + BQ * DP, *Ks = Gs + BQ * DP, *Vs = Ks + BT * DP;
-    float *Ss = (float *)(Vs + BT * DP), *Dps = Ss + BQ * BT; // per warp 16 x BT each
-    bf16 *DSs = (bf16 *)(Dps + BQ * BT);
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    bf16 *Qs = (bf16 *)smem, *Gs = Qs + BQ * LD, *Ks = Gs + BQ * LD, *Vs = Ks + BT * LD, *Kt = Vs + BT * LD;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int h = blockIdx.y, b = blockIdx.z, kh = h / (H / KV);
     const int t0 = (gridDim.x - 1 - blockIdx.x) * BQ, t_last = min(T - 1, t0 + BQ - 1), w0 = t0 + warp * 16;
-    load_tile(Qs, q, b, t0, BQ, T, H, h, hd, DP);
-    load_tile(Gs, dout, b, t0, BQ, T, H, h, hd, DP);
-    float *S = Ss + warp * 16 * BT, *Dp = Dps + warp * 16 * BT;
-    bf16 *DS = DSs + warp * 16 * BT;
-    const int r = lane / 2, c0 = (lane % 2) * (BT / 2), t = w0 + r;
-    const size_t row = ((size_t)b * H + h) * T + t;
-    const float L = t < T ? lse[row] : 0.f, D = t < T ? delta[row] : 0.f;
-    frag_c acc[NK];
+    const float sl2 = scale * 1.4426950408889634f;
+    load_tile<DP, false>(Qs, q, b, t0, BQ, T, H, h, hd);
+    load_tile<DP, false>(Gs, dout, b, t0, BQ, T, H, h, hd);
+    float L2[2], D[2]; // rows g and g + 8: lse in log2 units, delta
 #pragma unroll
-    for (int n = 0; n < NK; n++) wmma::fill_fragment(acc[n], 0.f);
+    for (int r = 0; r < 2; r++) {
+        const int tt = w0 + g + 8 * r;
+        const size_t row = ((size_t)b * H + h) * T + tt;
+        L2[r] = tt < T ? lse[row] * 1.4426950408889634f : 0.f, D[r] = tt < T ? delta[row] : 0.f;
+    }
+    float acc[2 * NK][4];
+#pragma unroll
+    for (int n = 0; n < 2 * NK; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
     for (int s0 = 0; s0 <= t_last; s0 += BT) {
         __syncthreads();
-        load_tile(Ks, k, b, s0, BT, T, KV, kh, hd, DP);
-        load_tile(Vs, v, b, s0, BT, T, KV, kh, hd, DP);
+        load_tile<DP, false>(Ks, k, b, s0, BT, T, KV, kh, hd);
+        load_tile<DP, false>(Vs, v, b, s0, BT, T, KV, kh, hd);
+        load_tile<DP, true>(Kt, k, b, s0, BT, T, KV, kh, hd);
         __syncthreads();
-        if (w0 > t_last || s0 > w0 + 15) continue;
-        mma_rows<NK, BT / 16, frag_b_col>(S, BT, Qs + warp * 16 * DP, DP, Ks, 16 * DP, 16, DP);  // Q K^T
-        mma_rows<NK, BT / 16, frag_b_col>(Dp, BT, Gs + warp * 16 * DP, DP, Vs, 16 * DP, 16, DP); // dO V^T
-        __syncwarp();
-        for (int j = 0; j < BT / 2; j++) {
-            const int c = c0 + (j + lane) % (BT / 2); // staggered: the lanes of a warp hit 32 different banks
-            float ds = 0;
-            if (s0 + c <= t && t < T) {
-                float p = expf(S[r * BT + c] * scale - L);
-                ds = p * (Dp[r * BT + c] - D) * scale;
-            }
-            DS[r * BT + c] = __float2bfloat16_rn(ds);
-        }
-        __syncwarp();
+        if (s0 > w0 + 15) continue;
+        uint32_t a[NK][4];
+        float s[8][4], dp[8][4];
 #pragma unroll
-        for (int n = 0; n < NK; n++) // dq += dS K
+        for (int kk = 0; kk < NK; kk++) load_a(a[kk], Qs + warp * 16 * LD, LD, kk);
+        mma_rows64<NK>(s, a, Ks, LD); // Q K^T
 #pragma unroll
-            for (int kk = 0; kk < BT / 16; kk++) {
-                frag_a a;
-                frag_b_row bk;
-                wmma::load_matrix_sync(a, DS + kk * 16, BT);
-                wmma::load_matrix_sync(bk, Ks + kk * 16 * DP + n * 16, DP);
-                wmma::mma_sync(acc[n], a, bk, acc[n]);
+        for (int kk = 0; kk < NK; kk++) load_a(a[kk], Gs + warp * 16 * LD, LD, kk);
+        mma_rows64<NK>(dp, a, Vs, LD); // dO V^T
+#pragma unroll
+        for (int n = 0; n < 8; n++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int key = s0 + n * 8 + 2 * t + (i & 1), row = w0 + g + 8 * (i >> 1);
+                const float p = key <= row && row < T ? exp2f(s[n][i] * sl2 - L2[i >> 1]) : 0.f;
+                s[n][i] = p * (dp[n][i] - D[i >> 1]) * scale; // dS
             }
+        mma_p_tr<NK>(acc, s, Kt); // dq += dS K
     }
-    __syncthreads();
-    float *stage = Ss + warp * 16 * DP; // S and dP together (2 BQ BT floats) hold 4 warps x 16 x DP
-#pragma unroll
-    for (int n = 0; n < NK; n++) wmma::store_matrix_sync(stage + n * 16, acc[n], DP, wmma::mem_row_major);
-    __syncwarp();
-    add_rows(dq, stage, b, w0, T, H, h, hd, DP);
+    add_rows<NK>(dq, acc, b, w0, T, H, h, hd);
 }
 
 // ---------------------------------------------------------------- dk, dv
 
 template <int NK>
-__global__ void k_attn_dkv_tc(float *dk, float *dv, const float *dout, const float *lse, const float *delta,
-                              const float *q, const float *k, const float *v, int T, int H, int KV, int hd,
-                              float scale) {
-    constexpr int DP = 16 * NK;
+__global__ void __launch_bounds__(128) k_attn_dkv_tc(float *dk, float *dv, const float *dout, const float *lse,
+                                                     const float *delta, const float *q, const float *k,
+                                                     const float *v, int T, int H, int KV, int hd, float scale) {
+    constexpr int DP = 16 * NK, LD = strides<DP>::row;
     ML_DYNAMIC_SMEM(unsigned char, smem);
-    bf16 *Ks = (bf16 *)smem, *Vs = Ks + BQ * DP, *Qs = Vs + BQ * DP, *Gs = Qs + BT * DP;
-    float *Ss = (float *)(Gs + BT * DP), *Dps = Ss + BQ * BT, *Lq = Dps + BQ * BT, *Dq = Lq + BT;
-    bf16 *Ps = (bf16 *)(Dq + BT), *DSs = Ps + BQ * BT;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    bf16 *Ks = (bf16 *)smem, *Vs = Ks + BQ * LD, *Qs = Vs + BQ * LD, *Gs = Qs + BT * LD, *Qt = Gs + BT * LD;
+    bf16 *Gt = Qt + DP * strides<DP>::tr;
+    float *Lq = (float *)(Gt + DP * strides<DP>::tr), *Dq = Lq + BT;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int kh = blockIdx.y, b = blockIdx.z, group = H / KV;
     const int s_first = blockIdx.x * BQ, w0 = s_first + warp * 16; // the first keys have the most queries
-    load_tile(Ks, k, b, s_first, BQ, T, KV, kh, hd, DP);
-    load_tile(Vs, v, b, s_first, BQ, T, KV, kh, hd, DP);
-    float *S = Ss + warp * 16 * BT, *Dp = Dps + warp * 16 * BT;
-    bf16 *P = Ps + warp * 16 * BT, *DS = DSs + warp * 16 * BT;
-    const int r = lane / 2, c0 = (lane % 2) * (BT / 2), s = w0 + r; // this lane's key row, half the queries
-    frag_c acck[NK], accv[NK];
+    const float sl2 = scale * 1.4426950408889634f;
+    load_tile<DP, false>(Ks, k, b, s_first, BQ, T, KV, kh, hd);
+    load_tile<DP, false>(Vs, v, b, s_first, BQ, T, KV, kh, hd);
+    float ak[2 * NK][4], av[2 * NK][4];
 #pragma unroll
-    for (int n = 0; n < NK; n++) wmma::fill_fragment(acck[n], 0.f), wmma::fill_fragment(accv[n], 0.f);
+    for (int n = 0; n < 2 * NK; n++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) ak[n][i] = av[n][i] = 0.f;
     for (int h = kh * group; h < (kh + 1) * group; h++)
         for (int q0 = s_first; q0 < T; q0 += BT) {
             __syncthreads();
-            load_tile(Qs, q, b, q0, BT, T, H, h, hd, DP);
-            load_tile(Gs, dout, b, q0, BT, T, H, h, hd, DP);
+            load_tile<DP, false>(Qs, q, b, q0, BT, T, H, h, hd);
+            load_tile<DP, false>(Gs, dout, b, q0, BT, T, H, h, hd);
+            load_tile<DP, true>(Qt, q, b, q0, BT, T, H, h, hd);
+            load_tile<DP, true>(Gt, dout, b, q0, BT, T, H, h, hd);
             for (int i = threadIdx.x; i < BT; i += blockDim.x) {
-                size_t row = ((size_t)b * H + h) * T + q0 + i;
-                Lq[i] = q0 + i < T ? lse[row] : 0.f;
+                const size_t row = ((size_t)b * H + h) * T + q0 + i;
+                Lq[i] = q0 + i < T ? lse[row] * 1.4426950408889634f : 0.f;
                 Dq[i] = q0 + i < T ? delta[row] : 0.f;
             }
             __syncthreads();
-            if (w0 >= T) continue; // warp-uniform: no keys in this warp (every tile has a query >= w0)
-            mma_rows<NK, BT / 16, frag_b_col>(S, BT, Ks + warp * 16 * DP, DP, Qs, 16 * DP, 16, DP);  // K Q^T
-            mma_rows<NK, BT / 16, frag_b_col>(Dp, BT, Vs + warp * 16 * DP, DP, Gs, 16 * DP, 16, DP); // V dO^T
-            __syncwarp();
-            for (int j = 0; j < BT / 2; j++) {
-            const int c = c0 + (j + lane) % (BT / 2); // staggered: the lanes of a warp hit 32 different banks
-                const int tq = q0 + c;
-                float p = 0, ds = 0;
-                if (tq < T && tq >= s && s < T) {
-                    p = expf(S[r * BT + c] * scale - Lq[c]);
-                    ds = p * (Dp[r * BT + c] - Dq[c]) * scale;
-                }
-                P[r * BT + c] = __float2bfloat16_rn(p);
-                DS[r * BT + c] = __float2bfloat16_rn(ds);
-            }
-            __syncwarp();
+            if (w0 >= T || q0 + BT - 1 < w0) continue; // warp-uniform: no key here, or every query precedes them
+            uint32_t a[NK][4];
+            float s[8][4], dp[8][4];
 #pragma unroll
-            for (int n = 0; n < NK; n++)
+            for (int kk = 0; kk < NK; kk++) load_a(a[kk], Ks + warp * 16 * LD, LD, kk);
+            mma_rows64<NK>(s, a, Qs, LD); // S^T = K Q^T
 #pragma unroll
-                for (int kk = 0; kk < BT / 16; kk++) {
-                    frag_a a;
-                    frag_b_row bg;
-                    wmma::load_matrix_sync(a, P + kk * 16, BT); // dv += P^T dO
-                    wmma::load_matrix_sync(bg, Gs + kk * 16 * DP + n * 16, DP);
-                    wmma::mma_sync(accv[n], a, bg, accv[n]);
-                    wmma::load_matrix_sync(a, DS + kk * 16, BT); // dk += dS^T Q
-                    wmma::load_matrix_sync(bg, Qs + kk * 16 * DP + n * 16, DP);
-                    wmma::mma_sync(acck[n], a, bg, acck[n]);
+            for (int kk = 0; kk < NK; kk++) load_a(a[kk], Vs + warp * 16 * LD, LD, kk);
+            mma_rows64<NK>(dp, a, Gs, LD); // dP^T = V dO^T
+#pragma unroll
+            for (int n = 0; n < 8; n++)
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    const int c = n * 8 + 2 * t + (i & 1), tq = q0 + c, key = w0 + g + 8 * (i >> 1);
+                    const float p = tq < T && tq >= key && key < T ? exp2f(s[n][i] * sl2 - Lq[c]) : 0.f;
+                    s[n][i] = p, dp[n][i] = p * (dp[n][i] - Dq[c]) * scale;
                 }
+            mma_p_tr<NK>(av, s, Gt);  // dv += P^T dO
+            mma_p_tr<NK>(ak, dp, Qt); // dk += dS^T Q
         }
-    __syncthreads();
-    float *stage = Ss + warp * 16 * DP; // S and dP together (2 BQ BT floats) hold 4 warps x 16 x DP
-#pragma unroll
-    for (int n = 0; n < NK; n++) wmma::store_matrix_sync(stage + n * 16, acck[n], DP, wmma::mem_row_major);
-    __syncwarp();
-    add_rows(dk, stage, b, w0, T, KV, kh, hd, DP);
-    __syncwarp();
-#pragma unroll
-    for (int n = 0; n < NK; n++) wmma::store_matrix_sync(stage + n * 16, accv[n], DP, wmma::mem_row_major);
-    __syncwarp();
-    add_rows(dv, stage, b, w0, T, KV, kh, hd, DP);
+    add_rows<NK>(dk, ak, b, w0, T, KV, kh, hd);
+    add_rows<NK>(dv, av, b, w0, T, KV, kh, hd);
 }
 
 // ---------------------------------------------------------------- launch
 
-static size_t smem_fwd(int DP) {
-    return sizeof(bf16) * (BQ * DP + 2 * BT * DP + BQ * BT) + sizeof(float) * (BQ * BT + BQ * DP + 2 * BQ);
-}
-static size_t smem_dq(int DP) {
-    return sizeof(bf16) * (2 * BQ * DP + 2 * BT * DP + BQ * BT) + sizeof(float) * 2 * BQ * BT;
-}
-static size_t smem_dkv(int DP) {
-    return sizeof(bf16) * (2 * BQ * DP + 2 * BT * DP + 2 * BQ * BT) + sizeof(float) * (2 * BQ * BT + 2 * BT);
-}
+static size_t smem_fwd(int DP) { return sizeof(bf16) * (BT * (DP + 8) + DP * (BT + 8)); }
+static size_t smem_dq(int DP) { return sizeof(bf16) * (4 * BQ * (DP + 8) + DP * (BT + 8)); }
+static size_t smem_dkv(int DP) { return sizeof(bf16) * (4 * BQ * (DP + 8) + 2 * DP * (BT + 8)) + sizeof(float) * 2 * BT; }
 
 template <int NK>
 static void fwd(float *out, float *att, const float *q, const float *k, const float *v, int B, int T, int H, int KV,

@@ -33,8 +33,9 @@ long cuda_alloc_count(void);
  * form for that precision (it says so once on stderr per refusal) and the loop took over. */
 void cuda_set_grouped_gemm(int on);
 int cuda_grouped_gemm_active(int bf16_inputs);
-/* how the experts run now in that precision: "grouped fp32", "grouped bf16", "grouped tf32 (bf16 refused)", or
- * "one fp32|bf16 GEMM per expert"; cuda_set_grouped_gemm(1) forgets refusals (cuBLAS is asked again) */
+/* how the experts run now in that precision: "grouped fp32", "grouped bf16", "grouped bf16 (bf16 outputs; tf32
+ * weight gradients)", "grouped tf32 (bf16 refused)", or "one fp32|bf16 GEMM per expert"; cuda_set_grouped_gemm(1)
+ * forgets refusals and asks cuBLAS again which grouped forms it takes */
 const char *cuda_grouped_gemm_path(int bf16_inputs);
 
 #endif

@@ -74,8 +74,9 @@ struct ml_prof_scope {
 
 // ---- scratch: numbered slots, sized by prepare() so no step allocates (a slot that must grow later is
 // counted: cuda_alloc_count() shows it) ----
-enum { WS_CAST_A, WS_CAST_B, WS_CAST_W, WS_REDUCE, WS_DISPATCH, WS_CAPACITY, WS_SLOTS };
+enum { WS_CAST_A, WS_CAST_B, WS_CAST_W, WS_REDUCE, WS_DISPATCH, WS_CAPACITY, WS_GROUPED_OUT, WS_SLOTS };
 void *ml_ws(int slot, size_t bytes);
+int ml_grouped_bf16_outputs(void); // the bf16 experts write bf16 (WS_GROUPED_OUT) and widen it (gemm_cuda.cu)
 
 // ---- bf16 shadows of the bound fp32 master weights ----
 const bf16 *ml_shadow_of(const float *w, size_t n); // the bf16 copy of w[0..n) or NULL when w is not bound
@@ -119,6 +120,7 @@ __device__ inline float warp_max(float v) {
     return v;
 }
 #define RBLOCK 256
+#define ML_NORM_CHUNKS 256 // rmsnorm's weight gradient: row chunks summed apart, then in chunk order
 
 // ---- the op groups, defined in their files and collected into the tables by runtime_cuda.cu ----
 void ml_cuda_fill_ops(ml_backend *b);       // ops_cuda.cu: everything but GEMMs and attention

@@ -5,29 +5,28 @@
 //         the bf16 shadow of the fp32 master weights (runtime_cuda.cu; refreshed by AdamW), activations and
 //         output gradients are rounded to bf16 into the workspace just before the GEMM.
 // The experts' GEMMs go through cublasGemmGroupedBatchedEx (one group per expert that received tokens; empty
-// experts are left out, so their weight gradients are never touched). Its documented type table may not hold
-// bf16 inputs with fp32 outputs: if cuBLAS refuses them, the bf16 table's experts run as grouped TF32 GEMMs on
-// the fp32 operands (tensor cores, 10-bit mantissas: no less precise than bf16), and if that is refused too, or
-// cuda_set_grouped_gemm(0) asks, as one GEMM per expert.
+// experts are left out, so their weight gradients are never touched). cuBLAS 13.0 on an H100 refuses bf16
+// inputs with fp32 outputs there (measured 2026-11-23) but takes bf16 outputs: the bf16 table's experts then
+// write bf16 and a cast (or add) widens them into the fp32 result, while the weight gradients, which accumulate,
+// run as grouped TF32 GEMMs on the fp32 operands. Which forms cuBLAS takes is asked once at start-up (a 16^3
+// probe, again on cuda_set_grouped_gemm(1)); a refusal later still moves on: bf16 -> bf16 outputs -> TF32 ->
+// one GEMM per expert.
 #include "cuda_common.cuh"
 
 void ml_cast_bf16(const char *op, bf16 *dst, const float *src, size_t n); // runtime_cuda.cu
 
-// the experts' path for each precision ([0] fp32, [1] bf16), moved on when cuBLAS refuses the current one
-enum { PATH_GROUPED, PATH_TF32, PATH_LOOP };
+// the experts' path for each table ([0] fp32, [1] bf16): fastest first, moved on when cuBLAS refuses one
+enum { PATH_GROUPED, PATH_BF16OUT, PATH_TF32, PATH_LOOP };
 static int grouped_wanted = 1, expert_path[2];
-
-extern "C" void cuda_set_grouped_gemm(int on) { grouped_wanted = on, expert_path[0] = expert_path[1] = PATH_GROUPED; }
 static int path_of(int bf) { return grouped_wanted ? expert_path[bf] : PATH_LOOP; }
 extern "C" int cuda_grouped_gemm_active(int bf16_inputs) { return path_of(!!bf16_inputs) != PATH_LOOP; }
 extern "C" const char *cuda_grouped_gemm_path(int bf16_inputs) {
-    static const char *const names[2][3] = {
-        {"grouped fp32", "", "one fp32 GEMM per expert"},
-        {"grouped bf16", "grouped tf32 (bf16 refused)", "one bf16 GEMM per expert"}};
+    static const char *const names[2][4] = {
+        {"grouped fp32", "", "", "one fp32 GEMM per expert"},
+        {"grouped bf16", "grouped bf16 (bf16 outputs; tf32 weight gradients)", "grouped tf32 (bf16 refused)",
+         "one bf16 GEMM per expert"}};
     return names[!!bf16_inputs][path_of(!!bf16_inputs)];
 }
-// the bf16 table's experts take fp32 operands while their path is TF32
-static int experts_fp32(int bf) { return !bf || path_of(1) == PATH_TF32; }
 
 // An operand as cuBLAS gets it: a pointer and its type.
 struct operand {
@@ -117,14 +116,34 @@ struct group_shape {
     float beta;
 };
 
-// bf16_table: called from the bf16 table (whose operands are fp32 while its experts' path is TF32)
-static void grouped(const char *op, int bf16_table, const group_shape &s, operand A, ptr_rule ra, operand B,
-                    ptr_rule rb, float *C, ptr_rule rc, const int32_t *offsets_dev, int E) {
+// How one grouped call runs: operand and output types and the compute type; LOOP is one GEMM per expert.
+enum form { F_FP32, F_BF16, F_BF16OUT, F_TF32, F_LOOP };
+static form form_of(int bf16_table, int weight_grad) {
+    switch (path_of(bf16_table)) {
+    case PATH_GROUPED: return bf16_table ? F_BF16 : F_FP32;
+    case PATH_BF16OUT: return weight_grad ? F_TF32 : F_BF16OUT; // accumulating into fp32 needs fp32 outputs
+    case PATH_TF32: return F_TF32;
+    default: return F_LOOP;
+    }
+}
+static int bf16_operands(int bf16_table, form f) { return f == F_BF16 || f == F_BF16OUT || (f == F_LOOP && bf16_table); }
+
+__global__ void k_widen(float *dst, const bf16 *src, size_t n, int add) {
+    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (i < n) dst[i] = add ? dst[i] + __bfloat162float(src[i]) : __bfloat162float(src[i]);
+}
+
+// C_e = op(A_e) op(B_e) + beta C_e for every expert with rows, A and B in the form's operand type. F_BF16OUT
+// takes only C laid out as consecutive rows (per_expert 0): the products go to a bf16 copy of that layout in the
+// workspace and are widened (beta 0) or added (beta 1) into C.
+static void grouped(const char *op, int bf16_table, form f, const group_shape &s, operand A, ptr_rule ra,
+                    operand B, ptr_rule rb, float *C, ptr_rule rc, const int32_t *offsets_dev, int E) {
     const int32_t *off = ml_offsets_host(op, offsets_dev, E);
     static int m[MAX_GROUPS], n[MAX_GROUPS], k[MAX_GROUPS], lda[MAX_GROUPS], ldb[MAX_GROUPS], ldc[MAX_GROUPS];
     static int size[MAX_GROUPS];
     static cublasOperation_t ta[MAX_GROUPS], tb[MAX_GROUPS];
     static float alpha[MAX_GROUPS], beta[MAX_GROUPS];
+    const float out_beta = f == F_BF16OUT ? 0 : s.beta;
     int groups = 0;
     for (int e = 0; e < E; e++) {
         const int rows = off[e + 1] - off[e];
@@ -133,31 +152,37 @@ static void grouped(const char *op, int bf16_table, const group_shape &s, operan
         n[groups] = s.rows_in == ROWS_N ? rows : s.n;
         k[groups] = s.rows_in == ROWS_K ? rows : s.k;
         lda[groups] = s.lda, ldb[groups] = s.ldb, ldc[groups] = s.ldc, size[groups] = 1;
-        ta[groups] = s.ta, tb[groups] = s.tb, alpha[groups] = 1, beta[groups] = s.beta;
+        ta[groups] = s.ta, tb[groups] = s.tb, alpha[groups] = 1, beta[groups] = out_beta;
         groups++;
     }
     if (groups == 0) return;
     ra.base = (const char *)A.p, rb.base = (const char *)B.p, rc.base = (const char *)C;
-    // the table's precision (bf), and this call's: bf16 operands, or fp32 ones (the fp32 table, or TF32)
-    const int bf = A.t == CUDA_R_16BF || (bf16_table && path_of(1) == PATH_TF32);
-    const int path = path_of(bf);
-    // grouped when the operands fit the path (a refusal earlier in this op may have moved the path on)
-    if (path != PATH_LOOP && (A.t == CUDA_R_16BF) == (path == PATH_GROUPED && bf)) {
-        LAUNCH(op, 1, 1, k_group_ptrs, group_ptrs, offsets_dev, E, ra, rb, rc);
-        const cublasComputeType_t compute = path == PATH_TF32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
-        cublasStatus_t st = cublasGemmGroupedBatchedEx(
+    if (f != F_LOOP) {
+        bf16 *tmp = NULL;
+        const size_t out_n = (size_t)off[E] * s.ldc; // F_BF16OUT: the rows of every expert, in order
+        ptr_rule rg = rc;
+        if (f == F_BF16OUT) {
+            tmp = (bf16 *)ml_ws(WS_GROUPED_OUT, sizeof(bf16) * out_n);
+            rg = ptr_rule{(const char *)tmp, rc.per_expert / 2, rc.per_row / 2};
+        }
+        LAUNCH(op, 1, 1, k_group_ptrs, group_ptrs, offsets_dev, E, ra, rb, rg);
+        const cublasComputeType_t ct = f == F_TF32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+        const cublasStatus_t st = cublasGemmGroupedBatchedEx(
             ml_blas, ta, tb, m, n, k, alpha, (const void *const *)group_ptrs, A.t, lda,
-            (const void *const *)(group_ptrs + MAX_GROUPS), B.t, ldb, beta, group_ptrs + 2 * MAX_GROUPS, CUDA_R_32F,
-            ldc, groups, size, compute);
-        if (st == CUBLAS_STATUS_SUCCESS) return;
+            (const void *const *)(group_ptrs + MAX_GROUPS), B.t, ldb, beta, group_ptrs + 2 * MAX_GROUPS,
+            f == F_BF16OUT ? CUDA_R_16BF : CUDA_R_32F, ldc, groups, size, ct);
+        if (st == CUBLAS_STATUS_SUCCESS) {
+            if (f == F_BF16OUT) LAUNCH(op, ml_blocks(out_n), 256, k_widen, C, tmp, out_n, s.beta != 0);
+            return;
+        }
         if (st != CUBLAS_STATUS_NOT_SUPPORTED && st != CUBLAS_STATUS_INVALID_VALUE) BK(op, st);
-        expert_path[bf] = bf && path == PATH_GROUPED ? PATH_TF32 : PATH_LOOP;
+        const int was = path_of(bf16_table);
+        expert_path[bf16_table] = bf16_table ? was + 1 : PATH_LOOP;
         fprintf(stderr, "moelab cuda: %s: cublasGemmGroupedBatchedEx refused %s (%s); the experts run as %s "
-                "from now on\n", op, path == PATH_TF32 ? "TF32" : bf ? "bf16 inputs" : "fp32 inputs", cublasGetStatusString(st),
-                cuda_grouped_gemm_path(bf));
+                "from now on\n", op, f == F_TF32 ? "TF32" : f == F_BF16OUT ? "bf16 outputs" : f == F_BF16 ?
+                "bf16 inputs" : "fp32 inputs", cublasGetStatusString(st), cuda_grouped_gemm_path(bf16_table));
     }
-    int g = 0;
-    for (int e = 0; e < E; e++) {
+    for (int e = 0, g = 0; e < E; e++) { // this call's operands, one GEMM per expert into C itself
         if (off[e + 1] == off[e]) continue;
         operand Ae{ra.base + ra.per_expert * e + ra.per_row * off[e], A.t};
         operand Be{rb.base + rb.per_expert * e + rb.per_row * off[e], B.t};
@@ -180,11 +205,12 @@ static void grouped_matmul_forward(float *out, const float *inp, const float *w,
     const int rows = rows_of(op, offsets, E);
     if (rows == 0) return;
     // expert e: out_e(n_e,N) = inp_e(n_e,K) @ w_e(N,K)^T: column-major C(N,n_e) = W_e^T X_e
-    const int bf = !experts_fp32(BF);
+    const form f = form_of(BF, 0);
+    const int bf = bf16_operands(BF, f);
     operand W = weight(op, w, (size_t)E * N * K, bf), X = act(op, inp, (size_t)rows * K, bf, WS_CAST_A);
     group_shape s{CUBLAS_OP_T, CUBLAS_OP_N, N, 0, K, K, K, N, ROWS_N, 0};
-    grouped(op, BF, s, W, ptr_rule{0, (long long)elt(W) * N * K, 0}, X, ptr_rule{0, 0, (long long)elt(X) * K}, out,
-            ptr_rule{0, 0, (long long)sizeof(float) * N}, offsets, E);
+    grouped(op, BF, f, s, W, ptr_rule{0, (long long)elt(W) * N * K, 0}, X, ptr_rule{0, 0, (long long)elt(X) * K},
+            out, ptr_rule{0, 0, (long long)sizeof(float) * N}, offsets, E);
 }
 template <int BF>
 static void grouped_matmul_backward(float *dinp, float *dw, const float *dout, const float *inp, const float *w,
@@ -193,26 +219,65 @@ static void grouped_matmul_backward(float *dinp, float *dw, const float *dout, c
     const char *op = "grouped_matmul_backward";
     const int rows = rows_of(op, offsets, E);
     if (rows == 0) return; // every expert empty: no gradient anywhere
-    const int bf = !experts_fp32(BF);
-    operand G = act(op, dout, (size_t)rows * N, bf, WS_CAST_B);
-    const ptr_rule g_rows{0, 0, (long long)elt(G) * N};
     if (dinp) { // dinp_e(n_e,K) += dout_e(n_e,N) @ w_e(N,K): column-major C(K,n_e) = W_e(K,N) G_e(N,n_e)
-        operand W = weight(op, w, (size_t)E * N * K, bf);
+        const form f = form_of(BF, 0);
+        const int bf = bf16_operands(BF, f);
+        operand G = act(op, dout, (size_t)rows * N, bf, WS_CAST_B), W = weight(op, w, (size_t)E * N * K, bf);
         group_shape s{CUBLAS_OP_N, CUBLAS_OP_N, K, 0, N, K, N, K, ROWS_N, 1};
-        grouped(op, BF, s, W, ptr_rule{0, (long long)elt(W) * N * K, 0}, G, g_rows, dinp,
-                ptr_rule{0, 0, (long long)sizeof(float) * K}, offsets, E);
+        grouped(op, BF, f, s, W, ptr_rule{0, (long long)elt(W) * N * K, 0}, G, ptr_rule{0, 0, (long long)elt(G) * N},
+                dinp, ptr_rule{0, 0, (long long)sizeof(float) * K}, offsets, E);
     }
     // dw_e(N,K) += dout_e^T @ inp_e: column-major C(K,N) = X_e(K,n_e) G_e^T(n_e,N); k = n_e
-    operand X = act(op, inp, (size_t)rows * K, bf, WS_CAST_A);
+    const form f = form_of(BF, 1);
+    const int bf = bf16_operands(BF, f);
+    operand G = act(op, dout, (size_t)rows * N, bf, WS_CAST_B), X = act(op, inp, (size_t)rows * K, bf, WS_CAST_A);
     group_shape s{CUBLAS_OP_N, CUBLAS_OP_T, K, N, 0, K, N, K, ROWS_K, 1};
-    grouped(op, BF, s, X, ptr_rule{0, 0, (long long)elt(X) * K}, G, g_rows, dw,
+    grouped(op, BF, f, s, X, ptr_rule{0, 0, (long long)elt(X) * K}, G, ptr_rule{0, 0, (long long)elt(G) * N}, dw,
             ptr_rule{0, (long long)sizeof(float) * N * K, 0}, offsets, E);
 }
 
+// Which grouped forms cuBLAS takes: one 16^3 product per form, on scratch (A, B, C of 16 x 16 floats each).
+static void **probe_ptrs;
+static int takes(cudaDataType_t in, cudaDataType_t out, cublasComputeType_t ct) {
+    static const cublasOperation_t t = CUBLAS_OP_N;
+    static const int d = 16, one = 1;
+    static const float alpha = 1, beta = 0;
+    const cublasStatus_t st = cublasGemmGroupedBatchedEx(ml_blas, &t, &t, &d, &d, &d, &alpha,
+                                                         (const void *const *)probe_ptrs, in, &d,
+                                                         (const void *const *)(probe_ptrs + 1), in, &d, &beta,
+                                                         probe_ptrs + 2, out, &d, 1, &one, ct);
+    if (st != CUBLAS_STATUS_SUCCESS && st != CUBLAS_STATUS_NOT_SUPPORTED && st != CUBLAS_STATUS_INVALID_VALUE)
+        BK("grouped_matmul (probe)", st);
+    return st == CUBLAS_STATUS_SUCCESS;
+}
+static void probe_paths(void) {
+    expert_path[0] = takes(CUDA_R_32F, CUDA_R_32F, CUBLAS_COMPUTE_32F) ? PATH_GROUPED : PATH_LOOP;
+    expert_path[1] = takes(CUDA_R_16BF, CUDA_R_32F, CUBLAS_COMPUTE_32F)                ? PATH_GROUPED
+                     : takes(CUDA_R_16BF, CUDA_R_16BF, CUBLAS_COMPUTE_32F) &&
+                               takes(CUDA_R_32F, CUDA_R_32F, CUBLAS_COMPUTE_32F_FAST_TF32) ? PATH_BF16OUT
+                     : takes(CUDA_R_32F, CUDA_R_32F, CUBLAS_COMPUTE_32F_FAST_TF32)       ? PATH_TF32
+                                                                                         : PATH_LOOP;
+    CK("grouped_matmul (probe)", cudaDeviceSynchronize());
+}
+extern "C" void cuda_set_grouped_gemm(int on) {
+    grouped_wanted = on;
+    if (on) probe_paths();
+}
+int ml_grouped_bf16_outputs(void) { return path_of(1) == PATH_BF16OUT; }
+
 void ml_cuda_gemm_init(void) {
     if (!group_ptrs) CK("grouped_matmul", cudaMalloc(&group_ptrs, sizeof(void *) * 3 * MAX_GROUPS));
+    if (!probe_ptrs) {
+        char *scratch;
+        CK("grouped_matmul", cudaMalloc(&scratch, 3 * 16 * 16 * sizeof(float)));
+        CK("grouped_matmul", cudaMemset(scratch, 0, 3 * 16 * 16 * sizeof(float)));
+        void *p[3] = {scratch, scratch + 1024, scratch + 2048};
+        CK("grouped_matmul", cudaMalloc(&probe_ptrs, sizeof p));
+        CK("grouped_matmul", cudaMemcpy(probe_ptrs, p, sizeof p, cudaMemcpyHostToDevice));
+    }
     const char *env = getenv("MOELAB_GROUPED_GEMM");
-    if (env && !strcmp(env, "loop")) grouped_wanted = 0;
+    grouped_wanted = !(env && !strcmp(env, "loop"));
+    probe_paths();
 }
 
 void ml_cuda_fill_gemms(ml_backend *b, int bf16_compute) {

@@ -16,11 +16,16 @@ __global__ void k_encoder_forward(float *out, const int32_t *tokens, const float
     int m = (int)(i / C), c = (int)(i % C);
     out[i] = wte[(size_t)tokens[m] * C + c];
 }
-// one thread per column, tokens in order: rows that share a token id add up in a fixed order
+// one thread per column and share of the vocabulary (token ids equal to blockIdx.y modulo gridDim.y), tokens in
+// order: each gradient row has one writer, and rows that share a token id add up in a fixed order
+#define ENC_SHARES 64
 __global__ void k_encoder_backward(float *dwte, const float *dout, const int32_t *tokens, int M, int C) {
-    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    const int c = blockIdx.x * blockDim.x + threadIdx.x, share = blockIdx.y;
     if (c >= C) return;
-    for (int m = 0; m < M; m++) dwte[(size_t)tokens[m] * C + c] += dout[(size_t)m * C + c];
+    for (int m = 0; m < M; m++) {
+        const int32_t tok = tokens[m];
+        if (tok % ENC_SHARES == share) dwte[(size_t)tok * C + c] += dout[(size_t)m * C + c];
+    }
 }
 static void cu_encoder_forward(float *out, const int32_t *tokens, const float *wte, int M, int C) {
     PROF("encoder_forward");
@@ -28,40 +33,43 @@ static void cu_encoder_forward(float *out, const int32_t *tokens, const float *w
 }
 static void cu_encoder_backward(float *dwte, const float *dout, const int32_t *tokens, int M, int C) {
     PROF("encoder_backward");
-    LAUNCH("encoder_backward", blocks(C), 256, k_encoder_backward, dwte, dout, tokens, M, C);
+    const dim3 grid(blocks(C), ENC_SHARES);
+    LAUNCH_SMEM("encoder_backward", grid, 256, 0, k_encoder_backward, dwte, dout, tokens, M, C);
 }
 
 // ---- RMSNorm ----
 
-__global__ void k_rmsnorm_forward(float *out, float *rstd, const float *inp, const float *w, int C, float eps) {
-    __shared__ double sh[RBLOCK];
-    const float *x = inp + (size_t)blockIdx.x * C;
+// a warp per row (rows of C or of one head's hd floats are short): NORM_ROWS rows per block
+#define NORM_ROWS 8
+__global__ void k_rmsnorm_forward(float *out, float *rstd, const float *inp, const float *w, int M, int C, float eps) {
+    const int row = blockIdx.x * NORM_ROWS + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (row >= M) return; // warp-uniform
+    const float *x = inp + (size_t)row * C;
     double ss = 0;
-    for (int c = threadIdx.x; c < C; c += blockDim.x) ss += (double)x[c] * x[c];
-    ss = block_sum(ss, sh);
-    float r = (float)(1.0 / sqrt(ss / C + eps));
-    if (threadIdx.x == 0) rstd[blockIdx.x] = r;
-    for (int c = threadIdx.x; c < C; c += blockDim.x) out[(size_t)blockIdx.x * C + c] = x[c] * r * w[c];
+    for (int c = lane; c < C; c += 32) ss += (double)x[c] * x[c];
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    const float r = (float)(1.0 / sqrt(ss / C + eps));
+    if (lane == 0) rstd[row] = r;
+    for (int c = lane; c < C; c += 32) out[(size_t)row * C + c] = x[c] * r * w[c];
 }
 __global__ void k_rmsnorm_backward_dx(float *dinp, const float *dout, const float *inp, const float *w,
-                                      const float *rstd, int C) {
-    __shared__ double sh[RBLOCK];
-    size_t row = blockIdx.x;
-    const float *x = inp + row * C, *g = dout + row * C;
+                                      const float *rstd, int M, int C) {
+    const int row = blockIdx.x * NORM_ROWS + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (row >= M) return; // warp-uniform
+    const float *x = inp + (size_t)row * C, *g = dout + (size_t)row * C;
     double dot = 0;
-    for (int c = threadIdx.x; c < C; c += blockDim.x) dot += (double)g[c] * w[c] * x[c];
-    dot = block_sum(dot, sh);
-    float r = rstd[row], coef = (float)(dot / C) * r * r * r;
-    for (int c = threadIdx.x; c < C; c += blockDim.x) dinp[row * C + c] += r * g[c] * w[c] - coef * x[c];
+    for (int c = lane; c < C; c += 32) dot += (double)g[c] * w[c] * x[c];
+    for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+    const float r = rstd[row], coef = (float)(dot / C) * r * r * r;
+    for (int c = lane; c < C; c += 32) dinp[(size_t)row * C + c] += r * g[c] * w[c] - coef * x[c];
 }
 // dw(C) += sum over rows of dout * inp * rstd: rows split into chunks (one partial per chunk and column),
 // then the partials summed in chunk order
-#define NORM_CHUNKS 64
 __global__ void k_rmsnorm_backward_dw_part(double *part, const float *dout, const float *inp, const float *rstd, int M,
                                            int C) {
     int c = blockIdx.x * blockDim.x + threadIdx.x, ch = blockIdx.y;
     if (c >= C) return;
-    int lo = (int)((long long)M * ch / NORM_CHUNKS), hi = (int)((long long)M * (ch + 1) / NORM_CHUNKS);
+    int lo = (int)((long long)M * ch / ML_NORM_CHUNKS), hi = (int)((long long)M * (ch + 1) / ML_NORM_CHUNKS);
     double acc = 0;
     for (int m = lo; m < hi; m++) acc += (double)dout[(size_t)m * C + c] * inp[(size_t)m * C + c] * rstd[m];
     part[(size_t)ch * C + c] = acc;
@@ -75,17 +83,19 @@ __global__ void k_colsum_add(float *dw, const double *part, int chunks, int C) {
 }
 static void cu_rmsnorm_forward(float *out, float *rstd, const float *inp, const float *w, int M, int C, float eps) {
     PROF("rmsnorm_forward");
-    LAUNCH("rmsnorm_forward", M, RBLOCK, k_rmsnorm_forward, out, rstd, inp, w, C, eps);
+    LAUNCH("rmsnorm_forward", ml_blocks(M, NORM_ROWS), 32 * NORM_ROWS, k_rmsnorm_forward, out, rstd, inp, w, M, C,
+           eps);
 }
 static void cu_rmsnorm_backward(float *dinp, float *dw, const float *dout, const float *inp, const float *w,
                                 const float *rstd, int M, int C) {
     PROF("rmsnorm_backward");
-    LAUNCH("rmsnorm_backward", M, RBLOCK, k_rmsnorm_backward_dx, dinp, dout, inp, w, rstd, C);
+    LAUNCH("rmsnorm_backward", ml_blocks(M, NORM_ROWS), 32 * NORM_ROWS, k_rmsnorm_backward_dx, dinp, dout, inp, w,
+           rstd, M, C);
     if (M == 0) return;
-    double *part = (double *)ml_ws(WS_REDUCE, sizeof(double) * NORM_CHUNKS * C);
-    dim3 grid(blocks(C), NORM_CHUNKS);
+    double *part = (double *)ml_ws(WS_REDUCE, sizeof(double) * ML_NORM_CHUNKS * C);
+    dim3 grid(blocks(C), ML_NORM_CHUNKS);
     LAUNCH_SMEM("rmsnorm_backward", grid, 256, 0, k_rmsnorm_backward_dw_part, part, dout, inp, rstd, M, C);
-    LAUNCH("rmsnorm_backward", blocks(C), 256, k_colsum_add, dw, part, NORM_CHUNKS, C);
+    LAUNCH("rmsnorm_backward", blocks(C), 256, k_colsum_add, dw, part, ML_NORM_CHUNKS, C);
 }
 
 // ---- RoPE ----
@@ -713,14 +723,17 @@ static void cu_adamw_update(float *param, const float *grad, float *m, float *v,
            eps, weight_decay, grad_scale, c1, c2);
 }
 
-#define SUMSQ_BLOCKS 256
+#define SUMSQ_BLOCKS 1024 // enough blocks in flight to stream the gradients at memory speed
 __global__ void k_sumsq(double *part, const float *x, size_t n) {
     __shared__ double sh[RBLOCK];
-    size_t lo = n * blockIdx.x / SUMSQ_BLOCKS, hi = n * (blockIdx.x + 1) / SUMSQ_BLOCKS;
-    double acc = 0;
-    for (size_t i = lo + threadIdx.x; i < hi; i += blockDim.x) acc += (double)x[i] * x[i];
-    acc = block_sum(acc, sh);
-    if (threadIdx.x == 0) part[blockIdx.x] = acc;
+    const size_t lo = n * blockIdx.x / SUMSQ_BLOCKS, hi = n * (blockIdx.x + 1) / SUMSQ_BLOCKS, bd = blockDim.x;
+    double acc[4] = {0, 0, 0, 0}; // four independent loads in flight per thread
+    size_t i = lo + threadIdx.x;
+    for (; i + 3 * bd < hi; i += 4 * bd)
+        for (int j = 0; j < 4; j++) acc[j] += (double)x[i + j * bd] * x[i + j * bd];
+    for (; i < hi; i += bd) acc[0] += (double)x[i] * x[i];
+    const double a = block_sum((acc[0] + acc[1]) + (acc[2] + acc[3]), sh);
+    if (threadIdx.x == 0) part[blockIdx.x] = a;
 }
 static double *sumsq_part; // allocated with the table
 static double cu_sumsq(const float *x, size_t n) {

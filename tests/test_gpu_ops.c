@@ -388,16 +388,16 @@ static void test_moe(int score, int order, int norm_topk) {
     cpu->grouped_matmul_backward(dxe, dw, dhe, xe, w, off, E, C, N);
     float *d_dhe = dev(dhe, rows * N * 4), *d_dxe = gpu->alloc(rows * C * 4), *d_dw = gpu->alloc(E * N * C * 4);
     /* cublasGemmGroupedBatchedEx and the one-GEMM-per-expert fallback, in fp32 and bf16; on the emulator also
-     * the bf16 table's fallbacks when cuBLAS refuses bf16 grouped GEMMs (TF32) and then TF32 too (the loop) */
-    const char *refuse[6] = {"", "", "", "", "bf16-grouped", "bf16-grouped,tf32-grouped"};
+     * the bf16 table's fallbacks when cuBLAS refuses bf16 outputs too (TF32) and then TF32 (the loop) */
+    const char *refuse[6] = {"", "", "", "", "bf16out-grouped", "bf16out-grouped,tf32-grouped"};
     const int emulated = getenv("MOELAB_GPU_TEST_EMULATED") != NULL;
     for (int path = 0; path < (emulated ? 6 : 4); path++) {
         const ml_backend *be = path < 2 ? gpu : gbf;
         const double tol = path < 2 ? 1e-4 : 2e-2;
         char what[160];
         const char *name = path < 4 ? (path % 2 ? "one GEMM per expert" : "grouped") : refuse[path];
-        cuda_set_grouped_gemm(path % 2 == 0 || path >= 4);
         setenv("MOELAB_EMU_REFUSE", refuse[path], 1);
+        cuda_set_grouped_gemm(path % 2 == 0 || path >= 4); /* asks cuBLAS again which forms it takes */
         be->from_host(d_dw, dw0, E * N * C * 4), be->memset0(d_dxe, rows * C * 4);
         be->grouped_matmul_forward(d_he, d_xe, d_w, d_off, E, C, N);
         snprintf(what, sizeof what, "%s grouped_matmul_forward (%s) %s", be->name, name, tag);
@@ -412,8 +412,10 @@ static void test_moe(int score, int order, int norm_topk) {
               "%s (%s): the empty experts' weight gradients are left exactly as they were", be->name, name);
         free(g);
         if (path == 0) CHECK(cuda_grouped_gemm_active(0), "cuda-fp32: cuBLAS ran the grouped GEMM (no fallback)");
-        if (path == 2) /* bf16 inputs with fp32 outputs: cuBLAS may refuse them; TF32 is then the path */
+        if (path == 2) { /* bf16 inputs with fp32 outputs: cuBLAS 13.0 refuses them; bf16 outputs are next */
             printf("note: bf16 experts ran as %s\n", cuda_grouped_gemm_path(1));
+            CHECK(cuda_grouped_gemm_active(1), "bf16: cuBLAS ran a grouped form (%s)", cuda_grouped_gemm_path(1));
+        }
         if (path >= 4) {
             const char *want = path == 4 ? "grouped tf32 (bf16 refused)" : "one bf16 GEMM per expert";
             CHECK(!strcmp(cuda_grouped_gemm_path(1), want), "refusing %s: the experts run as %s (want %s)",
@@ -576,6 +578,7 @@ static void test_bf16_training(void) {
 }
 
 int main(void) {
+    setvbuf(stdout, NULL, _IOLBF, 0); /* a crash on the GPU keeps the lines printed before it */
     char why[256];
     if (!cuda_available(why, sizeof why)) {
         printf("SKIP: no usable GPU (%s)\n", why);

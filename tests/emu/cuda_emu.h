@@ -1,4 +1,4 @@
-// cuda_emu.h: the parts of CUDA, cuBLAS and WMMA that kernels/*.cu use, emulated on the host, so the CUDA
+// cuda_emu.h: the parts of CUDA, cuBLAS and mma.sync that kernels/*.cu use, emulated on the host, so the CUDA
 // backend's own source runs (and is tested) on a machine without a GPU (tests/emu/include/* stand in for the
 // toolkit's headers; kernels/cuda_common.cuh routes launches and dynamic shared memory here under ML_CUDA_EMU).
 //   threads   fibers (ucontext), one block at a time, scheduled in a chosen order (ml_emu_set_order);
@@ -8,13 +8,11 @@
 //             after another); dynamic shared memory is filled with NaN bytes before each block and guarded by
 //             a canary (an overflowing write exits 6); launches check the dynamic size against the attribute
 //             set for that kernel with cudaFuncSetAttribute and the H100's limit;
-//   WMMA      fragments hold whole 16x16 tiles with the documented row/col-major and leading-dimension rules;
-//             every WMMA pointer is checked to lie in shared memory, 32-byte aligned, with a leading dimension
-//             that is a multiple of 16 bytes (ml_emu_violations counts failures); a store writes only the
-//             calling lane's share, so a load that misses a __syncwarp reads stale data;
+//   mma       mma.sync m16n8k16 (bf16 inputs, fp32 accumulators) with the PTX ISA's fragment-to-lane layouts:
+//             each lane gives its registers and gets its share of the product through a warp barrier;
 //   cuBLAS    Sgemm, GemmEx and GemmGroupedBatchedEx as the documentation defines them (column-major,
 //             C = alpha op(A) op(B) + beta C), fp32 sums in k order; bf16 inputs read as bf16.
-// What this cannot show: speed, the hardware's rounding inside mma and cuBLAS, the real fragment-to-lane map.
+// What this cannot show: speed, the hardware's rounding inside mma and cuBLAS.
 #pragma once
 
 #include <algorithm>
@@ -33,6 +31,12 @@
 #define __forceinline__
 #define __shared__ static
 #define __align__(n)
+#define __launch_bounds__(...)
+
+struct float4 {
+    float x, y, z, w;
+};
+static inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
 
 // ---- bf16 ----
 struct __nv_bfloat16 {
@@ -70,7 +74,6 @@ const ml_emu_idx &ml_emu_thread_idx(void); // its threadIdx
 void ml_emu_launch(const void *kernel, dim3 grid, int block, size_t smem, std::function<void()> body);
 unsigned char *ml_emu_smem(void);
 void ml_emu_set_order(int order); // 0 ascending, 1 descending, 2 random (seeded)
-extern long ml_emu_violations;    // WMMA pointer/layout rule breaks so far
 
 void ml_emu_barrier(int kind); // 1 = warp, 2 = block
 static inline void __syncthreads() { ml_emu_barrier(2); }
@@ -96,6 +99,38 @@ static inline unsigned __match_any_sync(unsigned, int v) {
     for (int l = 0; l < 32; l++) m |= (unsigned)(slot[(ml_emu_cur & ~31) | l] == v) << l;
     __syncwarp();
     return m;
+}
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 for the calling warp, d += a b: each lane gives its
+// registers (PTX ISA fragment layouts, g = lane / 4, t = lane % 4: A {(g, 2t..2t+1), (g+8, 2t..), (g, 2t+8..),
+// (g+8, 2t+8..)}, B {(2t..2t+1, g), (2t+8.., g)}, C {(g, 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1)}; the lower
+// half of a register is the element of lower index) and gets its share of the product, summed in k order.
+static inline float ml_emu_bf16_bits(uint32_t h) {
+    uint32_t x = (h & 0xffffu) << 16;
+    float f;
+    memcpy(&f, &x, 4);
+    return f;
+}
+// One warp barrier per call: the registers go to one of two slot sets by call parity, so a lane that runs ahead
+// into the next call writes the other set while slower lanes still read this one.
+static inline void ml_emu_mma16816(float d[4], const uint32_t a[4], const uint32_t b[2]) {
+    static uint32_t sa[2][1024][4], sb[2][1024][2];
+    static unsigned char parity[1024];
+    const int me = ml_emu_cur, base = me & ~31, lane = me & 31, g = lane / 4, t = lane % 4, p = parity[me];
+    parity[me] ^= 1;
+    memcpy(sa[p][me], a, sizeof sa[p][me]), memcpy(sb[p][me], b, sizeof sb[p][me]);
+    __syncwarp();
+    auto A = [&](int r, int c) {
+        const uint32_t w = sa[p][base + (r % 8) * 4 + (c % 8) / 2][(r >= 8) + 2 * (c >= 8)];
+        return ml_emu_bf16_bits(c & 1 ? w >> 16 : w);
+    };
+    auto B = [&](int r, int c) {
+        const uint32_t w = sb[p][base + c * 4 + (r % 8) / 2][r >= 8];
+        return ml_emu_bf16_bits(r & 1 ? w >> 16 : w);
+    };
+    for (int i = 0; i < 4; i++) {
+        const int r = g + 8 * (i >> 1), c = 2 * t + (i & 1);
+        for (int k = 0; k < 16; k++) d[i] += A(r, k) * B(k, c);
+    }
 }
 static inline int __popc(unsigned x) { return __builtin_popcount(x); }
 static inline int min(int a, int b) { return a < b ? a : b; }
@@ -171,67 +206,3 @@ cublasStatus_t cublasGemmGroupedBatchedEx(cublasHandle_t h, const cublasOperatio
                                           const void *const B[], cudaDataType_t bt, const int ldb[], const void *beta,
                                           void *const C[], cudaDataType_t ct, const int ldc[], int groups,
                                           const int group_size[], cublasComputeType_t compute);
-
-// ---- WMMA (16x16x16, bf16 inputs, fp32 accumulators) ----
-void ml_emu_check_wmma(const void *p, unsigned ld, int elem_bytes, const char *what);
-void ml_emu_check_elem(const void *p, const char *what);
-namespace nvcuda {
-namespace wmma {
-struct row_major {};
-struct col_major {};
-struct matrix_a {};
-struct matrix_b {};
-struct accumulator {};
-enum layout_t { mem_row_major, mem_col_major };
-template <class Use, int M, int N, int K, class T, class L = void> struct fragment {
-    float x[256];
-};
-template <class L> constexpr bool is_col() { return std::is_same<L, col_major>::value; }
-template <class Use, class L>
-void load_matrix_sync(fragment<Use, 16, 16, 16, __nv_bfloat16, L> &f, const __nv_bfloat16 *p, unsigned ld) {
-    ml_emu_check_wmma(p, ld, 2, "wmma load (bf16)");
-    for (int i = 0; i < 16; i++)
-        for (int j = 0; j < 16; j++) {
-            const __nv_bfloat16 *e = is_col<L>() ? p + i + (size_t)j * ld : p + (size_t)i * ld + j;
-            ml_emu_check_elem(e, "wmma load (bf16)");
-            f.x[i * 16 + j] = __bfloat162float(*e);
-        }
-}
-static inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float> &f, const float *p, unsigned ld,
-                                    layout_t l) {
-    ml_emu_check_wmma(p, ld, 4, "wmma load (accumulator)");
-    for (int i = 0; i < 16; i++)
-        for (int j = 0; j < 16; j++) {
-            const float *e = l == mem_col_major ? p + i + (size_t)j * ld : p + (size_t)i * ld + j;
-            ml_emu_check_elem(e, "wmma load (accumulator)");
-            f.x[i * 16 + j] = *e;
-        }
-}
-static inline void store_matrix_sync(float *p, const fragment<accumulator, 16, 16, 16, float> &f, unsigned ld,
-                                     layout_t l) {
-    ml_emu_check_wmma(p, ld, 4, "wmma store");
-    for (int e = ml_emu_cur & 31; e < 256; e += 32) { // this lane's share of the tile
-        int i = e / 16, j = e % 16;
-        float *q = l == mem_col_major ? p + i + (size_t)j * ld : p + (size_t)i * ld + j;
-        ml_emu_check_elem(q, "wmma store");
-        *q = f.x[e];
-    }
-}
-static inline void fill_fragment(fragment<accumulator, 16, 16, 16, float> &f, float v) {
-    for (int i = 0; i < 256; i++) f.x[i] = v;
-}
-template <class LA, class LB>
-void mma_sync(fragment<accumulator, 16, 16, 16, float> &d, const fragment<matrix_a, 16, 16, 16, __nv_bfloat16, LA> &a,
-              const fragment<matrix_b, 16, 16, 16, __nv_bfloat16, LB> &b,
-              const fragment<accumulator, 16, 16, 16, float> &c) {
-    float t[256];
-    for (int i = 0; i < 16; i++)
-        for (int j = 0; j < 16; j++) {
-            float s = c.x[i * 16 + j];
-            for (int k = 0; k < 16; k++) s += a.x[i * 16 + k] * b.x[k * 16 + j];
-            t[i * 16 + j] = s;
-        }
-    memcpy(d.x, t, sizeof t);
-}
-} // namespace wmma
-} // namespace nvcuda

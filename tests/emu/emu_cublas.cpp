@@ -60,8 +60,9 @@ cublasStatus_t cublasGemmEx(cublasHandle_t, cublasOperation_t ta, cublasOperatio
     return gemm(ta, tb, m, n, k, *(const float *)alpha, A, at, lda, B, bt, ldb, *(const float *)beta, (float *)C,
                 ldc);
 }
-// MOELAB_EMU_REFUSE lists grouped forms to refuse as a cuBLAS without them would ("bf16-grouped",
-// "tf32-grouped"), so tests can walk the backend's fallbacks
+// MOELAB_EMU_REFUSE lists grouped forms to refuse as a cuBLAS without them would ("bf16out-grouped",
+// "tf32-grouped"), so tests can walk the backend's fallbacks. bf16 inputs with fp32 outputs are always refused
+// there, as cuBLAS 13.0 on an H100 does.
 static bool refused(const char *form) {
     const char *r = getenv("MOELAB_EMU_REFUSE");
     return r && strstr(r, form);
@@ -85,13 +86,13 @@ cublasStatus_t cublasGemmGroupedBatchedEx(cublasHandle_t, const cublasOperation_
                                           void *const C[], cudaDataType_t ct, const int ldc[], int groups,
                                           const int group_size[], cublasComputeType_t compute) {
     const bool is_tf32 = compute == CUBLAS_COMPUTE_32F_FAST_TF32;
-    if (ct != CUDA_R_32F || (compute != CUBLAS_COMPUTE_32F && !is_tf32) || at != bt || groups < 0 ||
-        (is_tf32 && at != CUDA_R_32F))
-        return CUBLAS_STATUS_NOT_SUPPORTED;
-    if ((at == CUDA_R_16BF && refused("bf16-grouped")) || (is_tf32 && refused("tf32-grouped")))
-        return CUBLAS_STATUS_NOT_SUPPORTED;
+    // the forms cuBLAS takes: fp32 (exact or TF32) and bf16 -> bf16 with fp32 compute
+    const bool f32 = at == CUDA_R_32F && ct == CUDA_R_32F && (compute == CUBLAS_COMPUTE_32F || is_tf32);
+    const bool b16 = at == CUDA_R_16BF && ct == CUDA_R_16BF && compute == CUBLAS_COMPUTE_32F;
+    if (at != bt || groups < 0 || !(f32 || b16)) return CUBLAS_STATUS_NOT_SUPPORTED;
+    if ((b16 && refused("bf16out-grouped")) || (is_tf32 && refused("tf32-grouped"))) return CUBLAS_STATUS_NOT_SUPPORTED;
     int p = 0;
-    std::vector<float> ra, rb;
+    std::vector<float> ra, rb, rc;
     for (int g = 0; g < groups; g++)
         for (int i = 0; i < group_size[g]; i++, p++) {
             const void *a = A[p], *b = B[p];
@@ -100,9 +101,24 @@ cublasStatus_t cublasGemmGroupedBatchedEx(cublasHandle_t, const cublasOperation_
                 a = tf32(a, an ? m[g] : k[g], lda[g], an ? k[g] : m[g], ra);
                 b = tf32(b, bn ? k[g] : n[g], ldb[g], bn ? n[g] : k[g], rb);
             }
-            cublasStatus_t s = gemm(ta[g], tb[g], m[g], n[g], k[g], ((const float *)alpha)[g], a, at, lda[g], b, bt,
-                                    ldb[g], ((const float *)beta)[g], (float *)C[p], ldc[g]);
+            const float al = ((const float *)alpha)[g], be = ((const float *)beta)[g];
+            if (!b16) {
+                cublasStatus_t s = gemm(ta[g], tb[g], m[g], n[g], k[g], al, a, at, lda[g], b, bt, ldb[g], be,
+                                        (float *)C[p], ldc[g]);
+                if (s != CUBLAS_STATUS_SUCCESS) return s;
+                continue;
+            }
+            // bf16 C: computed in fp32 (from C's old values when beta != 0), rounded to bf16 once
+            __nv_bfloat16 *c = (__nv_bfloat16 *)C[p];
+            const size_t cn = n[g] ? (size_t)(n[g] - 1) * ldc[g] + m[g] : 0;
+            rc.assign(cn, 0.f);
+            if (be != 0)
+                for (size_t j = 0; j < cn; j++) rc[j] = __bfloat162float(c[j]);
+            cublasStatus_t s = gemm(ta[g], tb[g], m[g], n[g], k[g], al, a, at, lda[g], b, bt, ldb[g], be, rc.data(),
+                                    ldc[g]);
             if (s != CUBLAS_STATUS_SUCCESS) return s;
+            for (int col = 0; col < n[g]; col++)
+                for (int r = 0; r < m[g]; r++) c[(size_t)col * ldc[g] + r] = __float2bfloat16_rn(rc[(size_t)col * ldc[g] + r]);
         }
     return CUBLAS_STATUS_SUCCESS;
 }

@@ -16,7 +16,6 @@
 
 ml_emu_idx blockIdx, gridDim, blockDim;
 int ml_emu_cur;
-long ml_emu_violations;
 
 namespace {
 enum { RUN, WARP_WAIT, BLOCK_WAIT, DONE };
@@ -164,23 +163,6 @@ void ml_emu_launch(const void *kernel, dim3 grid, int block, size_t smem, std::f
             }
     free(smem_buf);
     smem_buf = nullptr;
-}
-
-void ml_emu_check_wmma(const void *p, unsigned ld, int elem, const char *what) {
-    const unsigned char *c = (const unsigned char *)p;
-    if (!smem_buf || c < smem_buf || c >= smem_buf + smem_size) {
-        if (ml_emu_violations++ < 10) fprintf(stderr, "cuda_emu: %s: pointer outside shared memory\n", what);
-        return;
-    }
-    if ((c - smem_buf) % 32 && ml_emu_violations++ < 10)
-        fprintf(stderr, "cuda_emu: %s: pointer not 32-byte aligned (offset %ld)\n", what, (long)(c - smem_buf));
-    if (ld % (16 / elem) && ml_emu_violations++ < 10)
-        fprintf(stderr, "cuda_emu: %s: leading dimension %u not a multiple of 16 bytes\n", what, ld);
-}
-void ml_emu_check_elem(const void *p, const char *what) {
-    const unsigned char *c = (const unsigned char *)p;
-    if ((!smem_buf || c < smem_buf || c >= smem_buf + smem_size) && ml_emu_violations++ < 10)
-        fprintf(stderr, "cuda_emu: %s: element outside shared memory\n", what);
 }
 
 // ---- runtime API: device memory is host memory; everything is synchronous ----

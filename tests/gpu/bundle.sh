@@ -5,21 +5,21 @@
 # that has the NVIDIA driver but none of the -dev packages and run PREFIX/bin/moelab there.
 # --without-cuda-libs leaves out libcudart and cuBLAS (about 600 MB): the node's CUDA 13 runtime must then be
 # on LD_LIBRARY_PATH (e.g. the toolkit's lib64 or PyTorch's nvidia/*/lib folders).
-# Needs patchelf (Debian: apt-get install patchelf) and a built build/moelab.
+# Needs patchelf (Debian: apt-get install patchelf) and a built build/moelab (MOELAB_BUILD=DIR: DIR/moelab).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 [ $# -ge 1 ] || { sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
-prefix=$1 without_cuda=0
+prefix=$1 without_cuda=0 b=${MOELAB_BUILD:-build}
 [ "${2:-}" = "--without-cuda-libs" ] && without_cuda=1
 command -v patchelf >/dev/null || { echo "bundle.sh: patchelf is missing (apt-get install patchelf)" >&2; exit 2; }
-[ -x build/moelab ] || { echo "bundle.sh: build/moelab is missing (./setup.sh or ninja -C build)" >&2; exit 2; }
+[ -x "$b/moelab" ] || { echo "bundle.sh: $b/moelab is missing (./setup.sh or ninja -C build)" >&2; exit 2; }
 
 rm -rf "$prefix.partial"
 mkdir -p "$prefix.partial/bin" "$prefix.partial/lib" "$prefix.partial/share/moelab"
-cp build/moelab "$prefix.partial/bin/"
+cp "$b/moelab" "$prefix.partial/bin/"
 cp -r plots experiments "$prefix.partial/share/moelab/"
 # every resolved library but the C library's own (present on any Linux) and the kernel's vDSO
-ldd build/moelab | awk '$2 == "=>" && $3 ~ /^\// {print $1, $3}' | while read -r soname path; do
+ldd "$b/moelab" | awk '$2 == "=>" && $3 ~ /^\// {print $1, $3}' | while read -r soname path; do
     case "$soname" in
     libc.so.* | libm.so.* | libdl.so.* | libpthread.so.* | librt.so.* | ld-linux*) continue ;;
     libcudart.so.* | libcublas.so.* | libcublasLt.so.*) [ $without_cuda -eq 1 ] && continue ;;

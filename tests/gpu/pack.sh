@@ -6,17 +6,19 @@
 # (.gpu/ is ignored by git). On the GPU machine, from the repository root:
 #   tar xJf .gpu/moelab-gpu.tar.xz -C /tmp && MOELAB_PREBUILT=/tmp/moelab-gpu tests/gpu/run.sh
 # (carry data/tokens/vocab8192 too: the benchmark's configs read its vocabulary).
-# Needs patchelf, xz and a build folder configured with the CUDA backend (build/tests/test_gpu_ops).
+# Builds in build-pack/ (CUDA backend required; -Dnative=false: the GPU machine's processor may lack this one's
+# instructions, e.g. AVX-512). Needs patchelf, xz, nvcc and the -dev packages ./setup.sh installs.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 out=${1:-.gpu/moelab-gpu.tar.xz}
-ninja -C build >/dev/null
-grep -q "ML_HAVE_CUDA" build/build.ninja || { echo "pack.sh: build/ has no CUDA backend (nvcc missing?)" >&2; exit 2; }
+b=build-pack
+[ -f $b/build.ninja ] || meson setup $b -Dcuda=enabled -Dnative=false >/dev/null || exit 2
+ninja -C $b moelab tests/test_gpu_ops >/dev/null
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
-tests/gpu/bundle.sh "$stage/moelab-gpu" --without-cuda-libs >/dev/null
-cp build/tests/test_gpu_ops "$stage/moelab-gpu/bin/"
-ldd build/tests/test_gpu_ops | awk '$2 == "=>" && $3 ~ /^\// {print $1, $3}' | while read -r soname path; do
+MOELAB_BUILD=$b tests/gpu/bundle.sh "$stage/moelab-gpu" --without-cuda-libs >/dev/null
+cp $b/tests/test_gpu_ops "$stage/moelab-gpu/bin/"
+ldd $b/tests/test_gpu_ops | awk '$2 == "=>" && $3 ~ /^\// {print $1, $3}' | while read -r soname path; do
     case "$soname" in
     libc.so.* | libm.so.* | libdl.so.* | libpthread.so.* | librt.so.* | ld-linux* | libcudart.so.* | libcublas*) continue ;;
     esac

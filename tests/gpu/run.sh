@@ -4,9 +4,9 @@
 # benchmark in bf16 (--backend cuda) and fp32 (cuda-fp32) beside the same model and step in PyTorch eager
 # (bf16 autocast and fp32), and prints one summary table with the moelab / PyTorch ratios.
 #   tests/gpu/run.sh [PRESET[:key=value,...] ...]
-# default: tiny small-cpu gpu-small, then the full Sigma-MoE-Tiny width at 4 layers and 4K tokens per sequence
-# (sigma-tiny-full:model.layers=4,train.batch=2); the PyTorch side runs only where the reference model covers
-# the config. Needs: nvcc (or a build folder made elsewhere with -Dcuda=enabled), the NVIDIA driver, and the
+# default: tiny, small-cpu, then the full Sigma-MoE-Tiny width at 4 layers with 2 x 4K and 8 x 2K tokens per
+# micro-batch (bf16 only); the PyTorch side runs only where the reference model covers the config. Each stage
+# runs under a time limit (MOELAB_GPU_OPS_TIMEOUT, MOELAB_GPU_BENCH_TIMEOUT seconds); MOELAB_GPU_STEPS steps. Needs: nvcc (or a build folder made elsewhere with -Dcuda=enabled), the NVIDIA driver, and the
 # libraries the binary links (OpenBLAS, HDF5, SQLite, libyaml, pcre2; LD_LIBRARY_PATH may point at copies).
 # The full bench JSON lines (per-op breakdown included) are kept in $OUT or /tmp/moelab_gpu_bench.jsonl.
 # MOELAB_PREBUILT=DIR: take DIR/bin/moelab and DIR/bin/test_gpu_ops (tests/gpu/pack.sh) instead of building;
@@ -14,7 +14,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 presets=("$@")
-[ ${#presets[@]} -eq 0 ] && presets=(tiny small-cpu gpu-small "sigma-tiny-full:model.layers=4,train.batch=2")
+[ ${#presets[@]} -eq 0 ] && presets=(tiny small-cpu "sigma-tiny-full:model.layers=4,train.batch=2"
+    "sigma-tiny-full:model.layers=4,train.batch=8,model.seq_len=2048")
 if [ -n "${MOELAB_PREBUILT:-}" ]; then
     moelab=$MOELAB_PREBUILT/bin/moelab gpu_ops=$MOELAB_PREBUILT/bin/test_gpu_ops
     nv=$(python3 -c 'import nvidia, os; print(":".join(os.path.join(p, d, "lib") for p in nvidia.__path__ for d in os.listdir(p)))' 2>/dev/null)
@@ -24,11 +25,20 @@ else
     if [ ! -f build/build.ninja ]; then meson setup build -Dcuda=enabled || exit 2; fi
     ninja -C build || exit 2
 fi
-jsonl=${OUT:-/tmp}/moelab_gpu_bench.jsonl
+logs=${OUT:-/tmp}
+jsonl=$logs/moelab_gpu_bench.jsonl
 : >"$jsonl"
+# each stage under a time limit (a hung kernel must not take the whole lease); logs kept beside the JSONL
+ops_limit=${MOELAB_GPU_OPS_TIMEOUT:-300} bench_limit=${MOELAB_GPU_BENCH_TIMEOUT:-120}
+# which tables and PyTorch precisions to time, and how many steps (MOELAB_GPU_BACKENDS="cuda" skips cuda-fp32).
+# By default the Sigma-width presets (gpu-small, sigma-tiny-full) run bf16 only: fp32 there is verification
+# speed (minutes per spec), and the suite above already checks fp32 against the CPU.
+read -ra all_backends <<<"${MOELAB_GPU_BACKENDS:-cuda cuda-fp32}"
+read -ra all_dtypes <<<"${MOELAB_GPU_DTYPES:-bf16 fp32}"
+steps=${MOELAB_GPU_STEPS:-10}
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | sed 's/^/device: /'
-"$gpu_ops" | tee /tmp/moelab_gpu_ops.txt
+timeout "$ops_limit" "$gpu_ops" 2>&1 | tee "$logs/moelab_gpu_ops.txt"
 ops_rc=${PIPESTATUS[0]}
 
 # vocabulary 8192 everywhere, so that both sides read the same config (written by a zero-step moelab train,
@@ -39,14 +49,22 @@ rows=()
 for spec in "${presets[@]}"; do
     p=${spec%%:*} extra=()
     [[ $spec == *:* ]] && IFS=, read -ra extra <<<"${spec#*:}"
-    for be in cuda cuda-fp32; do
-        out=$("$moelab" bench "preset=$p" "${common[@]}" "${extra[@]}" --backend $be --steps 10 --json 2>&1 | tail -1)
+    backends=("${all_backends[@]}") dtypes=("${all_dtypes[@]}")
+    if [[ $p == gpu-small || $p == sigma-tiny-full ]]; then
+        [ -z "${MOELAB_GPU_BACKENDS:-}" ] && backends=(cuda)
+        [ -z "${MOELAB_GPU_DTYPES:-}" ] && dtypes=(bf16)
+    fi
+    for be in "${backends[@]}"; do
+        out=$(timeout "$bench_limit" "$moelab" bench "preset=$p" "${common[@]}" "${extra[@]}" --backend $be --steps "$steps" \
+            --json 2>"$logs/bench_err.txt" | tail -1)
+        [ -n "$out" ] || out="error: $(tail -c 300 "$logs/bench_err.txt" | tr '\n' ' ')"
         echo "$out" >>"$jsonl"
         rows+=("$spec $be|$out")
     done
-    if "$moelab" train "preset=$p" "${common[@]}" "${extra[@]}" train.steps=0 run.dir="$tmp/$p" run.db= >/dev/null 2>&1; then
-        for dt in bf16 fp32; do
-            out=$(python3 tests/bench/torch_step.py --config "$tmp/$p/config.yaml" --device cuda --dtype $dt --steps 10 --json 2>&1 | tail -1)
+    d=$tmp/run${#rows[@]} # one folder per spec: a preset may come back with other keys
+    if "$moelab" train "preset=$p" "${common[@]}" "${extra[@]}" train.steps=0 run.dir="$d" run.db= >/dev/null 2>&1; then
+        for dt in "${dtypes[@]}"; do
+            out=$(timeout "$bench_limit" python3 tests/bench/torch_step.py --config "$d/config.yaml" --device cuda --dtype $dt --steps "$steps" --json 2>&1 | tail -1)
             echo "$out" >>"$jsonl"
             rows+=("torch $spec $dt|$out")
         done
@@ -59,9 +77,10 @@ echo
 echo "| test / preset | result |"
 echo "|---|---|"
 case $ops_rc in
-0) echo "| gpu_ops | $(tail -1 /tmp/moelab_gpu_ops.txt) |" ;;
-77) echo "| gpu_ops | $(head -1 /tmp/moelab_gpu_ops.txt) |" ;;
-*) echo "| gpu_ops | FAILED (exit $ops_rc): $(grep -c '^FAIL' /tmp/moelab_gpu_ops.txt) failures |" ;;
+0) echo "| gpu_ops | $(tail -1 "$logs/moelab_gpu_ops.txt") |" ;;
+77) echo "| gpu_ops | $(head -1 "$logs/moelab_gpu_ops.txt") |" ;;
+124) echo "| gpu_ops | TIMED OUT after ${ops_limit} s |" ;;
+*) echo "| gpu_ops | FAILED (exit $ops_rc): $(grep -c '^FAIL' "$logs/moelab_gpu_ops.txt") failures |" ;;
 esac
 printf '%s\n' "${rows[@]}" | python3 tests/gpu/summary.py
 rm -rf "$tmp"
