@@ -21,7 +21,7 @@ are uniform over the vocabulary.
 
   /usr/bin/python3 tests/bench/torch_step.py --config runs/<run>/config.yaml [--steps N] [--warmup N]
                                              [--threads N] [--moe grouped|loop] [--json]
-                                             [--device cpu|cuda] [--dtype fp32|bf16]
+                                             [--device cpu|cuda] [--dtype fp32|bf16] [--attention ref|sdpa]
   /usr/bin/python3 tests/bench/torch_step.py --check [--config FILE]
 
 --config takes a config.yaml as moelab writes it (`key: value` lines, every key). tests/bench/run.sh
@@ -33,6 +33,10 @@ MoE variants (both: per-expert SwiGLU with one matmul pair per expert, nothing f
            with one index_add_ (default);
   loop     per expert: torch.where on the one-hot assignment mask, gather that expert's rows, run it,
            index_add_ into the output (the Hugging Face Mixtral / OLMoE layout).
+
+Attention: ref (default) is the reference model's own (scores materialised, masked, softmaxed); sdpa swaps in
+torch.nn.functional.scaled_dot_product_attention (is_causal, enable_gqa: FlashAttention's kernels on a GPU),
+the baseline a PyTorch user would write today. --check covers both in float64.
 """
 import argparse
 import json
@@ -151,6 +155,20 @@ def moe_loop(c, l, h2, P, routing, state):
 MOE = {"grouped": moe_grouped, "loop": moe_loop}
 
 
+def attention_sdpa(q, k, v, mask):
+    """make_fixtures.attention through PyTorch's fused kernel (mask is the causal one it implies)."""
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B,heads,T,hd)
+    group = q.shape[1] // k.shape[1]
+    if group > 1:  # enable_gqa needs torch >= 2.5
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return Fn.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+
+
+ATTENTION = {"ref": ref.attention}
+if hasattr(Fn, "scaled_dot_product_attention"):  # torch >= 2.0
+    ATTENTION["sdpa"] = attention_sdpa
+
+
 # ---------------------------------------------------------------- parameters, step
 
 def new_state(c):
@@ -176,6 +194,7 @@ def bench(args):
     c, kv = read_config(args.config)
     torch.set_num_threads(args.threads)
     ref.moe = MOE[args.moe]
+    ref.attention = ATTENTION[args.attention]
     seed = int(kv.get("seed", 1337))
     gen = torch.Generator().manual_seed(seed)
     dev = torch.device(args.device)
@@ -220,7 +239,7 @@ def bench(args):
     flops_tok = 6 * active_params(c) + 6.0 * c.L * c.T * c.C
     res = {"impl": "pytorch-eager", "torch": torch.__version__, "device": str(dev), "dtype": args.dtype,
            "threads": torch.get_num_threads(),
-           "moe": args.moe, "preset": kv.get("preset", "?"), "tokens_per_step": M, "steps": args.steps,
+           "moe": args.moe, "attention": args.attention, "preset": kv.get("preset", "?"), "tokens_per_step": M, "steps": args.steps,
            "tokens_per_s": round(tok_s, 1), "ms_per_step": round(1e3 * total_s / args.steps, 2),
            "forward_ms": round(1e3 * t_fwd / args.steps, 2), "backward_ms": round(1e3 * t_bwd / args.steps, 2),
            "optimizer_ms": round(1e3 * t_opt / args.steps, 2), "gflops": round(flops_tok * tok_s / 1e9, 2),
@@ -247,17 +266,21 @@ def check():
         tokens = torch.randint(0, c.V, (c.B, c.T), generator=gen)
         targets = torch.randint(0, c.V, (c.B, c.T), generator=gen)
         results = {}
-        for label, fn in [("reference", REFERENCE_MOE)] + list(MOE.items()):
-            ref.moe = fn
+        variants = [("reference", REFERENCE_MOE, ATTENTION["ref"])] + [(f"{m} moe", fn, ATTENTION["ref"])
+                                                                         for m, fn in MOE.items()]
+        if "sdpa" in ATTENTION:
+            variants.append(("sdpa attention", REFERENCE_MOE, ATTENTION["sdpa"]))
+        for label, moe_fn, att_fn in variants:
+            ref.moe, ref.attention = moe_fn, att_fn
             P = {n: w.clone().requires_grad_(True) for n, w in init.items()}
             logits, ce, aux, _, _ = ref.forward(c, P, tokens, targets, new_state(c))
             (ce + aux).backward()
             results[label] = [logits, ce, aux] + [P[n].grad for n in init]
-        ref.moe = REFERENCE_MOE
-        for label in MOE:
+        ref.moe, ref.attention = REFERENCE_MOE, ATTENTION["ref"]
+        for label, _, _ in variants[1:]:
             err = max(float((a - b).abs().max()) for a, b in zip(results[label], results["reference"]))
             worst = max(worst, err)
-            print(f"{name}: {label} vs reference moe, max abs difference (logits, losses, grads) {err:.2e}")
+            print(f"{name}: {label} vs reference, max abs difference (logits, losses, grads) {err:.2e}")
     ok = worst < 1e-12
     print("check " + ("passed" if ok else "FAILED") + f" (float64, worst {worst:.2e}, limit 1e-12)")
     return 0 if ok else 1
@@ -272,6 +295,8 @@ def main():
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                     help="torch.set_num_threads (default: all cores)")
     ap.add_argument("--moe", choices=sorted(MOE), default="grouped")
+    ap.add_argument("--attention", choices=sorted(ATTENTION), default="ref",
+                    help="ref: the reference model's attention; sdpa: F.scaled_dot_product_attention (fused)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (the GPU comparison for moelab bench --backend cuda)")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
                     help="fp32 (no TF32; like --backend cuda-fp32) or bf16 autocast on cuda (fp32 weights and "
@@ -281,7 +306,8 @@ def main():
     ap.add_argument("--no-foreach", dest="foreach", action="store_const", const=False, help="per-tensor AdamW")
     ap.add_argument("--json", action="store_true", help="one JSON line like moelab bench --json")
     ap.add_argument("--check", action="store_true",
-                    help="float64: eager MoE variants == make_fixtures.moe on its cases (and --config is readable)")
+                    help="float64: eager MoE variants and sdpa attention == make_fixtures on its cases (and --config is "
+                         "readable)")
     args = ap.parse_args()
     if args.check:
         if args.config:

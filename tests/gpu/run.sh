@@ -64,9 +64,13 @@ for spec in "${presets[@]}"; do
     d=$tmp/run${#rows[@]} # one folder per spec: a preset may come back with other keys
     if "$moelab" train "preset=$p" "${common[@]}" "${extra[@]}" train.steps=0 run.dir="$d" run.db= >/dev/null 2>&1; then
         for dt in "${dtypes[@]}"; do
-            out=$(timeout "$bench_limit" python3 tests/bench/torch_step.py --config "$d/config.yaml" --device cuda --dtype $dt --steps "$steps" --json 2>&1 | tail -1)
-            echo "$out" >>"$jsonl"
-            rows+=("torch $spec $dt|$out")
+            # bf16 twice: the reference model's attention, then PyTorch's fused one (sdpa)
+            for att in ref $([ "$dt" = bf16 ] && echo sdpa); do
+                out=$(timeout "$bench_limit" python3 tests/bench/torch_step.py --config "$d/config.yaml" --device cuda \
+                    --dtype "$dt" --attention "$att" --steps "$steps" --json 2>&1 | tail -1)
+                echo "$out" >>"$jsonl"
+                rows+=("torch $spec $dt|$out")
+            done
         done
     else
         rows+=("torch $spec|skipped: no config (are data/tokens/vocab8192/*.bin here?)")

@@ -15,7 +15,8 @@ for line in sys.stdin:
         spec, dtype = label.split()[1], label.split()[2]
         mine = moelab.get((spec, "cuda" if dtype == "bf16" else "cuda-fp32"))
         ratio = f", moelab is {mine / r['tokens_per_s']:.2f}x" if mine else ""
-        print(f"| PyTorch eager {spec} {dtype} | {r['tokens_per_s']:.0f} tok/s, "
+        att = " sdpa" if r.get("attention") == "sdpa" else ""
+        print(f"| PyTorch eager{att} {spec} {dtype} | {r['tokens_per_s']:.0f} tok/s, "
               f"{r['ms_per_step']:.1f} ms/step{ratio} |")
     else:  # moelab bench: "SPEC BACKEND"
         spec, backend = label.split()

@@ -266,6 +266,17 @@ def moe(c, l, h2, P, routing, state):
     return y, balance_loss(c, l, logits, s, idx, state)
 
 
+def attention(q, k, v, mask):
+    """Causal GQA attention: q (B,T,H,hd), k and v (B,T,KV,hd), mask (T,T) lower-triangular -> (B,T,H,hd).
+    Query head h reads kv head h // (H / KV). (tests/bench/torch_step.py may swap in a fused version.)"""
+    group = q.shape[2] // k.shape[2]
+    k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B,H,T,hd)
+    att = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    att = att.masked_fill(~mask, float("-inf")).softmax(-1)
+    return (att @ v).transpose(1, 2)
+
+
 def forward(c, P, tokens, targets, state):
     """One micro-batch: tokens, targets (B,T). Returns logits (M,V), CE, the balancing loss summed over
     blocks, the balancing loss per block (L; 0 for dense blocks), routing info."""
@@ -285,13 +296,7 @@ def forward(c, P, tokens, targets, state):
             q = rmsnorm(q, P[p + "q_norm"], c.eps)
             k = rmsnorm(k, P[p + "k_norm"], c.eps)
         q, k = rope(q, T, hd, c.theta), rope(k, T, hd, c.theta)
-        group = H // KV
-        k = k.repeat_interleave(group, dim=2)  # query head h reads kv head h // group
-        v = v.repeat_interleave(group, dim=2)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B,H,T,hd)
-        att = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
-        att = att.masked_fill(~mask, float("-inf")).softmax(-1)
-        y = (att @ v).transpose(1, 2).reshape(M, H * hd)
+        y = attention(q, k, v, mask).reshape(M, H * hd)
         x = x + y @ P[p + "wo"].t()
         h2 = rmsnorm(x, P[p + "ffn_norm"], c.eps)
         if c.k[l] == 0:
