@@ -92,7 +92,11 @@ int cli_bench(int argc, char **argv) {
         free(m);
         return 1;
     }
-    model_init_weights(m, cfg.seed);
+    if (model_init_weights(m, cfg.seed, &err)) {
+        fprintf(stderr, "moelab bench: %s\n", err.msg);
+        model_free(m), free(m);
+        return 1;
+    }
     const int M = cfg.train.batch * cfg.model.seq_len;
     int32_t *tok = malloc(sizeof(int32_t) * (M + 1));
     ml_rng rng;

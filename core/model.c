@@ -258,13 +258,17 @@ void model_free(ml_model *m) {
  * (seed, i, c): the same weights for any thread count, and the 1.4 B parameters of a 4-layer Sigma-MoE-Tiny
  * drawn on all cores (one core took about a minute). */
 enum { INIT_CHUNK = 1 << 20 };
-void model_init_weights(ml_model *m, uint64_t seed) {
-    float *host = malloc(sizeof(float) * m->nparams);
-    const float std = m->cfg.model.init_std, out_std = std / sqrtf(2.0f * m->L);
-    size_t ntasks = 0;
+int model_init_weights(ml_model *m, uint64_t seed, ml_err *err) {
+    size_t ntasks = 0, n = 0;
     for (int i = 0; i < m->ntensors; i++) ntasks += (m->tensors[i].numel + INIT_CHUNK - 1) / INIT_CHUNK;
+    float *host = malloc(sizeof(float) * (m->nparams ? m->nparams : 1));
     int *task_tensor = malloc(sizeof(int) * (ntasks ? ntasks : 1));
-    size_t *task_chunk = malloc(sizeof(size_t) * (ntasks ? ntasks : 1)), n = 0;
+    size_t *task_chunk = malloc(sizeof(size_t) * (ntasks ? ntasks : 1));
+    if (!host || !task_tensor || !task_chunk) {
+        free(host), free(task_tensor), free(task_chunk);
+        return ml_errf(err, ML_ERUN, "out of host memory drawing %zu initial weights", m->nparams);
+    }
+    const float std = m->cfg.model.init_std, out_std = std / sqrtf(2.0f * m->L);
     for (int i = 0; i < m->ntensors; i++)
         for (size_t c = 0; c * INIT_CHUNK < m->tensors[i].numel; c++) task_tensor[n] = i, task_chunk[n++] = c;
 #pragma omp parallel for schedule(dynamic)
@@ -279,12 +283,15 @@ void model_init_weights(ml_model *m, uint64_t seed) {
         /* GPT-2: projections into the residual stream get std / sqrt(2L) */
         const int residual_out = strstr(t->name, ".wo") || strstr(t->name, "w2");
         const float s = residual_out ? out_std : std;
-        ml_rng rng;
-        rng_seed(&rng, seed ^ ((uint64_t)task_tensor[task] << 40) ^ ((uint64_t)task_chunk[task] * 0x9e3779b97f4a7c15ULL));
+        ml_rng rng; /* seeded through a hash of (seed, tensor, chunk): distinct streams for distinct triples */
+        rng_seed(&rng, seed);
+        rng_seed(&rng, rng_next(&rng) ^ (uint64_t)task_tensor[task]);
+        rng_seed(&rng, rng_next(&rng) ^ (uint64_t)task_chunk[task]);
         for (size_t j = lo; j < hi; j++) w[j] = (float)(rng_normal(&rng) * s);
     }
     m->be->from_host(m->params, host, sizeof(float) * m->nparams);
     free(task_tensor), free(task_chunk), free(host);
+    return ML_OK;
 }
 
 /* ---------------------------------------------------------------- forward */

@@ -110,8 +110,9 @@ typedef struct ml_model {
 int model_init(ml_model *m, const ml_config *cfg, const ml_backend *be, int B, int kmax, ml_err *err);
 void model_free(ml_model *m);
 
-/* GPT-2-style init from seed: normal(0, init_std) weights, output projections scaled by 1/sqrt(2L), norms 1. */
-void model_init_weights(ml_model *m, uint64_t seed);
+/* GPT-2-style init from seed: normal(0, init_std) weights, output projections scaled by 1/sqrt(2L), norms 1.
+ * The same weights for any thread count and backend. Fails with ML_ERUN when host memory runs out. */
+int model_init_weights(ml_model *m, uint64_t seed, ml_err *err);
 
 /* Runs the forward pass on tokens (B*T host ints). With targets (host) it returns the mean cross-entropy and
  * records routing statistics and the balancing losses (into eval_stats in eval_mode); without, it only

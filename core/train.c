@@ -114,7 +114,7 @@ int train_run(const ml_config *cfg_in, const ml_train_opts *opts, ml_train_resul
         if ((rc = checkpoint_load(cfg.run.resume, m, &st, err))) goto done_model;
         train.pos = st.data_pos;
     } else {
-        model_init_weights(m, rng_next(&st.rng));
+        if ((rc = model_init_weights(m, rng_next(&st.rng), err))) goto done_model;
     }
     snprintf(path, sizeof path, "%s/config.yaml", cfg.run.dir);
     FILE *cf = fopen(path, "w");

@@ -18,6 +18,7 @@
 
 #define BQ 64 // rows (queries or keys) per block: 4 warps x 16
 #define BT 64 // columns per tile (keys or queries)
+static_assert(BQ == BT, "the forward stages Q in the key tile's buffer; the shared-memory sizes assume BQ == BT");
 #define FULL 0xffffffffu
 
 // shared-memory row strides (bf16 elements): 8 extra elements spread a fragment load's 8 rows over all banks
@@ -39,7 +40,7 @@ __device__ __forceinline__ uint32_t ld32(const bf16 *p) { return *(const uint32_
 template <int DP, bool TRANSPOSED>
 __device__ void load_tile(bf16 *dst, const float *src, int b, int r0, int n, int T, int heads, int h, int hd) {
     constexpr int row = strides<DP>::row, tr = strides<DP>::tr;
-    if (hd % 4 == 0) { // 16-byte loads
+    if (hd % 4 == 0 && ((uintptr_t)src & 15) == 0) { // 16-byte loads
         const int q4 = DP / 4;
         for (int i = threadIdx.x; i < n * q4; i += blockDim.x) {
             const int r = i / q4, d = (i % q4) * 4, t = r0 + r;
@@ -297,7 +298,7 @@ __global__ void __launch_bounds__(128) k_attn_dkv_tc(float *dk, float *dv, const
                 Dq[i] = q0 + i < T ? delta[row] : 0.f;
             }
             __syncthreads();
-            if (w0 >= T || q0 + BT - 1 < w0) continue; // warp-uniform: no key here, or every query precedes them
+            if (w0 >= T) continue; // warp-uniform: no key of this warp (every tile reaches its keys: q0 <= w0)
             uint32_t a[NK][4];
             float s[8][4], dp[8][4];
 #pragma unroll

@@ -128,9 +128,18 @@ static form form_of(int bf16_table, int weight_grad) {
 }
 static int bf16_operands(int bf16_table, form f) { return f == F_BF16 || f == F_BF16OUT || (f == F_LOOP && bf16_table); }
 
-__global__ void k_widen(float *dst, const bf16 *src, size_t n, int add) {
+// dst = src + beta dst (beta 0 does not read dst)
+__global__ void k_widen(float *dst, const bf16 *src, size_t n, float beta) {
     size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-    if (i < n) dst[i] = add ? dst[i] + __bfloat162float(src[i]) : __bfloat162float(src[i]);
+    if (i < n) dst[i] = beta != 0 ? beta * dst[i] + __bfloat162float(src[i]) : __bfloat162float(src[i]);
+}
+
+// what the start-up probe found cuBLAS takes, and the bf16 table's next path once form f was refused anyway
+static int takes_bf16out, takes_tf32;
+static int path_after_refusal(form f) {
+    if (f == F_BF16 && takes_bf16out && takes_tf32) return PATH_BF16OUT;
+    if ((f == F_BF16 || f == F_BF16OUT) && takes_tf32) return PATH_TF32;
+    return PATH_LOOP;
 }
 
 // C_e = op(A_e) op(B_e) + beta C_e for every expert with rows, A and B in the form's operand type. F_BF16OUT
@@ -162,6 +171,7 @@ static void grouped(const char *op, int bf16_table, form f, const group_shape &s
         const size_t out_n = (size_t)off[E] * s.ldc; // F_BF16OUT: the rows of every expert, in order
         ptr_rule rg = rc;
         if (f == F_BF16OUT) {
+            if (rc.per_expert != 0) ml_cuda_die(op, "bf16 outputs need C as consecutive rows");
             tmp = (bf16 *)ml_ws(WS_GROUPED_OUT, sizeof(bf16) * out_n);
             rg = ptr_rule{(const char *)tmp, rc.per_expert / 2, rc.per_row / 2};
         }
@@ -172,12 +182,11 @@ static void grouped(const char *op, int bf16_table, form f, const group_shape &s
             (const void *const *)(group_ptrs + MAX_GROUPS), B.t, ldb, beta, group_ptrs + 2 * MAX_GROUPS,
             f == F_BF16OUT ? CUDA_R_16BF : CUDA_R_32F, ldc, groups, size, ct);
         if (st == CUBLAS_STATUS_SUCCESS) {
-            if (f == F_BF16OUT) LAUNCH(op, ml_blocks(out_n), 256, k_widen, C, tmp, out_n, s.beta != 0);
+            if (f == F_BF16OUT) LAUNCH(op, ml_blocks(out_n), 256, k_widen, C, tmp, out_n, s.beta);
             return;
         }
         if (st != CUBLAS_STATUS_NOT_SUPPORTED && st != CUBLAS_STATUS_INVALID_VALUE) BK(op, st);
-        const int was = path_of(bf16_table);
-        expert_path[bf16_table] = bf16_table ? was + 1 : PATH_LOOP;
+        expert_path[bf16_table] = bf16_table ? path_after_refusal(f) : PATH_LOOP;
         fprintf(stderr, "moelab cuda: %s: cublasGemmGroupedBatchedEx refused %s (%s); the experts run as %s "
                 "from now on\n", op, f == F_TF32 ? "TF32" : f == F_BF16OUT ? "bf16 outputs" : f == F_BF16 ?
                 "bf16 inputs" : "fp32 inputs", cublasGetStatusString(st), cuda_grouped_gemm_path(bf16_table));
@@ -252,11 +261,12 @@ static int takes(cudaDataType_t in, cudaDataType_t out, cublasComputeType_t ct) 
 }
 static void probe_paths(void) {
     expert_path[0] = takes(CUDA_R_32F, CUDA_R_32F, CUBLAS_COMPUTE_32F) ? PATH_GROUPED : PATH_LOOP;
-    expert_path[1] = takes(CUDA_R_16BF, CUDA_R_32F, CUBLAS_COMPUTE_32F)                ? PATH_GROUPED
-                     : takes(CUDA_R_16BF, CUDA_R_16BF, CUBLAS_COMPUTE_32F) &&
-                               takes(CUDA_R_32F, CUDA_R_32F, CUBLAS_COMPUTE_32F_FAST_TF32) ? PATH_BF16OUT
-                     : takes(CUDA_R_32F, CUDA_R_32F, CUBLAS_COMPUTE_32F_FAST_TF32)       ? PATH_TF32
-                                                                                         : PATH_LOOP;
+    takes_bf16out = takes(CUDA_R_16BF, CUDA_R_16BF, CUBLAS_COMPUTE_32F);
+    takes_tf32 = takes(CUDA_R_32F, CUDA_R_32F, CUBLAS_COMPUTE_32F_FAST_TF32);
+    expert_path[1] = takes(CUDA_R_16BF, CUDA_R_32F, CUBLAS_COMPUTE_32F) ? PATH_GROUPED
+                     : takes_bf16out && takes_tf32                      ? PATH_BF16OUT
+                     : takes_tf32                                       ? PATH_TF32
+                                                                        : PATH_LOOP;
     CK("grouped_matmul (probe)", cudaDeviceSynchronize());
 }
 extern "C" void cuda_set_grouped_gemm(int on) {

@@ -186,7 +186,7 @@ static void check_forms_in_model(const char *data, const char *policy) {
         CHECK(ok && m.balance.has_host_loss == (form && m.balance.has_loss) &&
                   m.balance.has_host_cap == (form && m.balance.has_cap), "%s form %d: %s", policy, form, err.msg);
         if (!ok) return;
-        model_init_weights(&m, 3);
+        model_init_weights(&m, 3, NULL);
         model_begin_step(&m, 0);
         model_zero_grad(&m);
         for (int micro = 0; micro < 3; micro++) {
@@ -436,7 +436,7 @@ static void check_policies_in_model(const char *data) {
             CHECK(0, "%s: %s", policies[i], err.msg);
             continue;
         }
-        model_init_weights(&m, 1);
+        model_init_weights(&m, 1, NULL);
         int ok = 1;
         float bias_before = 0;
         for (int step = 0; step < 2; step++) {

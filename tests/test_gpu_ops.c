@@ -468,7 +468,7 @@ static void test_model_step(const char *policy, int host_policies) {
     ml_model *ms[3] = {mc, mg, mg2};
     const long allocs = cuda_alloc_count();
     for (int i = 0; i < 3; i++) {
-        model_init_weights(ms[i], 7);
+        model_init_weights(ms[i], 7, NULL);
         for (int step = 1; step <= 2; step++) {
             model_zero_grad(ms[i]);
             model_begin_step(ms[i], (uint64_t)(step - 1) * Mt);
@@ -536,7 +536,7 @@ static void test_bf16_training(void) {
             free(m);
             break;
         }
-        model_init_weights(m, 11);
+        model_init_weights(m, 11, NULL);
         const long allocs = cuda_alloc_count();
         for (int s = 0; s < STEPS; s++) {
             model_zero_grad(m);

@@ -121,8 +121,8 @@ int main(int argc, char **argv) {
         CHECK(loader_open(&lb, path, 4, cb.model.seq_len, cb.model.vocab, &err) == 0, "%s", err.msg);
         model_init(&a, &ca, backend_cpu(), 8, 0, &err);
         model_init(&b, &cb, backend_cpu(), 4, 0, &err);
-        model_init_weights(&a, 5);
-        model_init_weights(&b, 5);
+        model_init_weights(&a, 5, NULL);
+        model_init_weights(&b, 5, NULL);
         model_zero_grad(&a), model_zero_grad(&b);
         loader_next(&la);
         float la_loss = model_forward(&a, la.inputs, la.targets);
