@@ -115,8 +115,8 @@ int cli_bench(int argc, char **argv) {
         tracing = recorder_open(&rec, &rcfg, m, -1, &err) == 0;
     }
     long allocs_before = 0;
-    /* routing time needs a sync at the end of each routing section; on a GPU that would slow the timed steps,
-     * so there it is measured in the profiled steps below */
+    /* routing time needs a sync at both ends of each routing section; on a GPU that would slow the timed
+     * steps, so there it is measured in the profiled steps below */
     m->time_routing = !on_gpu;
     for (int s = 0; s < warmup + steps; s++) {
 #ifdef ML_HAVE_CUDA

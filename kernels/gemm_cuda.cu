@@ -228,18 +228,21 @@ static void grouped_matmul_backward(float *dinp, float *dw, const float *dout, c
     const char *op = "grouped_matmul_backward";
     const int rows = rows_of(op, offsets, E);
     if (rows == 0) return; // every expert empty: no gradient anywhere
+    operand G{dout, CUDA_R_32F}; // the output gradient, rounded to bf16 at most once
     if (dinp) { // dinp_e(n_e,K) += dout_e(n_e,N) @ w_e(N,K): column-major C(K,n_e) = W_e(K,N) G_e(N,n_e)
         const form f = form_of(BF, 0);
         const int bf = bf16_operands(BF, f);
-        operand G = act(op, dout, (size_t)rows * N, bf, WS_CAST_B), W = weight(op, w, (size_t)E * N * K, bf);
+        G = act(op, dout, (size_t)rows * N, bf, WS_CAST_B);
+        operand W = weight(op, w, (size_t)E * N * K, bf);
         group_shape s{CUBLAS_OP_N, CUBLAS_OP_N, K, 0, N, K, N, K, ROWS_N, 1};
         grouped(op, BF, f, s, W, ptr_rule{0, (long long)elt(W) * N * K, 0}, G, ptr_rule{0, 0, (long long)elt(G) * N},
                 dinp, ptr_rule{0, 0, (long long)sizeof(float) * K}, offsets, E);
     }
     // dw_e(N,K) += dout_e^T @ inp_e: column-major C(K,N) = X_e(K,n_e) G_e^T(n_e,N); k = n_e
-    const form f = form_of(BF, 1);
+    const form f = form_of(BF, 1); // after the dinp call: a refusal there may have moved the path on
     const int bf = bf16_operands(BF, f);
-    operand G = act(op, dout, (size_t)rows * N, bf, WS_CAST_B), X = act(op, inp, (size_t)rows * K, bf, WS_CAST_A);
+    if ((G.t == CUDA_R_16BF) != bf) G = act(op, dout, (size_t)rows * N, bf, WS_CAST_B);
+    operand X = act(op, inp, (size_t)rows * K, bf, WS_CAST_A);
     group_shape s{CUBLAS_OP_N, CUBLAS_OP_T, K, N, 0, K, N, K, ROWS_K, 1};
     grouped(op, BF, f, s, X, ptr_rule{0, 0, (long long)elt(X) * K}, G, ptr_rule{0, 0, (long long)elt(G) * N}, dw,
             ptr_rule{0, (long long)sizeof(float) * N * K, 0}, offsets, E);

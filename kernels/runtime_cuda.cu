@@ -193,7 +193,8 @@ static void prepare(const ml_backend_plan *p, int bf16_casts) {
         if (ml_grouped_bf16_outputs()) ml_ws(WS_GROUPED_OUT, sizeof(bf16) * p->max_gemm_floats);
     }
     // route_stats: M row sums + (M/128 + B) x E partial sums and counts (chunks stop at sequence ends; the
-    // z-loss's and tempered loss's (M/128 + 1) x (E + 1) partials fit too); rmsnorm dw: ML_NORM_CHUNKS x C partials
+    // z-loss's and tempered loss's (M/128 + 1) x (E + 1) partials fit too); rmsnorm dw: ML_NORM_CHUNKS x C
+    // partials
     size_t reduce = sizeof(double) * p->M + (sizeof(double) + sizeof(int32_t)) * (p->M / 128 + p->B + 1) * E;
     size_t norm = sizeof(double) * ML_NORM_CHUNKS * (size_t)(p->C > p->hd ? p->C : p->hd);
     ml_ws(WS_REDUCE, reduce > norm ? reduce : norm);

@@ -83,7 +83,7 @@ void cpu_tempered_forward(double *fsum, double *ssum, const float *logits, const
         part_s[c] = 0;
         for (int t = CHUNK_LO(c, M); t < CHUNK_LO(c + 1, M); t++) {
             const float *l = logits + (size_t)t * E;
-                const double lse = row_lse(l, E, inv_tau);
+            const double lse = row_lse(l, E, inv_tau);
             for (int e = 0; e < E; e++) part_f[c][e] += exp(l[e] * inv_tau - lse);
             for (int j = 0; j < k; j++) {
                 const int32_t e = idx[(size_t)t * k + j];

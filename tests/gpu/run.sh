@@ -6,8 +6,9 @@
 #   tests/gpu/run.sh [PRESET[:key=value,...] ...]
 # default: tiny, small-cpu, then the full Sigma-MoE-Tiny width at 4 layers with 2 x 4K and 8 x 2K tokens per
 # micro-batch (bf16 only); the PyTorch side runs only where the reference model covers the config. Each stage
-# runs under a time limit (MOELAB_GPU_OPS_TIMEOUT, MOELAB_GPU_BENCH_TIMEOUT seconds); MOELAB_GPU_STEPS steps. Needs: nvcc (or a build folder made elsewhere with -Dcuda=enabled), the NVIDIA driver, and the
-# libraries the binary links (OpenBLAS, HDF5, SQLite, libyaml, pcre2; LD_LIBRARY_PATH may point at copies).
+# runs under a time limit (MOELAB_GPU_OPS_TIMEOUT, MOELAB_GPU_BENCH_TIMEOUT seconds); MOELAB_GPU_STEPS steps.
+# Needs: nvcc (or a build folder made elsewhere with -Dcuda=enabled), the NVIDIA driver, and the libraries the
+# binary links (OpenBLAS, HDF5, SQLite, libyaml, pcre2; LD_LIBRARY_PATH may point at copies).
 # The full bench JSON lines (per-op breakdown included) are kept in $OUT or /tmp/moelab_gpu_bench.jsonl.
 # MOELAB_PREBUILT=DIR: take DIR/bin/moelab and DIR/bin/test_gpu_ops (tests/gpu/pack.sh) instead of building;
 # the CUDA runtime and cuBLAS then come from /usr/local/cuda/lib64 or PyTorch's nvidia packages.
