@@ -53,7 +53,9 @@ int cli_bench(int argc, char **argv) {
                    "Times training steps (forward + backward + AdamW) of a preset (default small-cpu) on random\n"
                    "tokens and reports tokens/s, achieved GFLOP/s (6 x active params + attention per token),\n"
                    "MFU (6 x active params per token) against this machine's GEMM peak, measured first (sgemm\n"
-                   "on the CPU; cuBLAS bf16 for cuda, fp32 for cuda-fp32), and on a GPU the time per op.\n");
+                   "on the CPU; cuBLAS bf16 for cuda, fp32 for cuda-fp32), and on a GPU the time per op.\n"
+                   "A step is train.accum micro-batches of train.batch x model.seq_len tokens and one AdamW update,\n"
+                   "as in training.\n");
             return 0;
         }
         if (!strcmp(argv[i], "--steps") && i + 1 < argc) steps = atoi(argv[++i]);
@@ -97,7 +99,7 @@ int cli_bench(int argc, char **argv) {
         model_free(m), free(m);
         return 1;
     }
-    const int M = cfg.train.batch * cfg.model.seq_len;
+    const int M = cfg.train.batch * cfg.model.seq_len, accum = cfg.train.accum; /* M tokens per micro-batch */
     int32_t *tok = malloc(sizeof(int32_t) * (M + 1));
     ml_rng rng;
     rng_seed(&rng, cfg.seed);
@@ -122,25 +124,31 @@ int cli_bench(int argc, char **argv) {
 #ifdef ML_HAVE_CUDA
         if (on_gpu && s == warmup) allocs_before = cuda_alloc_count();
 #endif
-        double t0 = now_s(), r0 = m->routing_seconds;
+        const double r0 = m->routing_seconds;
+        double t0 = now_s(), fwd;
         model_zero_grad(m);
         model_begin_step(m, 0);
-        model_forward(m, tok, tok + 1);
-        be->sync(); /* device backends run asynchronously: time finished work */
-        double t1 = now_s();
-        model_backward(m, 1.0f);
-        be->sync();
+        fwd = now_s() - t0; /* clearing the gradients counts as forward, as it did before accum */
+        for (int micro = 0; micro < accum; micro++) { /* as train.c: one optimizer step per accum micro-batches */
+            double ta = now_s();
+            model_forward(m, tok, tok + 1);
+            be->sync(); /* device backends run asynchronously: time finished work */
+            double tb = now_s();
+            model_backward(m, 1.0f / accum);
+            be->sync();
+            fwd += tb - ta;
+        }
         double t2 = now_s();
         double norm = model_grad_norm(m);
         model_adamw(m, 1e-4f, norm > 1 ? (float)(1 / norm) : 1, s + 1);
         be->sync();
         double t3 = now_s();
         if (tracing) {
-            recorder_step(&rec, &rcfg, m, s + 1, (uint64_t)(s + 1) * M, 0, 1e-4f, (float)norm, &err);
+            recorder_step(&rec, &rcfg, m, s + 1, (uint64_t)(s + 1) * M * accum, 0, 1e-4f, (float)norm, &err);
             if ((s + 1) % rcfg.trace.flush_every == 0) recorder_flush(&rec, &err);
         }
         double t4 = now_s();
-        if (s >= warmup) t_fwd += t1 - t0, t_bwd += t2 - t1, t_opt += t3 - t2, t_route += m->routing_seconds - r0;
+        if (s >= warmup) t_fwd += fwd, t_bwd += t2 - t0 - fwd, t_opt += t3 - t2, t_route += m->routing_seconds - r0;
         if (s >= warmup) t_trace += t4 - t3;
     }
     if (tracing) {
@@ -169,8 +177,10 @@ int cli_bench(int argc, char **argv) {
         for (int s = 0; s < prof_steps; s++) {
             model_zero_grad(m);
             model_begin_step(m, 0);
-            model_forward(m, tok, tok + 1);
-            model_backward(m, 1.0f);
+            for (int micro = 0; micro < accum; micro++) {
+                model_forward(m, tok, tok + 1);
+                model_backward(m, 1.0f / accum);
+            }
             double norm = model_grad_norm(m);
             model_adamw(m, 1e-4f, norm > 1 ? (float)(1 / norm) : 1, warmup + steps + s + 1);
         }
@@ -199,20 +209,20 @@ int cli_bench(int argc, char **argv) {
 #ifdef ML_HAVE_CUDA
     if (on_gpu) expert_gemm = cuda_grouped_gemm_path(bf16);
 #endif
-    double total = t_fwd + t_bwd + t_opt, tok_s = (double)M * steps / total;
+    double total = t_fwd + t_bwd + t_opt, tok_s = (double)M * accum * steps / total;
     double attn = 6.0 * cfg.model.layers * cfg.model.seq_len * cfg.model.dim;
     double flops_tok = 6 * model_active_params(&cfg) + attn;
     double gflops = flops_tok * tok_s / 1e9;
     double mfu = peak > 0 ? 6 * model_active_params(&cfg) * tok_s / 1e9 / peak : 0, of_peak = peak > 0 ? gflops / peak : 0;
     if (json) {
-        printf("{\"preset\": \"%s\", \"tokens_per_step\": %d, \"steps\": %d, \"tokens_per_s\": %.1f, "
+        printf("{\"preset\": \"%s\", \"tokens_per_step\": %d, \"accum\": %d, \"steps\": %d, \"tokens_per_s\": %.1f, "
                "\"ms_per_step\": %.2f, \"forward_ms\": %.2f, \"backward_ms\": %.2f, \"optimizer_ms\": %.2f, "
                "\"routing_ms\": %.2f, \"routing_fraction\": %.4f, \"trace_ms\": %.3f, \"trace_fraction\": %.5f, "
                "\"gflops\": %.2f, \"peak_gflops\": %.2f, \"peak_kind\": \"%s\", \"fraction_of_peak\": %.4f, "
                "\"mfu\": %.4f, \"params\": %zu, \"active_params\": %.0f, \"backend\": \"%s\", "
                "\"step_allocations\": %ld, \"expert_gemm\": \"%s\", \"attention_tflops_forward\": %.2f, "
                "\"attention_tflops_backward\": %.2f, \"ops\": {",
-               cfg.preset, M, steps, tok_s, 1e3 * total / steps, 1e3 * t_fwd / steps, 1e3 * t_bwd / steps,
+               cfg.preset, M * accum, accum, steps, tok_s, 1e3 * total / steps, 1e3 * t_fwd / steps, 1e3 * t_bwd / steps,
                1e3 * t_opt / steps, 1e3 * t_route / steps, t_route / total, 1e3 * t_trace / steps, t_trace / total,
                gflops, peak, peak_kind, of_peak, mfu, m->nparams, model_active_params(&cfg), be->name,
                step_allocs, expert_gemm, attn_tflops[0], attn_tflops[1]);
@@ -221,8 +231,9 @@ int cli_bench(int argc, char **argv) {
                    ops[i].ms / prof_steps, (double)ops[i].calls / prof_steps);
         printf("}}\n");
     } else {
-        printf("moelab bench: preset %s, backend %s, %zu parameters, %d tokens/step, %d steps (after %d warmup)\n",
-               cfg.preset, be->name, m->nparams, M, steps, warmup);
+        printf("moelab bench: preset %s, backend %s, %zu parameters, %d tokens/step (%d micro-batch%s of %d), %d steps "
+               "(after %d warmup)\n", cfg.preset, be->name, m->nparams, M * accum, accum, accum == 1 ? "" : "es", M,
+               steps, warmup);
         printf("  GEMM peak (%s, best of 5) %8.1f GFLOP/s\n", peak_kind, peak);
         printf("  step                            %8.2f ms  (forward %.2f, backward %.2f, optimizer %.2f)\n",
                1e3 * total / steps, 1e3 * t_fwd / steps, 1e3 * t_bwd / steps, 1e3 * t_opt / steps);

@@ -11,8 +11,8 @@ code usually is: the reference `moe` also measures top-k margins for fixture see
 scores), accumulates with an out-of-place index_add per expert and slices the stacked expert tensor once
 per expert (each slice's backward materialises a full-size gradient). The replacement keeps the reference's
 router, gates and balancing losses (`balance_loss`, every balance.policy term it implements). `--check`
-proves in float64, on make_fixtures' cases, that the swap changes no output, loss or gradient. One micro-batch
-per step, like moelab bench (train.accum is not used).
+proves in float64, on make_fixtures' cases, that the swap changes no output, loss or gradient. A step is
+train.accum micro-batches (forward + backward of loss / accum each) and one optimizer update, like moelab bench.
 
 Timing matches moelab bench: zero_grad + forward, backward, then global-norm clipping at 1 and AdamW
 (lr 1e-4, the config's betas, eps and weight decay, none on the norms); the mean over --steps after
@@ -172,7 +172,7 @@ if hasattr(Fn, "scaled_dot_product_attention"):  # torch >= 2.0
 # ---------------------------------------------------------------- parameters, step
 
 def new_state(c):
-    """make_fixtures.accumulate's per-step balancing state for one micro-batch (moelab bench runs one per step)."""
+    """make_fixtures.accumulate's per-step balancing state (global counts restart each step); j: micro-batch."""
     return {"running": [0.0] * c.L, "j": 1, "weight": {}, "fmode": "running"}
 
 
@@ -219,27 +219,33 @@ def bench(args):
         sync()
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
-            _, ce, aux, _, _ = ref.forward(c, P, tokens, targets, new_state(c))
-            total = ce + aux
+        state, fwd, loss_sum = new_state(c), time.perf_counter() - t0, 0.0  # zero_grad counts as forward
+        for j in range(c.A):  # as make_fixtures.accumulate and core/train.c
+            state["j"] = j + 1
+            ta = time.perf_counter()
+            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
+                _, ce, aux, _, _ = ref.forward(c, P, tokens, targets, state)
+                total = (ce + aux) / c.A
+            sync()
+            fwd += time.perf_counter() - ta
+            total.backward()
+            loss_sum += float(total)
         sync()
-        t1 = time.perf_counter()
-        total.backward()
-        sync()
-        t2 = time.perf_counter()
+        t1, t2 = t0 + fwd, time.perf_counter()
         torch.nn.utils.clip_grad_norm_(params, 1.0)  # moelab bench clips the global norm at 1 every step
         opt.step()
         sync()
         t3 = time.perf_counter()
         if s >= args.warmup:
             t_fwd, t_bwd, t_opt = t_fwd + t1 - t0, t_bwd + t2 - t1, t_opt + t3 - t2
-        loss = float(total)
+        loss = loss_sum
     total_s = t_fwd + t_bwd + t_opt
-    tok_s = M * args.steps / total_s
+    tok_s = M * c.A * args.steps / total_s
     flops_tok = 6 * active_params(c) + 6.0 * c.L * c.T * c.C
     res = {"impl": "pytorch-eager", "torch": torch.__version__, "device": str(dev), "dtype": args.dtype,
            "threads": torch.get_num_threads(),
-           "moe": args.moe, "attention": args.attention, "preset": kv.get("preset", "?"), "tokens_per_step": M, "steps": args.steps,
+           "moe": args.moe, "attention": args.attention, "preset": kv.get("preset", "?"),
+           "tokens_per_step": M * c.A, "accum": c.A, "steps": args.steps,
            "tokens_per_s": round(tok_s, 1), "ms_per_step": round(1e3 * total_s / args.steps, 2),
            "forward_ms": round(1e3 * t_fwd / args.steps, 2), "backward_ms": round(1e3 * t_bwd / args.steps, 2),
            "optimizer_ms": round(1e3 * t_opt / args.steps, 2), "gflops": round(flops_tok * tok_s / 1e9, 2),
@@ -248,7 +254,7 @@ def bench(args):
         print(json.dumps(res))
     else:
         print(f"pytorch {res['torch']} eager ({args.moe} MoE), preset {res['preset']}, {res['params']} parameters,"
-              f" {M} tokens/step, {args.steps} steps (after {args.warmup} warmup), {res['threads']} threads")
+              f" {M * c.A} tokens/step ({c.A} x {M}), {args.steps} steps (after {args.warmup} warmup), {res['threads']} threads")
         print(f"  step        {res['ms_per_step']:9.2f} ms  (forward {res['forward_ms']:.2f}, backward"
               f" {res['backward_ms']:.2f}, optimizer {res['optimizer_ms']:.2f})")
         print(f"  throughput  {tok_s:9.0f} tokens/s  ({res['gflops']:.2f} GFLOP/s at {flops_tok:.3g} FLOP/token)")
