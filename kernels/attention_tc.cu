@@ -1,12 +1,15 @@
 // attention_tc.cu: flash-style causal GQA attention on tensor cores, the "cuda" table's attention (FlashAttention-2
 // structure: the score tile, the softmax and the accumulators live in registers). Same contract and saved state
 // as attention_cuda.cu (lse, then delta, each B x H x T), which stays the fp32 table's and the reference these
-// kernels are tested against. q, k, v, out and the gradients are fp32 in memory; tiles are rounded to bf16 as
-// they enter shared memory; products accumulate in fp32 (mma.sync m16n8k16, bf16 inputs).
-// The head dimension is padded with zeros to a multiple of 16 (NK = padded / 16 <= 8).
-//   forward: a block = 4 warps x 16 query rows; key tiles of 64 (K row-major, V transposed in shared memory);
-//            per warp S = Q K^T (16 x 64) in registers, online softmax (exp2, fp32), P rounded to bf16 straight
-//            from the accumulator layout into the A-operand layout, O += P V in registers.
+// kernels are tested against. q, k, v, out and the gradients are fp32 in memory; a staging pass rounds q, k, v
+// (and dO) to bf16 into the workspace as (B, heads, Tp, DP) tensors, zero padded to Tp = T rounded up to 64
+// rows and DP = hd rounded up to 16 columns (NK = DP / 16 <= 8), so every 64-row tile is one contiguous block
+// that cp.async copies 16 bytes at a time, double-buffered (the next tile is in flight while this one is
+// used); fragments come out of shared memory with ldmatrix (.trans for operands read down their columns);
+// products accumulate in fp32 (mma.sync m16n8k16, bf16 inputs).
+//   forward: a block = 4 warps x 16 query rows; key tiles of 64; per warp S = Q K^T (16 x 64) in registers,
+//            online softmax (exp2, fp32), P rounded to bf16 straight from the accumulator layout into the
+//            A-operand layout, O += P V in registers.
 //   dq:      the same blocks; per key tile S = Q K^T, dP = dO V^T, dS = P (dP - delta) scale, dq += dS K.
 //   dk, dv:  a block = 4 warps x 16 key rows; over the group's query heads and the query tiles at or after
 //            the block's first key: S^T = K Q^T, dP^T = V dO^T, dv += P^T dO, dk += dS^T Q.
@@ -16,15 +19,17 @@
 // C 16 x 8 fp32 {(g, 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1)}. Two adjacent C tiles (16 x 16) are one A tile.
 #include "cuda_common.cuh"
 
-#define BQ 64 // rows (queries or keys) per block: 4 warps x 16
-#define BT 64 // columns per tile (keys or queries)
-static_assert(BQ == BT, "the forward stages Q in the key tile's buffer; the shared-memory sizes assume BQ == BT");
+#define BQ 64  // rows (queries or keys) per block: 4 warps x 16
+#define BT 64  // rows per tile (keys or queries), and Tp's granule
+#define NT 128 // threads per block
+static_assert(BQ == BT, "a block's rows are one tile of the staged layout");
 #define FULL 0xffffffffu
+#define LOG2E 1.4426950408889634f
 
-// shared-memory row strides (bf16 elements): 8 extra elements spread a fragment load's 8 rows over all banks
-template <int DP> struct strides {
-    static constexpr int row = DP + 8; // a (rows x DP) tile, row-major
-    static constexpr int tr = BT + 8;  // a (DP x 64) transposed tile
+// shared-memory tiles: 64 rows of DP bf16, rows padded by 8 elements (16 bytes) so that the 8 row addresses of
+// an ldmatrix phase fall on distinct banks
+template <int NK> struct tile {
+    static constexpr int DP = 16 * NK, LD = DP + 8, ELEMS = BT * LD;
 };
 
 __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
@@ -33,33 +38,47 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
     memcpy(&a, &l, 2), memcpy(&b, &h, 2);
     return (uint32_t)a | (uint32_t)b << 16;
 }
-__device__ __forceinline__ uint32_t ld32(const bf16 *p) { return *(const uint32_t *)p; }
 
-// rows [r0, r0 + n) of a (B,T,heads,hd) tensor at head h into a bf16 tile, zero padded to DP columns and past T;
-// row-major (dst[r * row + d]) or transposed (dst[d * tr + r])
-template <int DP, bool TRANSPOSED>
-__device__ void load_tile(bf16 *dst, const float *src, int b, int r0, int n, int T, int heads, int h, int hd) {
-    constexpr int row = strides<DP>::row, tr = strides<DP>::tr;
-    if (hd % 4 == 0 && ((uintptr_t)src & 15) == 0) { // 16-byte loads
-        const int q4 = DP / 4;
-        for (int i = threadIdx.x; i < n * q4; i += blockDim.x) {
-            const int r = i / q4, d = (i % q4) * 4, t = r0 + r;
-            float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
-            if (t < T && d < hd) x = *(const float4 *)&src[(((size_t)b * T + t) * heads + h) * hd + d];
-            if (TRANSPOSED) {
-                dst[(d + 0) * tr + r] = __float2bfloat16_rn(x.x), dst[(d + 1) * tr + r] = __float2bfloat16_rn(x.y);
-                dst[(d + 2) * tr + r] = __float2bfloat16_rn(x.z), dst[(d + 3) * tr + r] = __float2bfloat16_rn(x.w);
-            } else {
-                *(uint32_t *)&dst[r * row + d] = pack2(x.x, x.y), *(uint32_t *)&dst[r * row + d + 2] = pack2(x.z, x.w);
-            }
-        }
-        return;
-    }
-    for (int i = threadIdx.x; i < n * DP; i += blockDim.x) {
-        const int r = i / DP, d = i % DP, t = r0 + r;
-        const float x = t < T && d < hd ? src[(((size_t)b * T + t) * heads + h) * hd + d] : 0.f;
-        dst[TRANSPOSED ? d * tr + r : r * row + d] = __float2bfloat16_rn(x);
-    }
+#ifndef ML_CUDA_EMU
+__device__ __forceinline__ uint32_t smem_addr(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
+#endif
+// 16 bytes global -> shared without passing through registers; completes at a cp_async_wait
+__device__ __forceinline__ void cp_async16(void *dst, const void *src) {
+#ifdef ML_CUDA_EMU
+    ml_emu_cp_async16(dst, src);
+#else
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)), "l"(src) : "memory");
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#ifdef ML_CUDA_EMU
+    ml_emu_cp_async_commit();
+#else
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+// waits until at most N of this thread's committed groups are in flight
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+#ifdef ML_CUDA_EMU
+    ml_emu_cp_async_wait(N);
+#else
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+// ldmatrix x4: lanes 8i..8i+7 point at the rows of 8 x 8 matrix i; TRANS reads the matrices down their columns
+template <bool TRANS> __device__ __forceinline__ void ldsm_x4(uint32_t r[4], const bf16 *row) {
+#ifdef ML_CUDA_EMU
+    ml_emu_ldmatrix_x4(r, row, TRANS);
+#else
+    if (TRANS)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(smem_addr(row)));
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(smem_addr(row)));
+#endif
 }
 
 // D += A B for one warp (m16n8k16, bf16 inputs, fp32 accumulators)
@@ -74,41 +93,63 @@ __device__ __forceinline__ void mma16816(float d[4], const uint32_t a[4], uint32
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 #endif
 }
-// the A fragment of rows [0, 16) x columns [16 kk, 16 kk + 16) of a row-major bf16 tile (stride ld)
-__device__ __forceinline__ void load_a(uint32_t a[4], const bf16 *tile, int ld, int kk) {
-    const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
-    const bf16 *p = tile + g * ld + kk * 16 + 2 * t;
-    a[0] = ld32(p), a[1] = ld32(p + 8 * ld), a[2] = ld32(p + 8), a[3] = ld32(p + 8 * ld + 8);
-}
-// C(16 x 64) = A(16 x 16 NK, fragments a) B, B(k, n) = rows[n][k] of a row-major bf16 tile (stride ld): the
-// 64 rows' products with the A rows, e.g. S = Q K^T with rows = the key tile
-template <int NK>
-__device__ __forceinline__ void mma_rows64(float c[8][4], const uint32_t a[NK][4], const bf16 *rows, int ld) {
-    const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+
+// rows [0, 64) of a staged (Tp x DP) matrix, src at the tile's first row, into a shared tile: NK 16-byte
+// copies per thread, asynchronous
+template <int NK> __device__ __forceinline__ void tile_async(bf16 *dst, const bf16 *src) {
+    constexpr int DP = tile<NK>::DP, LD = tile<NK>::LD, C = DP / 8; // 16-byte chunks per row
 #pragma unroll
-    for (int n = 0; n < 8; n++) {
-        c[n][0] = c[n][1] = c[n][2] = c[n][3] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < NK; kk++) {
-            const bf16 *p = rows + (n * 8 + g) * ld + kk * 16 + 2 * t;
-            mma16816(c[n], a[kk], ld32(p), ld32(p + 8));
-        }
+    for (int j = 0; j < NK; j++) { // 64 C / NT = NK
+        const int i = threadIdx.x + j * NT, r = i / C, c = i % C * 8;
+        cp_async16(dst + r * LD + c, src + (size_t)r * DP + c);
     }
 }
-// acc(16 x DP) += P(16 x 64, C layout in c, rounded to bf16 here) B, B(k, n) = tr[n][k] of a transposed bf16
-// tile (stride strides::tr), e.g. O += P V with tr = V^T
-template <int NK>
-__device__ __forceinline__ void mma_p_tr(float acc[2 * NK][4], const float c[8][4], const bf16 *tr) {
-    constexpr int ld = BT + 8;
-    const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+
+// the A fragment of rows [0, 16) x columns [16 kk, 16 kk + 16) of a row-major shared tile
+template <int NK> __device__ __forceinline__ void frag_a(uint32_t a[4], const bf16 *rows, int kk) {
+    const int l = threadIdx.x % 32;
+    ldsm_x4<false>(a, rows + (l % 16) * tile<NK>::LD + kk * 16 + l / 16 * 8);
+}
+// B fragments of B(k, n) = rows[n][k] for k in [16 kk, 16 kk + 16): b[0..1] for n in [n0, n0 + 8), b[2..3] for
+// [n0 + 8, n0 + 16) (e.g. K for S = Q K^T)
+template <int NK> __device__ __forceinline__ void frag_b_rows(uint32_t b[4], const bf16 *rows, int n0, int kk) {
+    const int l = threadIdx.x % 32;
+    ldsm_x4<false>(b, rows + (n0 + l % 8 + l / 16 * 8) * tile<NK>::LD + kk * 16 + l / 8 % 2 * 8);
+}
+// B fragments of B(k, n) = t[k][n] for k in [16 kk, 16 kk + 16), read down the columns: b[0..1] for n in
+// [n0, n0 + 8), b[2..3] for [n0 + 8, n0 + 16) (e.g. V for O += P V)
+template <int NK> __device__ __forceinline__ void frag_b_cols(uint32_t b[4], const bf16 *t, int kk, int n0) {
+    const int l = threadIdx.x % 32;
+    ldsm_x4<true>(b, t + (kk * 16 + l % 8 + l / 8 % 2 * 8) * tile<NK>::LD + n0 + l / 16 * 8);
+}
+// C(16 x 64) = A(16 x DP, fragments a) B, B(k, n) = rows[n][k] of a shared tile: the 64 rows' products with
+// the A rows, e.g. S = Q K^T with rows = the key tile
+template <int NK> __device__ __forceinline__ void mma_rows64(float c[8][4], const uint32_t a[NK][4], const bf16 *rows) {
+#pragma unroll
+    for (int n = 0; n < 8; n++) c[n][0] = c[n][1] = c[n][2] = c[n][3] = 0.f;
+#pragma unroll
+    for (int n2 = 0; n2 < 4; n2++)
+#pragma unroll
+        for (int kk = 0; kk < NK; kk++) {
+            uint32_t b[4];
+            frag_b_rows<NK>(b, rows, 16 * n2, kk);
+            mma16816(c[2 * n2], a[kk], b[0], b[1]);
+            mma16816(c[2 * n2 + 1], a[kk], b[2], b[3]);
+        }
+}
+// acc(16 x DP) += P(16 x 64, C layout in c, rounded to bf16 here) B, B(k, n) = t[k][n] of a shared tile,
+// e.g. O += P V with t = the value tile
+template <int NK> __device__ __forceinline__ void mma_p_cols(float acc[2 * NK][4], const float c[8][4], const bf16 *t) {
 #pragma unroll
     for (int kk = 0; kk < BT / 16; kk++) {
         const uint32_t a[4] = {pack2(c[2 * kk][0], c[2 * kk][1]), pack2(c[2 * kk][2], c[2 * kk][3]),
                                pack2(c[2 * kk + 1][0], c[2 * kk + 1][1]), pack2(c[2 * kk + 1][2], c[2 * kk + 1][3])};
 #pragma unroll
-        for (int n = 0; n < 2 * NK; n++) {
-            const bf16 *p = tr + (n * 8 + g) * ld + kk * 16 + 2 * t;
-            mma16816(acc[n], a, ld32(p), ld32(p + 8));
+        for (int n2 = 0; n2 < NK; n2++) {
+            uint32_t b[4];
+            frag_b_cols<NK>(b, t, kk, 16 * n2);
+            mma16816(acc[2 * n2], a, b[0], b[1]);
+            mma16816(acc[2 * n2 + 1], a, b[2], b[3]);
         }
     }
 }
@@ -131,65 +172,96 @@ __device__ void add_rows(float *dst, const float acc[2 * NK][4], int b, int r0, 
     }
 }
 
+// ---------------------------------------------------------------- staging
+
+// src (B, T, heads, hd) fp32 -> dst (B, heads, Tp, DP) bf16, zeros past T and hd; 8 elements (16 bytes) a thread
+__global__ void k_attn_stage(bf16 *dst, const float *src, int B, int T, int Tp, int heads, int hd, int DP) {
+    const size_t n8 = (size_t)B * heads * Tp * DP / 8;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n8; i += (size_t)gridDim.x * blockDim.x) {
+        const size_t e = i * 8, r = e / DP, bh = r / Tp;
+        const int d = (int)(e % DP), t = (int)(r % Tp), h = (int)(bh % heads), b = (int)(bh / heads);
+        const float *s = src + (((size_t)b * T + t) * heads + h) * hd;
+        uint32_t w[4];
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const int d0 = d + 2 * j;
+            w[j] = pack2(t < T && d0 < hd ? s[d0] : 0.f, t < T && d0 + 1 < hd ? s[d0 + 1] : 0.f);
+        }
+        *(uint4 *)&dst[e] = make_uint4(w[0], w[1], w[2], w[3]);
+    }
+}
+
 // ---------------------------------------------------------------- forward
 
 template <int NK>
-__global__ void __launch_bounds__(128) k_attn_fwd_tc(float *out, float *lse, const float *q, const float *k,
-                                                     const float *v, int T, int H, int KV, int hd, float scale) {
-    constexpr int DP = 16 * NK, LD = strides<DP>::row;
+__global__ void __launch_bounds__(NT) k_attn_fwd_tc(float *out, float *lse, const bf16 *qs, const bf16 *ks,
+                                                    const bf16 *vs, int T, int Tp, int H, int KV, int hd, float scale) {
+    constexpr int DP = tile<NK>::DP, LD = tile<NK>::LD, TE = tile<NK>::ELEMS;
     ML_DYNAMIC_SMEM(unsigned char, smem);
-    bf16 *Ks = (bf16 *)smem, *Vt = Ks + BT * LD; // Ks also stages Q before the loop
+    bf16 *Qs = (bf16 *)smem, *Kb = Qs + TE, *Vb = Kb + 2 * TE; // K and V double-buffered
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int h = blockIdx.y, b = blockIdx.z, kh = h / (H / KV);
-    const int t0 = (gridDim.x - 1 - blockIdx.x) * BQ, t_last = min(T - 1, t0 + BQ - 1), w0 = t0 + warp * 16;
-    const float sl2 = scale * 1.4426950408889634f; // scores in log2 units: exp2 is one instruction
-    load_tile<DP, false>(Ks, q, b, t0, BQ, T, H, h, hd);
-    __syncthreads();
+    const int t0 = (gridDim.x - 1 - blockIdx.x) * BQ, w0 = t0 + warp * 16, ntiles = t0 / BT + 1;
+    const bf16 *kbase = ks + ((size_t)b * KV + kh) * Tp * DP, *vbase = vs + ((size_t)b * KV + kh) * Tp * DP;
+    const float sl2 = scale * LOG2E; // scores in log2 units: exp2 is one instruction
+    tile_async<NK>(Qs, qs + (((size_t)b * H + h) * Tp + t0) * DP);
+    tile_async<NK>(Kb, kbase), tile_async<NK>(Vb, vbase);
+    cp_async_commit();
     uint32_t qa[NK][4];
-#pragma unroll
-    for (int kk = 0; kk < NK; kk++) load_a(qa[kk], Ks + warp * 16 * LD, LD, kk);
     float o[2 * NK][4];
 #pragma unroll
     for (int n = 0; n < 2 * NK; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f}; // rows g and g + 8; l: this thread's columns only
-    for (int s0 = 0; s0 <= t_last; s0 += BT) {
-        __syncthreads(); // Q's fragments are read (first tile) or the previous tile is consumed
-        load_tile<DP, false>(Ks, k, b, s0, BT, T, KV, kh, hd);
-        load_tile<DP, true>(Vt, v, b, s0, BT, T, KV, kh, hd);
-        __syncthreads();
-        if (s0 > w0 + 15) continue; // warp-uniform: every key of this tile is after this warp's rows
-        float s[8][4];
-        mma_rows64<NK>(s, qa, Ks, LD);
-        float mx[2] = {-INFINITY, -INFINITY};
+    for (int j = 0; j < ntiles; j++) {
+        const int s0 = j * BT, cur = j & 1;
+        if (j + 1 < ntiles) { // the next tile into the other buffer (its readers passed the barrier below)
+            tile_async<NK>(Kb + (cur ^ 1) * TE, kbase + (size_t)(s0 + BT) * DP);
+            tile_async<NK>(Vb + (cur ^ 1) * TE, vbase + (size_t)(s0 + BT) * DP);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads(); // tile j (and Q) landed, every thread's share
+        if (j == 0)
 #pragma unroll
-        for (int n = 0; n < 8; n++)
+            for (int kk = 0; kk < NK; kk++) frag_a<NK>(qa[kk], Qs + warp * 16 * LD, kk);
+        if (s0 <= w0 + 15) { // warp-uniform: some key of this tile is at or before this warp's last row
+            const bf16 *Ks = Kb + cur * TE, *Vs = Vb + cur * TE;
+            float s[8][4];
+            mma_rows64<NK>(s, qa, Ks);
+            float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-            for (int i = 0; i < 4; i++) {
-                const int key = s0 + n * 8 + 2 * t + (i & 1), row = w0 + g + 8 * (i >> 1);
-                s[n][i] = key <= row && row < T ? s[n][i] * sl2 : -INFINITY;
-                mx[i >> 1] = fmaxf(mx[i >> 1], s[n][i]);
+            for (int n = 0; n < 8; n++)
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    const int key = s0 + n * 8 + 2 * t + (i & 1), row = w0 + g + 8 * (i >> 1);
+                    s[n][i] = key <= row && row < T ? s[n][i] * sl2 : -INFINITY;
+                    mx[i >> 1] = fmaxf(mx[i >> 1], s[n][i]);
+                }
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL, mx[r], 1));
+                mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL, mx[r], 2));
             }
 #pragma unroll
-        for (int r = 0; r < 2; r++) {
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL, mx[r], 1));
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL, mx[r], 2));
-        }
+            for (int r = 0; r < 2; r++) { // rescale what was summed under the old maximum
+                const float m_new = fmaxf(m[r], mx[r]), corr = m[r] == -INFINITY ? 0.f : exp2f(m[r] - m_new);
+                m[r] = m_new, l[r] *= corr;
 #pragma unroll
-        for (int r = 0; r < 2; r++) { // rescale what was summed under the old maximum
-            const float m_new = fmaxf(m[r], mx[r]), corr = m[r] == -INFINITY ? 0.f : exp2f(m[r] - m_new);
-            m[r] = m_new, l[r] *= corr;
-#pragma unroll
-            for (int n = 0; n < 2 * NK; n++) o[n][2 * r] *= corr, o[n][2 * r + 1] *= corr;
-        }
-#pragma unroll
-        for (int n = 0; n < 8; n++)
-#pragma unroll
-            for (int i = 0; i < 4; i++) {
-                const float mr = m[i >> 1], p = mr == -INFINITY ? 0.f : exp2f(s[n][i] - mr);
-                s[n][i] = p;
-                l[i >> 1] += __bfloat162float(__float2bfloat16_rn(p)); // the sum of what the P V product sees
+                for (int n = 0; n < 2 * NK; n++) o[n][2 * r] *= corr, o[n][2 * r + 1] *= corr;
             }
-        mma_p_tr<NK>(o, s, Vt);
+#pragma unroll
+            for (int n = 0; n < 8; n++)
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    const float mr = m[i >> 1], p = mr == -INFINITY ? 0.f : exp2f(s[n][i] - mr);
+                    s[n][i] = p;
+                    l[i >> 1] += __bfloat162float(__float2bfloat16_rn(p)); // the sum of what the P V product sees
+                }
+            mma_p_cols<NK>(o, s, Vs);
+        }
+        __syncthreads(); // tile j consumed: the next iteration refills its buffer
     }
 #pragma unroll
     for (int r = 0; r < 2; r++) l[r] += __shfl_xor_sync(FULL, l[r], 1), l[r] += __shfl_xor_sync(FULL, l[r], 2);
@@ -213,52 +285,63 @@ __global__ void __launch_bounds__(128) k_attn_fwd_tc(float *out, float *lse, con
 // ---------------------------------------------------------------- dq
 
 template <int NK>
-__global__ void __launch_bounds__(128) k_attn_dq_tc(float *dq, const float *dout, const float *lse,
-                                                    const float *delta, const float *q, const float *k,
-                                                    const float *v, int T, int H, int KV, int hd, float scale) {
-    constexpr int DP = 16 * NK, LD = strides<DP>::row;
+__global__ void __launch_bounds__(NT) k_attn_dq_tc(float *dq, const float *lse, const float *delta, const bf16 *qs,
+                                                   const bf16 *gs, const bf16 *ks, const bf16 *vs, int T, int Tp,
+                                                   int H, int KV, int hd, float scale) {
+    constexpr int DP = tile<NK>::DP, LD = tile<NK>::LD, TE = tile<NK>::ELEMS;
     ML_DYNAMIC_SMEM(unsigned char, smem);
-    bf16 *Qs = (bf16 *)smem, *Gs = Qs + BQ * LD, *Ks = Gs + BQ * LD, *Vs = Ks + BT * LD, *Kt = Vs + BT * LD;
+    bf16 *Qs = (bf16 *)smem, *Gs = Qs + TE, *Kb = Gs + TE, *Vb = Kb + 2 * TE;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int h = blockIdx.y, b = blockIdx.z, kh = h / (H / KV);
-    const int t0 = (gridDim.x - 1 - blockIdx.x) * BQ, t_last = min(T - 1, t0 + BQ - 1), w0 = t0 + warp * 16;
-    const float sl2 = scale * 1.4426950408889634f;
-    load_tile<DP, false>(Qs, q, b, t0, BQ, T, H, h, hd);
-    load_tile<DP, false>(Gs, dout, b, t0, BQ, T, H, h, hd);
+    const int t0 = (gridDim.x - 1 - blockIdx.x) * BQ, w0 = t0 + warp * 16, ntiles = t0 / BT + 1;
+    const bf16 *kbase = ks + ((size_t)b * KV + kh) * Tp * DP, *vbase = vs + ((size_t)b * KV + kh) * Tp * DP;
+    const float sl2 = scale * LOG2E;
+    tile_async<NK>(Qs, qs + (((size_t)b * H + h) * Tp + t0) * DP);
+    tile_async<NK>(Gs, gs + (((size_t)b * H + h) * Tp + t0) * DP);
+    tile_async<NK>(Kb, kbase), tile_async<NK>(Vb, vbase);
+    cp_async_commit();
     float L2[2], D[2]; // rows g and g + 8: lse in log2 units, delta
 #pragma unroll
     for (int r = 0; r < 2; r++) {
         const int tt = w0 + g + 8 * r;
         const size_t row = ((size_t)b * H + h) * T + tt;
-        L2[r] = tt < T ? lse[row] * 1.4426950408889634f : 0.f, D[r] = tt < T ? delta[row] : 0.f;
+        L2[r] = tt < T ? lse[row] * LOG2E : 0.f, D[r] = tt < T ? delta[row] : 0.f;
     }
     float acc[2 * NK][4];
 #pragma unroll
     for (int n = 0; n < 2 * NK; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
-    for (int s0 = 0; s0 <= t_last; s0 += BT) {
+    for (int j = 0; j < ntiles; j++) {
+        const int s0 = j * BT, cur = j & 1;
+        if (j + 1 < ntiles) {
+            tile_async<NK>(Kb + (cur ^ 1) * TE, kbase + (size_t)(s0 + BT) * DP);
+            tile_async<NK>(Vb + (cur ^ 1) * TE, vbase + (size_t)(s0 + BT) * DP);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
         __syncthreads();
-        load_tile<DP, false>(Ks, k, b, s0, BT, T, KV, kh, hd);
-        load_tile<DP, false>(Vs, v, b, s0, BT, T, KV, kh, hd);
-        load_tile<DP, true>(Kt, k, b, s0, BT, T, KV, kh, hd);
+        if (s0 <= w0 + 15) {
+            const bf16 *Ks = Kb + cur * TE, *Vs = Vb + cur * TE;
+            uint32_t a[NK][4];
+            float s[8][4], dp[8][4];
+#pragma unroll
+            for (int kk = 0; kk < NK; kk++) frag_a<NK>(a[kk], Qs + warp * 16 * LD, kk);
+            mma_rows64<NK>(s, a, Ks); // Q K^T
+#pragma unroll
+            for (int kk = 0; kk < NK; kk++) frag_a<NK>(a[kk], Gs + warp * 16 * LD, kk);
+            mma_rows64<NK>(dp, a, Vs); // dO V^T
+#pragma unroll
+            for (int n = 0; n < 8; n++)
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    const int key = s0 + n * 8 + 2 * t + (i & 1), row = w0 + g + 8 * (i >> 1);
+                    const float p = key <= row && row < T ? exp2f(s[n][i] * sl2 - L2[i >> 1]) : 0.f;
+                    s[n][i] = p * (dp[n][i] - D[i >> 1]) * scale; // dS
+                }
+            mma_p_cols<NK>(acc, s, Ks); // dq += dS K
+        }
         __syncthreads();
-        if (s0 > w0 + 15) continue;
-        uint32_t a[NK][4];
-        float s[8][4], dp[8][4];
-#pragma unroll
-        for (int kk = 0; kk < NK; kk++) load_a(a[kk], Qs + warp * 16 * LD, LD, kk);
-        mma_rows64<NK>(s, a, Ks, LD); // Q K^T
-#pragma unroll
-        for (int kk = 0; kk < NK; kk++) load_a(a[kk], Gs + warp * 16 * LD, LD, kk);
-        mma_rows64<NK>(dp, a, Vs, LD); // dO V^T
-#pragma unroll
-        for (int n = 0; n < 8; n++)
-#pragma unroll
-            for (int i = 0; i < 4; i++) {
-                const int key = s0 + n * 8 + 2 * t + (i & 1), row = w0 + g + 8 * (i >> 1);
-                const float p = key <= row && row < T ? exp2f(s[n][i] * sl2 - L2[i >> 1]) : 0.f;
-                s[n][i] = p * (dp[n][i] - D[i >> 1]) * scale; // dS
-            }
-        mma_p_tr<NK>(acc, s, Kt); // dq += dS K
     }
     add_rows<NK>(dq, acc, b, w0, T, H, h, hd);
 }
@@ -266,47 +349,59 @@ __global__ void __launch_bounds__(128) k_attn_dq_tc(float *dq, const float *dout
 // ---------------------------------------------------------------- dk, dv
 
 template <int NK>
-__global__ void __launch_bounds__(128) k_attn_dkv_tc(float *dk, float *dv, const float *dout, const float *lse,
-                                                     const float *delta, const float *q, const float *k,
-                                                     const float *v, int T, int H, int KV, int hd, float scale) {
-    constexpr int DP = 16 * NK, LD = strides<DP>::row;
+__global__ void __launch_bounds__(NT) k_attn_dkv_tc(float *dk, float *dv, const float *lse, const float *delta,
+                                                    const bf16 *qs, const bf16 *gs, const bf16 *ks, const bf16 *vs,
+                                                    int T, int Tp, int H, int KV, int hd, float scale) {
+    constexpr int DP = tile<NK>::DP, LD = tile<NK>::LD, TE = tile<NK>::ELEMS;
     ML_DYNAMIC_SMEM(unsigned char, smem);
-    bf16 *Ks = (bf16 *)smem, *Vs = Ks + BQ * LD, *Qs = Vs + BQ * LD, *Gs = Qs + BT * LD, *Qt = Gs + BT * LD;
-    bf16 *Gt = Qt + DP * strides<DP>::tr;
-    float *Lq = (float *)(Gt + DP * strides<DP>::tr), *Dq = Lq + BT;
+    bf16 *Ks = (bf16 *)smem, *Vs = Ks + TE, *Qb = Vs + TE, *Gb = Qb + 2 * TE; // Q and dO double-buffered
+    float *Lb = (float *)(Gb + 2 * TE), *Db = Lb + 2 * BT;                      // lse (log2 units), delta
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int kh = blockIdx.y, b = blockIdx.z, group = H / KV;
     const int s_first = blockIdx.x * BQ, w0 = s_first + warp * 16; // the first keys have the most queries
-    const float sl2 = scale * 1.4426950408889634f;
-    load_tile<DP, false>(Ks, k, b, s_first, BQ, T, KV, kh, hd);
-    load_tile<DP, false>(Vs, v, b, s_first, BQ, T, KV, kh, hd);
+    const int nq = (T - 1) / BT - (int)blockIdx.x + 1, iters = group * nq; // query tiles per head; in all
+    const float sl2 = scale * LOG2E;
+    // iteration i: query head kh group + i / nq, query tile s_first + 64 (i % nq), into buffer i & 1
+    auto issue = [&](int i) {
+        const int h = kh * group + i / nq, q0 = s_first + i % nq * BT, buf = i & 1;
+        const size_t off = (((size_t)b * H + h) * Tp + q0) * DP;
+        tile_async<NK>(Qb + buf * TE, qs + off), tile_async<NK>(Gb + buf * TE, gs + off);
+        for (int r = threadIdx.x; r < BT; r += NT) { // plain loads: visible after the barrier that publishes the tile
+            const size_t row = ((size_t)b * H + h) * T + q0 + r;
+            Lb[buf * BT + r] = q0 + r < T ? lse[row] * LOG2E : 0.f;
+            Db[buf * BT + r] = q0 + r < T ? delta[row] : 0.f;
+        }
+    };
+    tile_async<NK>(Ks, ks + (((size_t)b * KV + kh) * Tp + s_first) * DP);
+    tile_async<NK>(Vs, vs + (((size_t)b * KV + kh) * Tp + s_first) * DP);
+    issue(0);
+    cp_async_commit();
     float ak[2 * NK][4], av[2 * NK][4];
 #pragma unroll
     for (int n = 0; n < 2 * NK; n++)
 #pragma unroll
         for (int i = 0; i < 4; i++) ak[n][i] = av[n][i] = 0.f;
-    for (int h = kh * group; h < (kh + 1) * group; h++)
-        for (int q0 = s_first; q0 < T; q0 += BT) {
-            __syncthreads();
-            load_tile<DP, false>(Qs, q, b, q0, BT, T, H, h, hd);
-            load_tile<DP, false>(Gs, dout, b, q0, BT, T, H, h, hd);
-            load_tile<DP, true>(Qt, q, b, q0, BT, T, H, h, hd);
-            load_tile<DP, true>(Gt, dout, b, q0, BT, T, H, h, hd);
-            for (int i = threadIdx.x; i < BT; i += blockDim.x) {
-                const size_t row = ((size_t)b * H + h) * T + q0 + i;
-                Lq[i] = q0 + i < T ? lse[row] * 1.4426950408889634f : 0.f;
-                Dq[i] = q0 + i < T ? delta[row] : 0.f;
-            }
-            __syncthreads();
-            if (w0 >= T) continue; // warp-uniform: no key of this warp (every tile reaches its keys: q0 <= w0)
+    for (int it = 0; it < iters; it++) {
+        const int q0 = s_first + it % nq * BT, cur = it & 1;
+        if (it + 1 < iters) {
+            issue(it + 1);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        if (w0 < T) { // warp-uniform: this warp has keys (every tile reaches them: q0 <= w0)
+            const bf16 *Qs = Qb + cur * TE, *Gs = Gb + cur * TE;
+            const float *Lq = Lb + cur * BT, *Dq = Db + cur * BT;
             uint32_t a[NK][4];
             float s[8][4], dp[8][4];
 #pragma unroll
-            for (int kk = 0; kk < NK; kk++) load_a(a[kk], Ks + warp * 16 * LD, LD, kk);
-            mma_rows64<NK>(s, a, Qs, LD); // S^T = K Q^T
+            for (int kk = 0; kk < NK; kk++) frag_a<NK>(a[kk], Ks + warp * 16 * LD, kk);
+            mma_rows64<NK>(s, a, Qs); // S^T = K Q^T
 #pragma unroll
-            for (int kk = 0; kk < NK; kk++) load_a(a[kk], Vs + warp * 16 * LD, LD, kk);
-            mma_rows64<NK>(dp, a, Gs, LD); // dP^T = V dO^T
+            for (int kk = 0; kk < NK; kk++) frag_a<NK>(a[kk], Vs + warp * 16 * LD, kk);
+            mma_rows64<NK>(dp, a, Gs); // dP^T = V dO^T
 #pragma unroll
             for (int n = 0; n < 8; n++)
 #pragma unroll
@@ -315,44 +410,70 @@ __global__ void __launch_bounds__(128) k_attn_dkv_tc(float *dk, float *dv, const
                     const float p = tq < T && tq >= key && key < T ? exp2f(s[n][i] * sl2 - Lq[c]) : 0.f;
                     s[n][i] = p, dp[n][i] = p * (dp[n][i] - Dq[c]) * scale;
                 }
-            mma_p_tr<NK>(av, s, Gt);  // dv += P^T dO
-            mma_p_tr<NK>(ak, dp, Qt); // dk += dS^T Q
+            mma_p_cols<NK>(av, s, Gs);  // dv += P^T dO
+            mma_p_cols<NK>(ak, dp, Qs); // dk += dS^T Q
         }
+        __syncthreads();
+    }
     add_rows<NK>(dk, ak, b, w0, T, KV, kh, hd);
     add_rows<NK>(dv, av, b, w0, T, KV, kh, hd);
 }
 
 // ---------------------------------------------------------------- launch
 
-static size_t smem_fwd(int DP) { return sizeof(bf16) * (BT * (DP + 8) + DP * (BT + 8)); }
-static size_t smem_dq(int DP) { return sizeof(bf16) * (4 * BQ * (DP + 8) + DP * (BT + 8)); }
-static size_t smem_dkv(int DP) { return sizeof(bf16) * (4 * BQ * (DP + 8) + 2 * DP * (BT + 8)) + sizeof(float) * 2 * BT; }
+static int padded_T(int T) { return (T + BT - 1) / BT * BT; }
+// the staged copies in workspace slot WS_ATTN: q | dO | k | v, each (B, heads, Tp, DP) bf16
+size_t ml_attention_stage_bytes(int B, int T, int H, int KV, int hd) {
+    return sizeof(bf16) * (size_t)B * padded_T(T) * ((hd + 15) / 16 * 16) * (2 * H + 2 * KV);
+}
+struct staged {
+    bf16 *q, *g, *k, *v;
+};
+static staged stage_ptrs(int B, int T, int H, int KV, int hd) {
+    const size_t per_head = (size_t)B * padded_T(T) * ((hd + 15) / 16 * 16);
+    bf16 *p = (bf16 *)ml_ws(WS_ATTN, ml_attention_stage_bytes(B, T, H, KV, hd));
+    return staged{p, p + per_head * H, p + per_head * 2 * H, p + per_head * (2 * H + KV)};
+}
+static void stage(const char *op, bf16 *dst, const float *src, int B, int T, int heads, int hd) {
+    const int Tp = padded_T(T), DP = (hd + 15) / 16 * 16;
+    const size_t n8 = (size_t)B * heads * Tp * DP / 8;
+    const unsigned blocks = ml_blocks(n8, 256) < 65535 ? ml_blocks(n8, 256) : 65535;
+    LAUNCH(op, blocks, 256, k_attn_stage, dst, src, B, T, Tp, heads, hd, DP);
+}
+
+template <int NK> static size_t smem_fwd() { return sizeof(bf16) * 5 * tile<NK>::ELEMS; } // Q, 2 K, 2 V
+template <int NK> static size_t smem_dq() { return sizeof(bf16) * 6 * tile<NK>::ELEMS; }  // Q, dO, 2 K, 2 V
+template <int NK> static size_t smem_dkv() {                                              // K, V, 2 Q, 2 dO
+    return sizeof(bf16) * 6 * tile<NK>::ELEMS + sizeof(float) * 4 * BT;
+}
 
 template <int NK>
-static void fwd(float *out, float *att, const float *q, const float *k, const float *v, int B, int T, int H, int KV,
-                int hd, float scale) {
-    const size_t sm = smem_fwd(16 * NK);
+static void fwd(float *out, float *att, const staged &st, int B, int T, int H, int KV, int hd, float scale) {
+    const size_t sm = smem_fwd<NK>();
     static bool opted_in; // once per head size, not at every launch
     if (!opted_in)
         CK("attention_forward", cudaFuncSetAttribute(k_attn_fwd_tc<NK>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm));
     opted_in = true;
-    dim3 grid((T + BQ - 1) / BQ, H, B);
-    LAUNCH_SMEM("attention_forward", grid, 128, sm, k_attn_fwd_tc<NK>, out, att, q, k, v, T, H, KV, hd, scale);
+    dim3 grid(padded_T(T) / BQ, H, B);
+    LAUNCH_SMEM("attention_forward", grid, NT, sm, k_attn_fwd_tc<NK>, out, att, st.q, st.k, st.v, T, padded_T(T), H,
+                KV, hd, scale);
 }
 template <int NK>
-static void bwd(float *dq, float *dk, float *dv, const float *dout, const float *lse, const float *delta,
-                const float *q, const float *k, const float *v, int B, int T, int H, int KV, int hd, float scale) {
-    const size_t sq = smem_dq(16 * NK), skv = smem_dkv(16 * NK);
+static void bwd(float *dq, float *dk, float *dv, const float *lse, const float *delta, const staged &st, int B, int T,
+                int H, int KV, int hd, float scale) {
+    const size_t sq = smem_dq<NK>(), skv = smem_dkv<NK>();
     static bool opted_in;
     if (!opted_in) {
         CK("attention_backward", cudaFuncSetAttribute(k_attn_dq_tc<NK>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sq));
         CK("attention_backward", cudaFuncSetAttribute(k_attn_dkv_tc<NK>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)skv));
     }
     opted_in = true;
-    dim3 gq((T + BQ - 1) / BQ, H, B), gkv((T + BQ - 1) / BQ, KV, B);
-    LAUNCH_SMEM("attention_backward", gq, 128, sq, k_attn_dq_tc<NK>, dq, dout, lse, delta, q, k, v, T, H, KV, hd, scale);
-    LAUNCH_SMEM("attention_backward", gkv, 128, skv, k_attn_dkv_tc<NK>, dk, dv, dout, lse, delta, q, k, v, T, H, KV, hd,
-                scale);
+    const int Tp = padded_T(T);
+    dim3 gq(Tp / BQ, H, B), gkv(Tp / BQ, KV, B);
+    LAUNCH_SMEM("attention_backward", gq, NT, sq, k_attn_dq_tc<NK>, dq, lse, delta, st.q, st.g, st.k, st.v, T, Tp, H,
+                KV, hd, scale);
+    LAUNCH_SMEM("attention_backward", gkv, NT, skv, k_attn_dkv_tc<NK>, dk, dv, lse, delta, st.q, st.g, st.k, st.v, T,
+                Tp, H, KV, hd, scale);
 }
 
 #define DISPATCH_NK(hd, CALL)                                                                              \
@@ -374,8 +495,13 @@ static void tc_attention_forward(float *out, float *att, const float *q, const f
                                  int H, int KV, int hd) {
     PROF("attention_forward");
     if (KV <= 0 || H % KV) ml_cuda_die("attention_forward", "heads not a multiple of kv_heads");
+    if (hd < 1 || hd > 128) ml_cuda_die("attention_forward", "head dimension outside 1..128");
     const float scale = (float)(1.0 / sqrt((double)hd));
-#define CALL(nk) fwd<nk>(out, att, q, k, v, B, T, H, KV, hd, scale)
+    const staged st = stage_ptrs(B, T, H, KV, hd);
+    stage("attention_forward", st.q, q, B, T, H, hd);
+    stage("attention_forward", st.k, k, B, T, KV, hd);
+    stage("attention_forward", st.v, v, B, T, KV, hd);
+#define CALL(nk) fwd<nk>(out, att, st, B, T, H, KV, hd, scale)
     DISPATCH_NK(hd, CALL)
 #undef CALL
 }
@@ -384,10 +510,16 @@ static void tc_attention_backward(float *dq, float *dk, float *dv, const float *
                                   int hd) {
     PROF("attention_backward");
     if (KV <= 0 || H % KV) ml_cuda_die("attention_backward", "heads not a multiple of kv_heads");
+    if (hd < 1 || hd > 128) ml_cuda_die("attention_backward", "head dimension outside 1..128");
     const float scale = (float)(1.0 / sqrt((double)hd));
     float *delta = att + (size_t)B * H * T;
     ml_attention_delta(delta, dout, out, B, T, H, hd);
-#define CALL(nk) bwd<nk>(dq, dk, dv, dout, att, delta, q, k, v, B, T, H, KV, hd, scale)
+    const staged st = stage_ptrs(B, T, H, KV, hd);
+    stage("attention_backward", st.q, q, B, T, H, hd);
+    stage("attention_backward", st.g, dout, B, T, H, hd);
+    stage("attention_backward", st.k, k, B, T, KV, hd);
+    stage("attention_backward", st.v, v, B, T, KV, hd);
+#define CALL(nk) bwd<nk>(dq, dk, dv, att, delta, st, B, T, H, KV, hd, scale)
     DISPATCH_NK(hd, CALL)
 #undef CALL
 }

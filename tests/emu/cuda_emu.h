@@ -1,7 +1,8 @@
 // cuda_emu.h: the parts of CUDA, cuBLAS and mma.sync that kernels/*.cu use, emulated on the host, so the CUDA
 // backend's own source runs (and is tested) on a machine without a GPU (tests/emu/include/* stand in for the
 // toolkit's headers; kernels/cuda_common.cuh routes launches and dynamic shared memory here under ML_CUDA_EMU).
-//   threads   fibers (ucontext), one block at a time, scheduled in a chosen order (ml_emu_set_order);
+//   threads   fibers (ucontext), one block at a time, scheduled in a chosen order (ml_emu_set_order): lanes
+//             in lock-step rounds (ascending, descending, random), or a warp at a time up to a block barrier;
 //             __syncthreads and __syncwarp are real barriers: a barrier some threads never reach is reported
 //             as a deadlock (exit 4); shuffles and __match_any_sync exchange values through a warp barrier;
 //   memory    "device" memory is host memory; static __shared__ arrays are function statics (blocks run one
@@ -10,6 +11,12 @@
 //             set for that kernel with cudaFuncSetAttribute and the H100's limit;
 //   mma       mma.sync m16n8k16 (bf16 inputs, fp32 accumulators) with the PTX ISA's fragment-to-lane layouts:
 //             each lane gives its registers and gets its share of the product through a warp barrier;
+//             ldmatrix .x4 (and .trans) the same way: each lane gives a row address, gets its elements;
+//   cp.async  16-byte global -> shared copies in commit groups, per thread, completing either at issue (eager:
+//             the earliest the hardware may; a buffer refilled while others still read it shows) or at the
+//             wait_group that covers them (deferred: the latest; a tile read before its wait shows), chosen
+//             with ml_emu_set_cp_async; addresses are checked (16-byte aligned, the destination inside the
+//             block's shared memory: exit 8);
 //   cuBLAS    Sgemm, GemmEx and GemmGroupedBatchedEx as the documentation defines them (column-major,
 //             C = alpha op(A) op(B) + beta C), fp32 sums in k order; bf16 inputs read as bf16.
 // What this cannot show: speed, the hardware's rounding inside mma and cuBLAS.
@@ -37,6 +44,10 @@ struct float4 {
     float x, y, z, w;
 };
 static inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
+struct uint4 {
+    unsigned x, y, z, w;
+};
+static inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
 
 // ---- bf16 ----
 struct __nv_bfloat16 {
@@ -73,7 +84,9 @@ const ml_emu_idx &ml_emu_thread_idx(void); // its threadIdx
 
 void ml_emu_launch(const void *kernel, dim3 grid, int block, size_t smem, std::function<void()> body);
 unsigned char *ml_emu_smem(void);
-void ml_emu_set_order(int order); // 0 ascending, 1 descending, 2 random (seeded)
+// 0 ascending, 1 descending, 2 random (seeded); 3 and 4: a warp at a time (ascending, descending warps) until it
+// waits at __syncthreads or ends, so one warp runs far ahead of the others
+void ml_emu_set_order(int order);
 
 void ml_emu_barrier(int kind); // 1 = warp, 2 = block
 static inline void __syncthreads() { ml_emu_barrier(2); }
@@ -132,6 +145,32 @@ static inline void ml_emu_mma16816(float d[4], const uint32_t a[4], const uint32
         for (int k = 0; k < 16; k++) d[i] += A(r, k) * B(k, c);
     }
 }
+// shared memory checks for ldmatrix and cp.async: exits 8 unless [p, p + 16) is 16-byte aligned and inside the
+// running block's dynamic shared memory
+void ml_emu_check_smem16(const void *p, const char *what);
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16 for the calling warp: lanes 8i..8i+7 give the row addresses
+// of matrix i (8 x 8 b16, rows of 16 bytes); lane l gets in r[i] row l / 4, columns 2 (l % 4) and 2 (l % 4) + 1
+// of matrix i, or with trans column l / 4, rows 2 (l % 4) and 2 (l % 4) + 1 (lower index in the lower half).
+// One warp barrier per call (slot sets by parity, as for mma); the rows are read after it.
+static inline void ml_emu_ldmatrix_x4(uint32_t r[4], const void *row, bool trans) {
+    static const uint16_t *slot[2][1024];
+    static unsigned char parity[1024];
+    const int me = ml_emu_cur, base = me & ~31, lane = me & 31, g = lane / 4, t = lane % 4, p = parity[me];
+    ml_emu_check_smem16(row, "ldmatrix");
+    parity[me] ^= 1;
+    slot[p][me] = (const uint16_t *)row;
+    __syncwarp();
+    for (int i = 0; i < 4; i++) {
+        const uint16_t *const *rows = &slot[p][base + 8 * i];
+        const uint16_t lo = trans ? rows[2 * t][g] : rows[g][2 * t], hi = trans ? rows[2 * t + 1][g] : rows[g][2 * t + 1];
+        r[i] = (uint32_t)lo | (uint32_t)hi << 16;
+    }
+}
+// cp.async.cg.shared.global (16 bytes), cp.async.commit_group, cp.async.wait_group n for the calling thread
+void ml_emu_cp_async16(void *dst, const void *src);
+void ml_emu_cp_async_commit(void);
+void ml_emu_cp_async_wait(int n);
+void ml_emu_set_cp_async(int deferred); // 0: copies complete at issue, 1: at the wait that covers them
 static inline int __popc(unsigned x) { return __builtin_popcount(x); }
 static inline int min(int a, int b) { return a < b ? a : b; }
 static inline int max(int a, int b) { return a > b ? a : b; }

@@ -68,6 +68,20 @@ void run_block_fibers(int n) {
     for (;;) {
         for (int i = 0; i < n; i++) seq[i] = order == 1 ? n - 1 - i : i;
         if (order == 2) std::shuffle(seq.begin(), seq.end(), shuffle_rng);
+        if (order >= 3) { // one warp at a time up to a block barrier or its end (warps as far apart as they get)
+            const int warps = (n + 31) / 32;
+            for (int k = 0; k < warps; k++) {
+                const int w = order == 3 ? k : warps - 1 - k, lanes = std::min(32, n - w * 32);
+                for (bool again = true; again;) {
+                    int waiting = 0;
+                    for (int l = 0; l < lanes; l++)
+                        if (fibers[w * 32 + l].state == RUN) resume(w * 32 + l);
+                    for (int l = 0; l < lanes; l++) waiting += fibers[w * 32 + l].state == WARP_WAIT;
+                    if ((again = waiting == lanes))
+                        for (int l = 0; l < lanes; l++) fibers[w * 32 + l].state = RUN;
+                }
+            }
+        }
         for (int i : seq)
             if (fibers[i].state == RUN) resume(i);
         int done = 0, at_block = 0;
@@ -105,6 +119,50 @@ void run_block_direct(int n) {
     }
 }
 } // namespace
+
+// ---- cp.async: per-thread open copies and committed groups ----
+namespace {
+struct cp_copy {
+    void *dst;
+    const void *src;
+};
+int cp_deferred;
+std::vector<cp_copy> cp_open[1024];
+std::vector<std::vector<cp_copy>> cp_groups[1024];
+void cp_reset(int n) {
+    for (int i = 0; i < n; i++) cp_open[i].clear(), cp_groups[i].clear();
+}
+} // namespace
+
+void ml_emu_check_smem16(const void *p, const char *what) {
+    const unsigned char *c = (const unsigned char *)p;
+    if (((uintptr_t)c & 15) || c < smem_buf || c + 16 > smem_buf + smem_size) {
+        fprintf(stderr, "cuda_emu: %s: shared address %p not 16-byte aligned inside the block's %zu bytes (block "
+                "%u,%u,%u thread %d)\n", what, p, smem_size, blockIdx.x, blockIdx.y, blockIdx.z, ml_emu_cur);
+        exit(8);
+    }
+}
+void ml_emu_set_cp_async(int deferred) { cp_deferred = deferred; }
+void ml_emu_cp_async16(void *dst, const void *src) {
+    ml_emu_check_smem16(dst, "cp.async destination");
+    if ((uintptr_t)src & 15) {
+        fprintf(stderr, "cuda_emu: cp.async: global source %p not 16-byte aligned\n", src);
+        exit(8);
+    }
+    if (cp_deferred) cp_open[ml_emu_cur].push_back(cp_copy{dst, src});
+    else memcpy(dst, src, 16);
+}
+void ml_emu_cp_async_commit(void) {
+    cp_groups[ml_emu_cur].push_back(std::move(cp_open[ml_emu_cur]));
+    cp_open[ml_emu_cur].clear();
+}
+void ml_emu_cp_async_wait(int n) { // all but the n most recent groups complete
+    auto &groups = cp_groups[ml_emu_cur];
+    while ((int)groups.size() > n) {
+        for (const cp_copy &c : groups.front()) memcpy(c.dst, c.src, 16);
+        groups.erase(groups.begin());
+    }
+}
 
 const ml_emu_idx &ml_emu_thread_idx(void) { return fibers[ml_emu_cur].idx; }
 void ml_emu_set_order(int o) { order = o, shuffle_rng.seed(1); }
@@ -148,6 +206,7 @@ void ml_emu_launch(const void *kernel, dim3 grid, int block, size_t smem, std::f
         for (unsigned y = 0; y < grid.y; y++)
             for (unsigned x = 0; x < grid.x; x++) {
                 memset(smem_buf, 0xff, smem + CANARY); // NaN everywhere: uninitialised reads show
+                cp_reset(block); // copies a block left pending land in its dead shared memory: dropped
                 blockIdx = {x, y, z};
                 const bool first = x == 0 && y == 0 && z == 0;
                 if (first) barrier_met = 0;

@@ -2,7 +2,11 @@
 // against the CPU's attention in double precision (core/cpu/ops_cpu.c, _f64): kernels/attention_tc.cu (tensor
 // cores, the cuda table; bounds 2e-2 for out and 5e-2 for dq, dk, dv, as the gpu suite's for bf16 tiles) and
 // kernels/attention_cuda.cu (fp32, the cuda-fp32 table; 1e-5 and 1e-4). For each shape: the relative errors
-// (gradients accumulated into nonzero ones), no deadlock or shared-memory overflow (the emulator exits non-zero); then one shape under three thread orders must give the same bits.
+// (gradients accumulated into nonzero ones), no deadlock or shared-memory overflow (the emulator exits non-zero);
+// the tensor-core kernels' cp.async tiles completing as early (eager) and as late (deferred) as the hardware
+// may, under five thread orders (lanes in lock-step rounds: ascending, descending, random; a warp at a time:
+// ascending, descending), must give the same bits (a tile read before its wait, or refilled while a warp still
+// reads it, shows); then one shape under three thread orders must give the same bits (both implementations).
 // This checks the kernels' indexing, masking, tiling and synchronisation; the hardware itself is checked by
 // the gpu suite (tests/test_gpu_ops.c) on a GPU.
 #include <vector>
@@ -46,8 +50,10 @@ static uint64_t fnv(const std::vector<float> &x) {
 }
 
 // runs one implementation on one shape under one thread order; returns a hash of out, dq, dk, dv
-static uint64_t check_shape(const impl &im, int B, int T, int H, int KV, int hd, int order, bool compare) {
+static uint64_t check_shape(const impl &im, int B, int T, int H, int KV, int hd, int order, bool compare,
+                            int deferred = 0) {
     ml_emu_set_order(order);
+    ml_emu_set_cp_async(deferred);
     const size_t nq = (size_t)B * T * H * hd, nk = (size_t)B * T * KV * hd;
     std::vector<float> q(nq), k(nk), v(nk), go(nq), dq(nq), dk(nk), dv(nk), out(nq), att(2 * (size_t)B * H * T);
     rng_state = 88172645463325252ull ^ (uint64_t)(B * 7 + T * 131 + H * 17 + KV * 5 + hd);
@@ -99,7 +105,17 @@ int main() {
     };
     for (const impl *im : {&tensor_cores, &fp32}) {
         if (im == &tensor_cores)
-            for (const auto &s : shapes) check_shape(*im, s[0], s[1], s[2], s[3], s[4], 2, true);
+            for (const auto &s : shapes) {
+                const uint64_t eager = check_shape(*im, s[0], s[1], s[2], s[3], s[4], 2, true);
+                for (int order = 0; order < 5; order++)
+                    for (int deferred = 0; deferred < 2; deferred++) {
+                        if (order == 2 && !deferred) continue; // that is the run above
+                        const uint64_t h = check_shape(*im, s[0], s[1], s[2], s[3], s[4], order, false, deferred);
+                        CHECK(h == eager, "%s B %d T %d H %d KV %d hd %d: thread order %d, cp.async completing %s: "
+                              "the same bits", im->name, s[0], s[1], s[2], s[3], s[4], order,
+                              deferred ? "at the wait" : "at issue");
+                    }
+            }
         else
             for (const auto &s : small_shapes) check_shape(*im, s[0], s[1], s[2], s[3], s[4], 2, true);
         const uint64_t h0 = check_shape(*im, 1, 45, 4, 2, 24, 0, false);
