@@ -702,38 +702,82 @@ static void cu_crossentropy_backward(float *dlogits, const float *logits, const 
 // ---- AdamW, sum of squares ----
 
 // AdamW on the fp32 master weights; when they are shadowed in bf16 (the "cuda" table) the shadow is written
-// in the same pass, so the next step's GEMMs see the new weights
-__global__ void k_adamw(float *param, bf16 *shadow, const float *grad, float *m, float *v, size_t n, float lr,
-                        float beta1, float beta2, float eps, float wd, float grad_scale, float c1, float c2) {
-    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    float g = grad[i] * grad_scale;
-    m[i] = beta1 * m[i] + (1 - beta1) * g;
-    v[i] = beta2 * v[i] + (1 - beta2) * g * g;
-    float mh = m[i] * c1, vh = v[i] * c2;
-    float p = param[i] - lr * (mh / (sqrtf(vh) + eps) + wd * param[i]);
-    param[i] = p;
-    if (shadow) shadow[i] = __float2bfloat16_rn(p);
+// in the same pass, so the next step's GEMMs see the new weights. Memory-bound (about 30 bytes a parameter):
+// four elements a thread with 16-byte loads where the arrays allow it.
+struct adamw_args {
+    float lr, beta1, beta2, eps, wd, grad_scale, c1, c2;
+};
+__device__ __forceinline__ float adamw_one(float &p, float g, float &m, float &v, const adamw_args &a) {
+    g *= a.grad_scale;
+    m = a.beta1 * m + (1 - a.beta1) * g;
+    v = a.beta2 * v + (1 - a.beta2) * g * g;
+    const float mh = m * a.c1, vh = v * a.c2;
+    p = p - a.lr * (mh / (sqrtf(vh) + a.eps) + a.wd * p);
+    return p;
+}
+__device__ __forceinline__ uint32_t bf16_pair(float lo, float hi) {
+    const bf16 l = __float2bfloat16_rn(lo), h = __float2bfloat16_rn(hi);
+    uint16_t a, b;
+    memcpy(&a, &l, 2), memcpy(&b, &h, 2);
+    return (uint32_t)a | (uint32_t)b << 16;
+}
+// elements [head, head + 4 body) four a thread (16-byte aligned there), then the first head and the last
+// (n - head) % 4 elements one a thread
+__global__ void k_adamw(float *param, bf16 *shadow, const float *grad, float *m, float *v, size_t n, size_t head,
+                        adamw_args a) {
+    const size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x, body = (n - head) / 4;
+    if (i < body) {
+        const size_t e = head + 4 * i;
+        float4 p = *(float4 *)&param[e], mm = *(float4 *)&m[e], vv = *(float4 *)&v[e];
+        const float4 g = *(const float4 *)&grad[e];
+        adamw_one(p.x, g.x, mm.x, vv.x, a), adamw_one(p.y, g.y, mm.y, vv.y, a);
+        adamw_one(p.z, g.z, mm.z, vv.z, a), adamw_one(p.w, g.w, mm.w, vv.w, a);
+        *(float4 *)&param[e] = p, *(float4 *)&m[e] = mm, *(float4 *)&v[e] = vv;
+        if (shadow) *(uint2 *)&shadow[e] = make_uint2(bf16_pair(p.x, p.y), bf16_pair(p.z, p.w));
+        return;
+    }
+    const size_t j = i - body;
+    if (j >= head + (n - head) % 4) return;
+    const size_t e = j < head ? j : head + 4 * body + (j - head);
+    float p = param[e], mm = m[e], vv = v[e];
+    adamw_one(p, grad[e], mm, vv, a);
+    param[e] = p, m[e] = mm, v[e] = vv;
+    if (shadow) shadow[e] = __float2bfloat16_rn(p);
 }
 static void cu_adamw_update(float *param, const float *grad, float *m, float *v, size_t n, float lr, float beta1,
                             float beta2, float eps, float weight_decay, float grad_scale, int t) {
     PROF("adamw_update");
-    const float c1 = (float)(1.0 / (1.0 - pow(beta1, t))), c2 = (float)(1.0 / (1.0 - pow(beta2, t)));
-    LAUNCH("adamw_update", blocks(n), 256, k_adamw, param, ml_shadow_range(param, n), grad, m, v, n, lr, beta1, beta2,
-           eps, weight_decay, grad_scale, c1, c2);
+    const adamw_args a = {lr, beta1, beta2, eps, weight_decay, grad_scale, (float)(1.0 / (1.0 - pow(beta1, t))),
+                          (float)(1.0 / (1.0 - pow(beta2, t)))};
+    bf16 *shadow = ml_shadow_range(param, n);
+    // the vector body needs the four fp32 arrays at the same offset within 16 bytes (and the shadow within 8)
+    const uintptr_t mis = (uintptr_t)param % 16;
+    const bool same = (uintptr_t)grad % 16 == mis && (uintptr_t)m % 16 == mis && (uintptr_t)v % 16 == mis &&
+                      mis % 4 == 0 && (!shadow || (uintptr_t)shadow % 8 == mis / 2);
+    const size_t head = same ? ((16 - mis) % 16 / 4 < n ? (16 - mis) % 16 / 4 : n) : n;
+    const size_t threads = (n - head) / 4 + head + (n - head) % 4;
+    LAUNCH("adamw_update", blocks(threads), 256, k_adamw, param, shadow, grad, m, v, n, head, a);
 }
 
 #define SUMSQ_BLOCKS 1024 // enough blocks in flight to stream the gradients at memory speed
+// part[b] = the sum of squares of block b's share; 16-byte loads where x allows (unrolled: several in flight)
 __global__ void k_sumsq(double *part, const float *x, size_t n) {
     __shared__ double sh[RBLOCK];
     const size_t lo = n * blockIdx.x / SUMSQ_BLOCKS, hi = n * (blockIdx.x + 1) / SUMSQ_BLOCKS, bd = blockDim.x;
-    double acc[4] = {0, 0, 0, 0}; // four independent loads in flight per thread
-    size_t i = lo + threadIdx.x;
-    for (; i + 3 * bd < hi; i += 4 * bd)
-        for (int j = 0; j < 4; j++) acc[j] += (double)x[i + j * bd] * x[i + j * bd];
-    for (; i < hi; i += bd) acc[0] += (double)x[i] * x[i];
-    const double a = block_sum((acc[0] + acc[1]) + (acc[2] + acc[3]), sh);
-    if (threadIdx.x == 0) part[blockIdx.x] = a;
+    double acc[4] = {0, 0, 0, 0};
+    size_t a = lo;
+    while (a < hi && ((uintptr_t)(x + a) & 15)) a++; // [lo, a) and the tail element-wise, below
+    const size_t n4 = (hi - a) / 4;
+    const float4 *x4 = (const float4 *)(x + a);
+#pragma unroll 4
+    for (size_t i = threadIdx.x; i < n4; i += bd) {
+        const float4 f = x4[i];
+        acc[0] += (double)f.x * f.x, acc[1] += (double)f.y * f.y, acc[2] += (double)f.z * f.z, acc[3] += (double)f.w * f.w;
+    }
+    for (size_t i = lo + threadIdx.x; i < a; i += bd) acc[0] += (double)x[i] * x[i];
+    for (size_t i = a + 4 * n4 + threadIdx.x; i < hi; i += bd) acc[0] += (double)x[i] * x[i];
+    const double s = block_sum((acc[0] + acc[1]) + (acc[2] + acc[3]), sh);
+    if (threadIdx.x == 0) part[blockIdx.x] = s;
 }
 static double *sumsq_part; // allocated with the table
 static double cu_sumsq(const float *x, size_t n) {

@@ -134,6 +134,22 @@ static void test_dense_ops(void) {
     SAME("adamw_update v", v1, d_v1, n, 1e-5);
     double a = cpu->sumsq(gr, n), b = gpu->sumsq(d_gr, n);
     CHECK(fabs(a - b) <= 1e-9 * a, "sumsq %.17g vs %.17g", a, b);
+    /* sub-ranges starting at every offset within 16 bytes, odd lengths, and a gradient misaligned against the
+     * other arrays: the kernels' 16-byte bodies and their element-wise heads and tails */
+    for (int off = 0; off < 4; off++)
+        for (int skew = 0; skew < 2; skew++) {
+            const size_t k = n - 5 - off;
+            const int og = skew ? (off + 1) % 4 : off;
+            cpu->adamw_update(p + off, gr + og, m1 + off, v1 + off, k, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 0.5f, 4);
+            gpu->adamw_update(d_p + off, d_gr + og, d_m1 + off, d_v1 + off, k, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 0.5f, 4);
+            char what[96];
+            snprintf(what, sizeof what, "adamw_update param, offset %d, gradient offset %d, %zu elements", off, og, k);
+            SAME(what, p, d_p, n, 1e-5);
+            snprintf(what, sizeof what, "adamw_update m, offset %d, gradient offset %d", off, og);
+            SAME(what, m1, d_m1, n, 1e-5);
+            a = cpu->sumsq(gr + og, k), b = gpu->sumsq(d_gr + og, k);
+            CHECK(fabs(a - b) <= 1e-9 * a, "sumsq at offset %d, %zu elements: %.17g vs %.17g", og, k, a, b);
+        }
 
     free(wte), free(out), free(dout), free(dwte), free(x), free(w), free(y), free(dy), free(dx), free(dw);
     free(g), free(rs), free(nx), free(no), free(dn), free(dg), free(h13), free(act), free(da), free(dh);
