@@ -43,24 +43,25 @@ static double sgemm_peak(int n, int reps) {
 int cli_bench(int argc, char **argv) {
     ml_config cfg;
     config_preset(&cfg, "small-cpu", NULL);
-    int steps = 10, warmup = 2, json = 0;
+    int steps = 10, warmup = 2, json = 0, measure_peak = 1;
     const char *backend = "cpu";
     ml_err err = {0};
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
             printf("usage: moelab bench [preset=NAME] [key=value ...] [--steps N] [--warmup N] [--json]\n"
-                   "                    [--backend cpu|cuda|cuda-fp32|auto]\n\n"
+                   "                    [--backend cpu|cuda|cuda-fp32|auto] [--no-peak]\n\n"
                    "Times training steps (forward + backward + AdamW) of a preset (default small-cpu) on random\n"
                    "tokens and reports tokens/s, achieved GFLOP/s (6 x active params + attention per token),\n"
                    "MFU (6 x active params per token) against this machine's GEMM peak, measured first (sgemm\n"
                    "on the CPU; cuBLAS bf16 for cuda, fp32 for cuda-fp32), and on a GPU the time per op.\n"
                    "A step is train.accum micro-batches of train.batch x model.seq_len tokens and one AdamW update,\n"
-                   "as in training.\n");
+                   "as in training. --no-peak skips the peak measurement (no MFU; e.g. under a profiler).\n");
             return 0;
         }
         if (!strcmp(argv[i], "--steps") && i + 1 < argc) steps = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--warmup") && i + 1 < argc) warmup = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--json")) json = 1;
+        else if (!strcmp(argv[i], "--no-peak")) measure_peak = 0;
         else if (!strcmp(argv[i], "--backend") && i + 1 < argc) backend = argv[++i];
         else if (config_set(&cfg, argv[i], &err)) {
             fprintf(stderr, "moelab bench: %s\n", err.msg);
@@ -83,11 +84,14 @@ int cli_bench(int argc, char **argv) {
     }
     const int on_gpu = !strncmp(be->name, "cuda", 4), bf16 = !strcmp(be->name, "cuda");
     const char *peak_kind = on_gpu ? (bf16 ? "cuBLAS bf16 8192^3" : "cuBLAS fp32 8192^3") : "sgemm 2048^3";
+    double peak = 0;
+    if (measure_peak) {
 #ifdef ML_HAVE_CUDA
-    double peak = on_gpu ? cuda_gemm_peak(8192, 5, bf16) : sgemm_peak(2048, 5);
+        peak = on_gpu ? cuda_gemm_peak(8192, 5, bf16) : sgemm_peak(2048, 5);
 #else
-    double peak = sgemm_peak(2048, 5);
+        peak = sgemm_peak(2048, 5);
 #endif
+    }
     ml_model *m = calloc(1, sizeof *m);
     if (model_init(m, &cfg, be, cfg.train.batch, 0, &err)) {
         fprintf(stderr, "moelab bench: %s\n", err.msg);
@@ -234,7 +238,8 @@ int cli_bench(int argc, char **argv) {
         printf("moelab bench: preset %s, backend %s, %zu parameters, %d tokens/step (%d micro-batch%s of %d), %d steps "
                "(after %d warmup)\n", cfg.preset, be->name, m->nparams, M * accum, accum, accum == 1 ? "" : "es", M,
                steps, warmup);
-        printf("  GEMM peak (%s, best of 5) %8.1f GFLOP/s\n", peak_kind, peak);
+        if (measure_peak) printf("  GEMM peak (%s, best of 5) %8.1f GFLOP/s\n", peak_kind, peak);
+        else printf("  GEMM peak not measured (--no-peak): no MFU\n");
         printf("  step                            %8.2f ms  (forward %.2f, backward %.2f, optimizer %.2f)\n",
                1e3 * total / steps, 1e3 * t_fwd / steps, 1e3 * t_bwd / steps, 1e3 * t_opt / steps);
         printf("  routing (router, policies, stats) %6.2f ms  (%.1f%% of the step; balance.policy=%s)\n",
@@ -242,9 +247,13 @@ int cli_bench(int argc, char **argv) {
         printf("  tracing (row per step, flush/%d) %6.3f ms  (%.2f%% of the step)\n", rcfg.trace.flush_every,
                1e3 * t_trace / steps, 100 * t_trace / total);
         printf("  throughput                      %8.0f tokens/s\n", tok_s);
-        printf("  achieved                        %8.1f GFLOP/s  (%.1f%% of the GEMM peak; %.3g FLOP/token)\n",
-               gflops, 100 * of_peak, flops_tok);
-        printf("  MFU (6 x %.3g active params)    %8.1f%%\n", model_active_params(&cfg), 100 * mfu);
+        if (measure_peak) {
+            printf("  achieved                        %8.1f GFLOP/s  (%.1f%% of the GEMM peak; %.3g FLOP/token)\n",
+                   gflops, 100 * of_peak, flops_tok);
+            printf("  MFU (6 x %.3g active params)    %8.1f%%\n", model_active_params(&cfg), 100 * mfu);
+        } else {
+            printf("  achieved                        %8.1f GFLOP/s  (%.3g FLOP/token)\n", gflops, flops_tok);
+        }
         if (on_gpu) {
             printf("  device allocations during the timed steps: %ld\n", step_allocs);
             printf("  experts' GEMMs: %s\n", expert_gemm);

@@ -2,7 +2,8 @@
 # tests/gpu/run.sh: on a GPU machine, builds moelab with the CUDA backend, runs the gpu test suite (every op
 # against the CPU, whole steps, bf16 against fp32 over 50 steps, determinism), then for each preset the GPU
 # benchmark in bf16 (--backend cuda) and fp32 (cuda-fp32) beside the same model and step in PyTorch eager
-# (bf16 autocast and fp32), and prints one summary table with the moelab / PyTorch ratios.
+# (bf16 autocast and fp32), then Nsight Compute's per-kernel summary of one Sigma-width layer (where ncu works),
+# and prints one summary table with the moelab / PyTorch ratios.
 #   tests/gpu/run.sh [PRESET[:key=value,...] ...]
 # default: tiny, small-cpu, then the full Sigma-MoE-Tiny width at 4 layers with 2 x 4K and 8 x 2K tokens per
 # micro-batch (bf16 only), the latter also with 4 micro-batches per optimizer step (train.accum=4: a 64K-token
@@ -81,6 +82,20 @@ for spec in "${presets[@]}"; do
     fi
 done
 
+# a kernel-level view of one Sigma-width layer at 2 x 4096 under Nsight Compute where it works (Firecracker
+# machines; clocks left alone): per kernel its duration, throughput as % of the memory and compute peaks,
+# occupancy. MOELAB_GPU_NCU=0 skips it; MOELAB_GPU_NCU_TIMEOUT seconds (default 150: the whole script must
+# fit a 10-minute device call).
+ncu_bin=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+ncu_rc=skipped
+if [ "${MOELAB_GPU_NCU:-1}" != 0 ] && [ -n "$ncu_bin" ]; then
+    timeout "${MOELAB_GPU_NCU_TIMEOUT:-150}" "$ncu_bin" --clock-control none --print-summary per-kernel \
+        --section SpeedOfLight --section Occupancy --section LaunchStats \
+        "$moelab" bench preset=sigma-tiny-full "${common[@]}" model.layers=1 train.batch=2 --backend cuda \
+        --steps 1 --warmup 0 --no-peak >"$logs/moelab_gpu_ncu.txt" 2>&1
+    ncu_rc=$?
+fi
+
 echo
 echo "| test / preset | result |"
 echo "|---|---|"
@@ -91,5 +106,6 @@ case $ops_rc in
 *) echo "| gpu_ops | FAILED (exit $ops_rc): $(grep -c '^FAIL' "$logs/moelab_gpu_ops.txt") failures |" ;;
 esac
 printf '%s\n' "${rows[@]}" | python3 tests/gpu/summary.py
+echo "| ncu (1 Sigma-width layer, 2 x 4096) | ${ncu_bin:-no ncu}: exit $ncu_rc, per-kernel summary in $logs/moelab_gpu_ncu.txt |"
 rm -rf "$tmp"
 [ "$ops_rc" -eq 0 ]
