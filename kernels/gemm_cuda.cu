@@ -96,16 +96,25 @@ struct ptr_rule {
 enum { MAX_GROUPS = ML_CUDA_MAX_E };
 static void **group_ptrs; // device: A, B, C arrays of MAX_GROUPS pointers each
 
-// the pointer arrays of the non-empty experts, in expert order (the host builds the same list)
+// the pointer arrays of the non-empty experts, in expert order (the host builds the same list): a thread per
+// expert, its place among the non-empty ones from a block-wide prefix count (one block, E <= blockDim.x)
 __global__ void k_group_ptrs(void **ptrs, const int32_t *offsets, int E, ptr_rule a, ptr_rule b, ptr_rule c) {
-    int g = 0;
-    for (int e = 0; e < E; e++) {
-        if (offsets[e + 1] == offsets[e]) continue;
-        ptrs[g] = (void *)(a.base + a.per_expert * e + a.per_row * offsets[e]);
-        ptrs[MAX_GROUPS + g] = (void *)(b.base + b.per_expert * e + b.per_row * offsets[e]);
-        ptrs[2 * MAX_GROUPS + g] = (void *)(c.base + c.per_expert * e + c.per_row * offsets[e]);
-        g++;
+    __shared__ int count[MAX_GROUPS];
+    const int e = threadIdx.x;
+    const int32_t lo = e < E ? offsets[e] : 0, has = e < E && offsets[e + 1] != lo;
+    count[e] = has;
+    __syncthreads();
+    for (int d = 1; d < (int)blockDim.x; d *= 2) { // inclusive scan (Hillis-Steele)
+        const int add = e >= d ? count[e - d] : 0;
+        __syncthreads();
+        count[e] += add;
+        __syncthreads();
     }
+    if (!has) return;
+    const int g = count[e] - 1;
+    ptrs[g] = (void *)(a.base + a.per_expert * e + a.per_row * lo);
+    ptrs[MAX_GROUPS + g] = (void *)(b.base + b.per_expert * e + b.per_row * lo);
+    ptrs[2 * MAX_GROUPS + g] = (void *)(c.base + c.per_expert * e + c.per_row * lo);
 }
 
 // One expert GEMM shape: C_e = op(A_e) op(B_e) + beta C_e, with m, n or k equal to the expert's rows.
@@ -175,7 +184,7 @@ static void grouped(const char *op, int bf16_table, form f, const group_shape &s
             tmp = (bf16 *)ml_ws(WS_GROUPED_OUT, sizeof(bf16) * out_n);
             rg = ptr_rule{(const char *)tmp, rc.per_expert / 2, rc.per_row / 2};
         }
-        LAUNCH(op, 1, 1, k_group_ptrs, group_ptrs, offsets_dev, E, ra, rb, rg);
+        LAUNCH(op, 1, (E + 31) / 32 * 32, k_group_ptrs, group_ptrs, offsets_dev, E, ra, rb, rg);
         const cublasComputeType_t ct = f == F_TF32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
         const cublasStatus_t st = cublasGemmGroupedBatchedEx(
             ml_blas, ta, tb, m, n, k, alpha, (const void *const *)group_ptrs, A.t, lda,
