@@ -352,6 +352,15 @@ static void test_bf16_gemms(void) {
     cpu->matmul_backward(dx, dw, dy, x, w, M, K, N), gbf->matmul_backward(d_dx, d_dw, d_dy, d_x, d_w, M, K, N);
     SAME("bf16 matmul_backward dinp", dx, d_dx, M * K, 2e-2);
     SAME("bf16 matmul_backward dw", dw, d_dw, N * K, 2e-2);
+    /* odd sizes (the bf16 casts' element-wise tails) from an aligned and a misaligned start (their scalar form) */
+    for (int skew = 0; skew < 2; skew++) {
+        const int m = 7, k = 13, n = 5;
+        memset(y, 0, sizeof(float) * m * n);
+        cpu->matmul_forward(y, x + skew, w + skew, m, k, n), gbf->matmul_forward(d_y, d_x + skew, d_w + skew, m, k, n);
+        char what[64];
+        snprintf(what, sizeof what, "bf16 matmul_forward %d x %d x %d, offset %d", m, k, n, skew);
+        SAME(what, y, d_y, m * n, 2e-2);
+    }
     free(x), free(w), free(y), free(dy), free(dx), free(dw);
     void *ds[] = {d_x, d_w, d_y, d_dy, d_dx, d_dw};
     for (size_t i = 0; i < sizeof ds / sizeof ds[0]; i++) gbf->free(ds[i]);
