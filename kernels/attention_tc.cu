@@ -47,7 +47,8 @@ __device__ __forceinline__ void cp_async16(void *dst, const void *src) {
 #ifdef ML_CUDA_EMU
     ml_emu_cp_async16(dst, src);
 #else
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)), "l"(src) : "memory");
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)), "l"(__cvta_generic_to_global(src))
+                 : "memory");
 #endif
 }
 __device__ __forceinline__ void cp_async_commit() {

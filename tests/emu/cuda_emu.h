@@ -8,7 +8,7 @@
 //   memory    "device" memory is host memory; static __shared__ arrays are function statics (blocks run one
 //             after another); dynamic shared memory is filled with NaN bytes before each block and guarded by
 //             a canary (an overflowing write exits 6); launches check the dynamic size against the attribute
-//             set for that kernel with cudaFuncSetAttribute and the H100's limit;
+//             set for that kernel with cudaFuncSetAttribute and the A100's limit (163 KB; the H100 takes 227);
 //   mma       mma.sync m16n8k16 (bf16 inputs, fp32 accumulators) with the PTX ISA's fragment-to-lane layouts:
 //             each lane gives its registers and gets its share of the product through a warp barrier;
 //             ldmatrix .x4 (and .trans) the same way: each lane gives a row address, gets its elements;
@@ -16,7 +16,7 @@
 //             the earliest the hardware may; a buffer refilled while others still read it shows) or at the
 //             wait_group that covers them (deferred: the latest; a tile read before its wait shows), chosen
 //             with ml_emu_set_cp_async; addresses are checked (16-byte aligned, the destination inside the
-//             block's shared memory: exit 8);
+//             block's shared memory, the source inside one cudaMalloc block: exit 8);
 //   cuBLAS    Sgemm, GemmEx and GemmGroupedBatchedEx as the documentation defines them (column-major,
 //             C = alpha op(A) op(B) + beta C), fp32 sums in k order; bf16 inputs read as bf16.
 // What this cannot show: speed, the hardware's rounding inside mma and cuBLAS.

@@ -6,6 +6,7 @@
 // (no signal-mask system call per switch). Dynamic shared memory is filled with NaN bytes before each block
 // and followed by a canary.
 #undef _FORTIFY_SOURCE
+#include <iterator>
 #include <map>
 #include <random>
 #include <setjmp.h>
@@ -127,6 +128,7 @@ struct cp_copy {
     const void *src;
 };
 int cp_deferred;
+std::map<uintptr_t, size_t> device_allocs; // cudaMalloc's blocks: base -> bytes asked for
 std::vector<cp_copy> cp_open[1024];
 std::vector<std::vector<cp_copy>> cp_groups[1024];
 void cp_reset(int n) {
@@ -145,8 +147,10 @@ void ml_emu_check_smem16(const void *p, const char *what) {
 void ml_emu_set_cp_async(int deferred) { cp_deferred = deferred; }
 void ml_emu_cp_async16(void *dst, const void *src) {
     ml_emu_check_smem16(dst, "cp.async destination");
-    if ((uintptr_t)src & 15) {
-        fprintf(stderr, "cuda_emu: cp.async: global source %p not 16-byte aligned\n", src);
+    auto in = device_allocs.upper_bound((uintptr_t)src); // the block at or before src
+    if (((uintptr_t)src & 15) || in == device_allocs.begin() ||
+        (uintptr_t)src + 16 > std::prev(in)->first + std::prev(in)->second) {
+        fprintf(stderr, "cuda_emu: cp.async: global source %p not 16-byte aligned inside one cudaMalloc block\n", src);
         exit(8);
     }
     if (cp_deferred) cp_open[ml_emu_cur].push_back(cp_copy{dst, src});
@@ -190,8 +194,8 @@ void ml_emu_launch(const void *kernel, dim3 grid, int block, size_t smem, std::f
                 smem_attr[kernel]);
         exit(5);
     }
-    if (smem > 232448) {
-        fprintf(stderr, "cuda_emu: %zu bytes of dynamic shared memory: above the H100's limit\n", smem);
+    if (smem > 166912) { // the build targets sm_80 too: the A100's 163 KB per block (the H100 takes 227 KB)
+        fprintf(stderr, "cuda_emu: %zu bytes of dynamic shared memory: above the A100's limit\n", smem);
         exit(5);
     }
     if (grid.y > 65535 || grid.z > 65535) {
@@ -238,10 +242,11 @@ static double now_ms(void) {
 }
 cudaError_t cudaMalloc(void **p, size_t bytes) {
     *p = aligned_alloc(256, (bytes + 255) / 256 * 256);
+    if (*p) device_allocs[(uintptr_t)*p] = bytes;
     return *p ? cudaSuccess : cudaErrorMemoryAllocation;
 }
 cudaError_t cudaMallocHost(void **p, size_t bytes) { return cudaMalloc(p, bytes); }
-cudaError_t cudaFree(void *p) { return free(p), cudaSuccess; }
+cudaError_t cudaFree(void *p) { return device_allocs.erase((uintptr_t)p), free(p), cudaSuccess; }
 cudaError_t cudaFreeHost(void *p) { return cudaFree(p); }
 cudaError_t cudaMemset(void *p, int v, size_t bytes) { return memset(p, v, bytes), cudaSuccess; }
 cudaError_t cudaMemsetAsync(void *p, int v, size_t bytes, cudaStream_t) { return cudaMemset(p, v, bytes); }

@@ -92,8 +92,8 @@ int main() {
         {1, 200, 4, 1, 96}, // Sigma-MoE-Tiny's head size, one kv head
         {1, 130, 2, 1, 128}, // the largest head size
         {1, 70, 3, 1, 40},  // groups of 3, head size padded to 48
-        {1, 90, 2, 2, 6},   // a head size that is not a multiple of 4 (element-wise tile loads)
-        {2, 1, 2, 1, 18},   // one token; head size 18 (element-wise loads, padded to 32)
+        {1, 90, 2, 2, 6},   // a head size that is not a multiple of 4 (staged with zeros up to 16)
+        {2, 1, 2, 1, 18},   // one token; head size 18 (padded to 32)
     };
     const int small_shapes[][5] = {
         // the fp32 kernels switch fibers at every shuffle (a key at a time): smaller shapes, same coverage
