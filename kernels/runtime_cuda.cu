@@ -202,6 +202,8 @@ void *ml_ws(int slot, size_t bytes) {
     return ws[slot].p;
 }
 
+static int tc_attention; // the cuda table runs attention_tc.cu (not MOELAB_ATTENTION=fp32)
+
 // the scratch each op group needs for the largest shapes the model will use (see the users of each slot)
 static void prepare(const ml_backend_plan *p, int bf16_casts) {
     const size_t MK = (size_t)p->M * (p->kmax > 0 ? p->kmax : 1), E = p->E > 0 ? p->E : 1;
@@ -211,7 +213,8 @@ static void prepare(const ml_backend_plan *p, int bf16_casts) {
         // the experts' products in bf16 before they are widened: rows x (2F or C) <= max_gemm_floats
         if (ml_grouped_bf16_outputs()) ml_ws(WS_GROUPED_OUT, sizeof(bf16) * p->max_gemm_floats);
         // the tensor-core attention's bf16 copies of q, dO, k, v
-        if (p->hd >= 1 && p->hd <= 128 && p->KV > 0) ml_ws(WS_ATTN, ml_attention_stage_bytes(p->B, p->T, p->H, p->KV, p->hd));
+        if (tc_attention && p->hd >= 1 && p->hd <= 128 && p->KV > 0)
+            ml_ws(WS_ATTN, ml_attention_stage_bytes(p->B, p->T, p->H, p->KV, p->hd));
     }
     // route_stats: M row sums + (M/128 + B) x E partial sums and counts (chunks stop at sequence ends; the
     // z-loss's and tempered loss's (M/128 + 1) x (E + 1) partials fit too); rmsnorm dw: ML_NORM_CHUNKS x C
@@ -368,7 +371,8 @@ extern "C" const ml_backend *backend_cuda(void) {
         b.prepare = cu_prepare_bf16;
         // tensor-core attention; MOELAB_ATTENTION=fp32 keeps the fp32 kernels (to tell the two apart)
         const char *att = getenv("MOELAB_ATTENTION");
-        if (!att || strcmp(att, "fp32")) ml_cuda_fill_attention_tc(&b);
+        tc_attention = !att || strcmp(att, "fp32");
+        if (tc_attention) ml_cuda_fill_attention_tc(&b);
         b.bind_params = cu_bind_params;
         b.name = "cuda";
     }
