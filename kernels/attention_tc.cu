@@ -10,9 +10,13 @@
 //   forward: a block = 4 warps x 16 query rows; key tiles of 64; per warp S = Q K^T (16 x 64) in registers,
 //            online softmax (exp2, fp32), P rounded to bf16 straight from the accumulator layout into the
 //            A-operand layout, O += P V in registers.
-//   dq:      the same blocks; per key tile S = Q K^T, dP = dO V^T, dS = P (dP - delta) scale, dq += dS K.
 //   dk, dv:  a block = 4 warps x 16 key rows; over the group's query heads and the query tiles at or after
-//            the block's first key: S^T = K Q^T, dP^T = V dO^T, dv += P^T dO, dk += dS^T Q.
+//            the block's first key: S^T = K Q^T, dP^T = V dO^T, dS^T = P^T (dP^T - delta) scale, dv += P^T dO,
+//            dk += dS^T Q; dS^T is also written in bf16 (zeros where every query precedes the block's keys).
+//   dq:      dq += dS K as batched cuBLAS GEMMs over that dS (bf16 inputs, fp32 accumulation) instead of a
+//            second kernel recomputing S and dP (5 matmuls in the backward, as FlashAttention-2, without its
+//            atomics). dS takes B x heads x Tp^2 bf16: the backward runs a chunk of kv heads at a time so that
+//            it stays under ML_ATTN_DS_BYTES (at least one kv head's group).
 // Deterministic: every output element has one writer; sums run in a fixed order.
 // Fragment layouts (PTX ISA, mma.m16n8k16, g = lane / 4, t = lane % 4): A 16 x 16 row-major, registers
 // {(g, 2t..2t+1), (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..)}; B 16 x 8, registers {(2t..2t+1, g), (2t+8.., g)};
@@ -283,82 +287,19 @@ __global__ void __launch_bounds__(NT) k_attn_fwd_tc(float *out, float *lse, cons
     }
 }
 
-// ---------------------------------------------------------------- dq
-
-template <int NK>
-__global__ void __launch_bounds__(NT) k_attn_dq_tc(float *dq, const float *lse, const float *delta, const bf16 *qs,
-                                                   const bf16 *gs, const bf16 *ks, const bf16 *vs, int T, int Tp,
-                                                   int H, int KV, int hd, float scale) {
-    constexpr int DP = tile<NK>::DP, LD = tile<NK>::LD, TE = tile<NK>::ELEMS;
-    ML_DYNAMIC_SMEM(unsigned char, smem);
-    bf16 *Qs = (bf16 *)smem, *Gs = Qs + TE, *Kb = Gs + TE, *Vb = Kb + 2 * TE;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    const int h = blockIdx.y, b = blockIdx.z, kh = h / (H / KV);
-    const int t0 = (gridDim.x - 1 - blockIdx.x) * BQ, w0 = t0 + warp * 16, ntiles = t0 / BT + 1;
-    const bf16 *kbase = ks + ((size_t)b * KV + kh) * Tp * DP, *vbase = vs + ((size_t)b * KV + kh) * Tp * DP;
-    const float sl2 = scale * LOG2E;
-    tile_async<NK>(Qs, qs + (((size_t)b * H + h) * Tp + t0) * DP);
-    tile_async<NK>(Gs, gs + (((size_t)b * H + h) * Tp + t0) * DP);
-    tile_async<NK>(Kb, kbase), tile_async<NK>(Vb, vbase);
-    cp_async_commit();
-    float L2[2], D[2]; // rows g and g + 8: lse in log2 units, delta
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        const int tt = w0 + g + 8 * r;
-        const size_t row = ((size_t)b * H + h) * T + tt;
-        L2[r] = tt < T ? lse[row] * LOG2E : 0.f, D[r] = tt < T ? delta[row] : 0.f;
-    }
-    float acc[2 * NK][4];
-#pragma unroll
-    for (int n = 0; n < 2 * NK; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
-    for (int j = 0; j < ntiles; j++) {
-        const int s0 = j * BT, cur = j & 1;
-        if (j + 1 < ntiles) {
-            tile_async<NK>(Kb + (cur ^ 1) * TE, kbase + (size_t)(s0 + BT) * DP);
-            tile_async<NK>(Vb + (cur ^ 1) * TE, vbase + (size_t)(s0 + BT) * DP);
-            cp_async_commit();
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
-        __syncthreads();
-        if (s0 <= w0 + 15) {
-            const bf16 *Ks = Kb + cur * TE, *Vs = Vb + cur * TE;
-            uint32_t a[NK][4];
-            float s[8][4], dp[8][4];
-#pragma unroll
-            for (int kk = 0; kk < NK; kk++) frag_a<NK>(a[kk], Qs + warp * 16 * LD, kk);
-            mma_rows64<NK>(s, a, Ks); // Q K^T
-#pragma unroll
-            for (int kk = 0; kk < NK; kk++) frag_a<NK>(a[kk], Gs + warp * 16 * LD, kk);
-            mma_rows64<NK>(dp, a, Vs); // dO V^T
-#pragma unroll
-            for (int n = 0; n < 8; n++)
-#pragma unroll
-                for (int i = 0; i < 4; i++) {
-                    const int key = s0 + n * 8 + 2 * t + (i & 1), row = w0 + g + 8 * (i >> 1);
-                    const float p = key <= row && row < T ? exp2f(s[n][i] * sl2 - L2[i >> 1]) : 0.f;
-                    s[n][i] = p * (dp[n][i] - D[i >> 1]) * scale; // dS
-                }
-            mma_p_cols<NK>(acc, s, Ks); // dq += dS K
-        }
-        __syncthreads();
-    }
-    add_rows<NK>(dq, acc, b, w0, T, H, h, hd);
-}
-
 // ---------------------------------------------------------------- dk, dv
 
 template <int NK>
-__global__ void __launch_bounds__(NT) k_attn_dkv_tc(float *dk, float *dv, const float *lse, const float *delta,
-                                                    const bf16 *qs, const bf16 *gs, const bf16 *ks, const bf16 *vs,
-                                                    int T, int Tp, int H, int KV, int hd, float scale) {
+__global__ void __launch_bounds__(NT) k_attn_dkv_tc(float *dk, float *dv, bf16 *dst, const float *lse,
+                                                    const float *delta, const bf16 *qs, const bf16 *gs,
+                                                    const bf16 *ks, const bf16 *vs, int T, int Tp, int H, int KV,
+                                                    int kh0, int hd, float scale) {
     constexpr int DP = tile<NK>::DP, LD = tile<NK>::LD, TE = tile<NK>::ELEMS;
     ML_DYNAMIC_SMEM(unsigned char, smem);
     bf16 *Ks = (bf16 *)smem, *Vs = Ks + TE, *Qb = Vs + TE, *Gb = Qb + 2 * TE; // Q and dO double-buffered
     float *Lb = (float *)(Gb + 2 * TE), *Db = Lb + 2 * BT;                      // lse (log2 units), delta
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    const int kh = blockIdx.y, b = blockIdx.z, group = H / KV;
+    const int kh = kh0 + blockIdx.y, b = blockIdx.z, group = H / KV, HC = gridDim.y * group; // HC: heads in dst
     const int s_first = blockIdx.x * BQ, w0 = s_first + warp * 16; // the first keys have the most queries
     const int nq = (T - 1) / BT - (int)blockIdx.x + 1, iters = group * nq; // query tiles per head; in all
     const float sl2 = scale * LOG2E;
@@ -411,6 +352,13 @@ __global__ void __launch_bounds__(NT) k_attn_dkv_tc(float *dk, float *dv, const 
                     const float p = tq < T && tq >= key && key < T ? exp2f(s[n][i] * sl2 - Lq[c]) : 0.f;
                     s[n][i] = p, dp[n][i] = p * (dp[n][i] - Dq[c]) * scale;
                 }
+            // dS^T in bf16 for dq = dS K (a GEMM after this kernel): rows = keys, columns = queries
+            bf16 *ds_rows = dst + (((size_t)b * HC + (kh - kh0) * group + it / nq) * Tp + w0 + g) * Tp + q0 + 2 * t;
+#pragma unroll
+            for (int n = 0; n < 8; n++)
+#pragma unroll
+                for (int half = 0; half < 2; half++)
+                    *(uint32_t *)&ds_rows[(size_t)8 * half * Tp + n * 8] = pack2(dp[n][2 * half], dp[n][2 * half + 1]);
             mma_p_cols<NK>(av, s, Gs);  // dv += P^T dO
             mma_p_cols<NK>(ak, dp, Qs); // dk += dS^T Q
         }
@@ -418,6 +366,13 @@ __global__ void __launch_bounds__(NT) k_attn_dkv_tc(float *dk, float *dv, const 
     }
     add_rows<NK>(dk, ak, b, w0, T, KV, kh, hd);
     add_rows<NK>(dv, av, b, w0, T, KV, kh, hd);
+    // dS^T is zero where every query precedes these keys (query tiles before s_first), which the loop skips
+    const int c16 = s_first / 8; // 16-byte chunks per row
+    for (int h = 0; h < group; h++) {
+        bf16 *rows = dst + (((size_t)b * HC + (kh - kh0) * group + h) * Tp + s_first) * Tp;
+        for (int i = threadIdx.x; i < BQ * c16; i += NT)
+            *(uint4 *)&rows[(size_t)(i / c16) * Tp + i % c16 * 8] = make_uint4(0, 0, 0, 0);
+    }
 }
 
 // ---------------------------------------------------------------- launch
@@ -443,7 +398,6 @@ static void stage(const char *op, bf16 *dst, const float *src, int B, int T, int
 }
 
 template <int NK> static size_t smem_fwd() { return sizeof(bf16) * 5 * tile<NK>::ELEMS; } // Q, 2 K, 2 V
-template <int NK> static size_t smem_dq() { return sizeof(bf16) * 6 * tile<NK>::ELEMS; }  // Q, dO, 2 K, 2 V
 template <int NK> static size_t smem_dkv() {                                              // K, V, 2 Q, 2 dO
     return sizeof(bf16) * 6 * tile<NK>::ELEMS + sizeof(float) * 4 * BT;
 }
@@ -459,22 +413,46 @@ static void fwd(float *out, float *att, const staged &st, int B, int T, int H, i
     LAUNCH_SMEM("attention_forward", grid, NT, sm, k_attn_fwd_tc<NK>, out, att, st.q, st.k, st.v, T, padded_T(T), H,
                 KV, hd, scale);
 }
+// dS^T of a chunk of kv heads (all B sequences, their query heads): the chunk's kv head count and the bytes
+static size_t ds_budget = ML_ATTN_DS_BYTES;
+void ml_attention_set_ds_budget(size_t bytes) { ds_budget = bytes; } // tests: force chunks of one kv head
+static int ds_chunk(int B, int T, int H, int KV) {
+    const size_t per_kv = sizeof(bf16) * B * (size_t)(H / KV) * padded_T(T) * padded_T(T);
+    const int fit = (int)(ds_budget / per_kv);
+    return fit < 1 ? 1 : fit > KV ? KV : fit;
+}
+size_t ml_attention_ds_bytes(int B, int T, int H, int KV) {
+    return sizeof(bf16) * B * (size_t)ds_chunk(B, T, H, KV) * (H / KV) * padded_T(T) * padded_T(T);
+}
+
 template <int NK>
 static void bwd(float *dq, float *dk, float *dv, const float *lse, const float *delta, const staged &st, int B, int T,
                 int H, int KV, int hd, float scale) {
-    const size_t sq = smem_dq<NK>(), skv = smem_dkv<NK>();
+    const size_t skv = smem_dkv<NK>();
     static bool opted_in;
-    if (!opted_in) {
-        CK("attention_backward", cudaFuncSetAttribute(k_attn_dq_tc<NK>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sq));
+    if (!opted_in)
         CK("attention_backward", cudaFuncSetAttribute(k_attn_dkv_tc<NK>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)skv));
-    }
     opted_in = true;
-    const int Tp = padded_T(T);
-    dim3 gq(Tp / BQ, H, B), gkv(Tp / BQ, KV, B);
-    LAUNCH_SMEM("attention_backward", gq, NT, sq, k_attn_dq_tc<NK>, dq, lse, delta, st.q, st.g, st.k, st.v, T, Tp, H,
-                KV, hd, scale);
-    LAUNCH_SMEM("attention_backward", gkv, NT, skv, k_attn_dkv_tc<NK>, dk, dv, lse, delta, st.q, st.g, st.k, st.v, T,
-                Tp, H, KV, hd, scale);
+    const int Tp = padded_T(T), DP = 16 * NK, group = H / KV, chunk = ds_chunk(B, T, H, KV);
+    bf16 *ds = (bf16 *)ml_ws(WS_ATTN_DS, ml_attention_ds_bytes(B, T, H, KV));
+    const float one = 1;
+    for (int kh0 = 0; kh0 < KV; kh0 += chunk) {
+        const int kc = KV - kh0 < chunk ? KV - kh0 : chunk, hc = kc * group;
+        dim3 gkv(Tp / BQ, kc, B);
+        LAUNCH_SMEM("attention_backward", gkv, NT, skv, k_attn_dkv_tc<NK>, dk, dv, ds, lse, delta, st.q, st.g, st.k,
+                    st.v, T, Tp, H, KV, kh0, hd, scale);
+        // per query head h of the chunk, over the B sequences: dq_b,h (T x hd, row stride H hd) += dS (T x T) K_b,kh.
+        // Column-major: dq^T (hd x T) = K^T (hd x T, K as staged, ld DP) dS^T^T, dS^T stored [key][query] (ld Tp)
+        for (int hl = 0; hl < hc; hl++) {
+            const int h = kh0 * group + hl, kh = h / group;
+            BK("attention_backward",
+               cublasGemmStridedBatchedEx(ml_blas, CUBLAS_OP_N, CUBLAS_OP_T, hd, T, T, &one,
+                                          st.k + (size_t)kh * Tp * DP, CUDA_R_16BF, DP, (long long)KV * Tp * DP,
+                                          ds + (size_t)hl * Tp * Tp, CUDA_R_16BF, Tp, (long long)hc * Tp * Tp, &one,
+                                          dq + (size_t)h * hd, CUDA_R_32F, H * hd, (long long)T * H * hd, B,
+                                          CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+        }
+    }
 }
 
 #define DISPATCH_NK(hd, CALL)                                                                              \

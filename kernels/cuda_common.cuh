@@ -74,7 +74,8 @@ struct ml_prof_scope {
 
 // ---- scratch: numbered slots, sized by prepare() so no step allocates (a slot that must grow later is
 // counted: cuda_alloc_count() shows it) ----
-enum { WS_CAST_A, WS_CAST_B, WS_CAST_W, WS_REDUCE, WS_DISPATCH, WS_CAPACITY, WS_GROUPED_OUT, WS_ATTN, WS_SLOTS };
+enum { WS_CAST_A, WS_CAST_B, WS_CAST_W, WS_REDUCE, WS_DISPATCH, WS_CAPACITY, WS_GROUPED_OUT, WS_ATTN, WS_ATTN_DS,
+       WS_SLOTS };
 void *ml_ws(int slot, size_t bytes);
 int ml_grouped_bf16_outputs(void); // the bf16 experts write bf16 (WS_GROUPED_OUT) and widen it (gemm_cuda.cu)
 
@@ -129,5 +130,8 @@ void ml_cuda_fill_attention_tc(ml_backend *b); // attention_tc.cu: bf16 tensor c
 void ml_attention_delta(float *delta, const float *dout, const float *out, int B, int T, int H, int hd);
 // attention_tc.cu: the bytes of its bf16 staged q, dO, k, v (workspace slot WS_ATTN)
 size_t ml_attention_stage_bytes(int B, int T, int H, int KV, int hd);
+// and of its bf16 dS for dq, a chunk of kv heads at a time (WS_ATTN_DS), at most this much when a head fits
+#define ML_ATTN_DS_BYTES ((size_t)512 << 20)
+size_t ml_attention_ds_bytes(int B, int T, int H, int KV);
 void ml_cuda_fill_gemms(ml_backend *b, int bf16_compute); // gemm_cuda.cu
 void ml_cuda_gemm_init(void);

@@ -213,8 +213,10 @@ static void prepare(const ml_backend_plan *p, int bf16_casts) {
         // the experts' products in bf16 before they are widened: rows x (2F or C) <= max_gemm_floats
         if (ml_grouped_bf16_outputs()) ml_ws(WS_GROUPED_OUT, sizeof(bf16) * p->max_gemm_floats);
         // the tensor-core attention's bf16 copies of q, dO, k, v
-        if (tc_attention && p->hd >= 1 && p->hd <= 128 && p->KV > 0)
+        if (tc_attention && p->hd >= 1 && p->hd <= 128 && p->KV > 0 && p->H % p->KV == 0) {
             ml_ws(WS_ATTN, ml_attention_stage_bytes(p->B, p->T, p->H, p->KV, p->hd));
+            ml_ws(WS_ATTN_DS, ml_attention_ds_bytes(p->B, p->T, p->H, p->KV));
+        }
     }
     // route_stats: M row sums + (M/128 + B) x E partial sums and counts (chunks stop at sequence ends; the
     // z-loss's and tempered loss's (M/128 + 1) x (E + 1) partials fit too); rmsnorm dw: ML_NORM_CHUNKS x C

@@ -5,8 +5,8 @@
 //             in lock-step rounds (ascending, descending, random), or a warp at a time up to a block barrier;
 //             __syncthreads and __syncwarp are real barriers: a barrier some threads never reach is reported
 //             as a deadlock (exit 4); shuffles and __match_any_sync exchange values through a warp barrier;
-//   memory    "device" memory is host memory; static __shared__ arrays are function statics (blocks run one
-//             after another); dynamic shared memory is filled with NaN bytes before each block and guarded by
+//   memory    "device" memory is host memory, NaN bytes when cudaMalloc returns it; static __shared__ arrays
+//             are function statics (blocks run one after another); dynamic shared memory is filled with NaN bytes before each block and guarded by
 //             a canary (an overflowing write exits 6); launches check the dynamic size against the attribute
 //             set for that kernel with cudaFuncSetAttribute and the A100's limit (163 KB; the H100 takes 227);
 //   mma       mma.sync m16n8k16 (bf16 inputs, fp32 accumulators) with the PTX ISA's fragment-to-lane layouts:
@@ -17,7 +17,7 @@
 //             wait_group that covers them (deferred: the latest; a tile read before its wait shows), chosen
 //             with ml_emu_set_cp_async; addresses are checked (16-byte aligned, the destination inside the
 //             block's shared memory, the source inside one cudaMalloc block: exit 8);
-//   cuBLAS    Sgemm, GemmEx and GemmGroupedBatchedEx as the documentation defines them (column-major,
+//   cuBLAS    Sgemm, GemmEx, GemmStridedBatchedEx and GemmGroupedBatchedEx as documented (column-major,
 //             C = alpha op(A) op(B) + beta C), fp32 sums in k order; bf16 inputs read as bf16.
 // What this cannot show: speed, the hardware's rounding inside mma and cuBLAS.
 #pragma once
@@ -243,6 +243,12 @@ cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta, cublasOperat
                             const void *alpha, const void *A, cudaDataType_t at, int lda, const void *B,
                             cudaDataType_t bt, int ldb, const void *beta, void *C, cudaDataType_t ct, int ldc,
                             cublasComputeType_t compute, cublasGemmAlgo_t algo);
+cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m, int n,
+                                          int k, const void *alpha, const void *A, cudaDataType_t at, int lda,
+                                          long long strideA, const void *B, cudaDataType_t bt, int ldb,
+                                          long long strideB, const void *beta, void *C, cudaDataType_t ct, int ldc,
+                                          long long strideC, int batch, cublasComputeType_t compute,
+                                          cublasGemmAlgo_t algo);
 cublasStatus_t cublasGemmGroupedBatchedEx(cublasHandle_t h, const cublasOperation_t ta[], const cublasOperation_t tb[],
                                           const int m[], const int n[], const int k[], const void *alpha,
                                           const void *const A[], cudaDataType_t at, const int lda[],

@@ -60,6 +60,24 @@ cublasStatus_t cublasGemmEx(cublasHandle_t, cublasOperation_t ta, cublasOperatio
     return gemm(ta, tb, m, n, k, *(const float *)alpha, A, at, lda, B, bt, ldb, *(const float *)beta, (float *)C,
                 ldc);
 }
+// batch GEMMs, operand i at X + i strideX elements
+cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m, int n,
+                                          int k, const void *alpha, const void *A, cudaDataType_t at, int lda,
+                                          long long strideA, const void *B, cudaDataType_t bt, int ldb,
+                                          long long strideB, const void *beta, void *C, cudaDataType_t ct, int ldc,
+                                          long long strideC, int batch, cublasComputeType_t compute,
+                                          cublasGemmAlgo_t algo) {
+    if (batch < 0) return CUBLAS_STATUS_INVALID_VALUE;
+    const size_t ea = at == CUDA_R_32F ? 4 : 2, eb = bt == CUDA_R_32F ? 4 : 2, ec = ct == CUDA_R_32F ? 4 : 2;
+    for (int i = 0; i < batch; i++) {
+        const cublasStatus_t st = cublasGemmEx(h, ta, tb, m, n, k, alpha, (const char *)A + ea * strideA * i, at, lda,
+                                               (const char *)B + eb * strideB * i, bt, ldb, beta,
+                                               (char *)C + ec * strideC * i, ct, ldc, compute, algo);
+        if (st != CUBLAS_STATUS_SUCCESS) return st;
+    }
+    return CUBLAS_STATUS_SUCCESS;
+}
+
 // MOELAB_EMU_REFUSE lists grouped forms to refuse as a cuBLAS without them would ("bf16out-grouped",
 // "tf32-grouped"), so tests can walk the backend's fallbacks. bf16 inputs with fp32 outputs are always refused
 // there, as cuBLAS 13.0 on an H100 does.

@@ -242,7 +242,7 @@ static double now_ms(void) {
 }
 cudaError_t cudaMalloc(void **p, size_t bytes) {
     *p = aligned_alloc(256, (bytes + 255) / 256 * 256);
-    if (*p) device_allocs[(uintptr_t)*p] = bytes;
+    if (*p) device_allocs[(uintptr_t)*p] = bytes, memset(*p, 0xff, bytes); // NaN: as unset as cudaMalloc's
     return *p ? cudaSuccess : cudaErrorMemoryAllocation;
 }
 cudaError_t cudaMallocHost(void **p, size_t bytes) { return cudaMalloc(p, bytes); }

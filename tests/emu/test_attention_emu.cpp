@@ -6,7 +6,8 @@
 // the tensor-core kernels' cp.async tiles completing as early (eager) and as late (deferred) as the hardware
 // may, under five thread orders (lanes in lock-step rounds: ascending, descending, random; a warp at a time:
 // ascending, descending), must give the same bits (a tile read before its wait, or refilled while a warp still
-// reads it, shows); then one shape under three thread orders must give the same bits (both implementations).
+// reads it, shows), and so must the backward run a kv head at a time (its dS workspace in chunks); then one
+// shape under three thread orders must give the same bits (both implementations).
 // This checks the kernels' indexing, masking, tiling and synchronisation; the hardware itself is checked by
 // the gpu suite (tests/test_gpu_ops.c) on a GPU.
 #include <vector>
@@ -18,6 +19,8 @@ extern "C" {
 #include "backend_cuda.h"
 #include "ops_cpu.h"
 }
+
+void ml_attention_set_ds_budget(size_t bytes); // attention_tc.cu: the dS workspace per chunk of kv heads
 
 struct impl {
     const char *name;
@@ -107,6 +110,11 @@ int main() {
         if (im == &tensor_cores)
             for (const auto &s : shapes) {
                 const uint64_t eager = check_shape(*im, s[0], s[1], s[2], s[3], s[4], 2, true);
+                ml_attention_set_ds_budget(1); // dS (and dq) a kv head at a time: the same bits
+                const uint64_t chunked = check_shape(*im, s[0], s[1], s[2], s[3], s[4], 2, false);
+                ml_attention_set_ds_budget((size_t)512 << 20);
+                CHECK(chunked == eager, "%s B %d T %d H %d KV %d hd %d: the backward a kv head at a time gives the "
+                      "same bits", im->name, s[0], s[1], s[2], s[3], s[4]);
                 for (int order = 0; order < 5; order++)
                     for (int deferred = 0; deferred < 2; deferred++) {
                         if (order == 2 && !deferred) continue; // that is the run above
