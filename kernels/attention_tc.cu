@@ -14,9 +14,10 @@
 //            the block's first key: S^T = K Q^T, dP^T = V dO^T, dS^T = P^T (dP^T - delta) scale, dv += P^T dO,
 //            dk += dS^T Q; dS^T is also written in bf16 (zeros where every query precedes the block's keys).
 //   dq:      dq += dS K as batched cuBLAS GEMMs over that dS (bf16 inputs, fp32 accumulation) instead of a
-//            second kernel recomputing S and dP (5 matmuls in the backward, as FlashAttention-2, without its
-//            atomics). dS takes B x heads x Tp^2 bf16: the backward runs a chunk of kv heads at a time so that
-//            it stays under ML_ATTN_DS_BYTES (at least one kv head's group).
+//            second kernel recomputing S and dP (no atomics, unlike FlashAttention-2's dq). The GEMMs run over
+//            the full T x T, zeros above the diagonal included (twice the causal work, at cuBLAS speed). dS takes
+//            B x heads x Tp^2 bf16: the backward runs a chunk of kv heads at a time so that it stays under
+//            ML_ATTN_DS_BYTES (at least one kv head's group).
 // Deterministic: every output element has one writer; sums run in a fixed order.
 // Fragment layouts (PTX ISA, mma.m16n8k16, g = lane / 4, t = lane % 4): A 16 x 16 row-major, registers
 // {(g, 2t..2t+1), (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..)}; B 16 x 8, registers {(2t..2t+1, g), (2t+8.., g)};
@@ -418,6 +419,7 @@ static size_t ds_budget = ML_ATTN_DS_BYTES;
 void ml_attention_set_ds_budget(size_t bytes) { ds_budget = bytes; } // tests: force chunks of one kv head
 static int ds_chunk(int B, int T, int H, int KV) {
     const size_t per_kv = sizeof(bf16) * B * (size_t)(H / KV) * padded_T(T) * padded_T(T);
+    if (per_kv == 0) return KV; // nothing to hold (B or T zero)
     const int fit = (int)(ds_budget / per_kv);
     return fit < 1 ? 1 : fit > KV ? KV : fit;
 }
@@ -435,6 +437,9 @@ static void bwd(float *dq, float *dk, float *dv, const float *lse, const float *
     opted_in = true;
     const int Tp = padded_T(T), DP = 16 * NK, group = H / KV, chunk = ds_chunk(B, T, H, KV);
     bf16 *ds = (bf16 *)ml_ws(WS_ATTN_DS, ml_attention_ds_bytes(B, T, H, KV));
+#ifdef ML_CUDA_EMU // the emulator: a dS element the kernel fails to write reads as NaN, not as a stale value
+    CK("attention_backward", cudaMemset(ds, 0xff, ml_attention_ds_bytes(B, T, H, KV)));
+#endif
     const float one = 1;
     for (int kh0 = 0; kh0 < KV; kh0 += chunk) {
         const int kc = KV - kh0 < chunk ? KV - kh0 : chunk, hc = kc * group;
