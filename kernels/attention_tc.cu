@@ -37,13 +37,6 @@ template <int NK> struct tile {
     static constexpr int DP = 16 * NK, LD = DP + 8, ELEMS = BT * LD;
 };
 
-__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-    const bf16 l = __float2bfloat16_rn(lo), h = __float2bfloat16_rn(hi);
-    uint16_t a, b;
-    memcpy(&a, &l, 2), memcpy(&b, &h, 2);
-    return (uint32_t)a | (uint32_t)b << 16;
-}
-
 #ifndef ML_CUDA_EMU
 __device__ __forceinline__ uint32_t smem_addr(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
 #endif
@@ -148,8 +141,8 @@ template <int NK> __device__ __forceinline__ void mma_rows64(float c[8][4], cons
 template <int NK> __device__ __forceinline__ void mma_p_cols(float acc[2 * NK][4], const float c[8][4], const bf16 *t) {
 #pragma unroll
     for (int kk = 0; kk < BT / 16; kk++) {
-        const uint32_t a[4] = {pack2(c[2 * kk][0], c[2 * kk][1]), pack2(c[2 * kk][2], c[2 * kk][3]),
-                               pack2(c[2 * kk + 1][0], c[2 * kk + 1][1]), pack2(c[2 * kk + 1][2], c[2 * kk + 1][3])};
+        const uint32_t a[4] = {ml_bf16x2(c[2 * kk][0], c[2 * kk][1]), ml_bf16x2(c[2 * kk][2], c[2 * kk][3]),
+                               ml_bf16x2(c[2 * kk + 1][0], c[2 * kk + 1][1]), ml_bf16x2(c[2 * kk + 1][2], c[2 * kk + 1][3])};
 #pragma unroll
         for (int n2 = 0; n2 < NK; n2++) {
             uint32_t b[4];
@@ -191,7 +184,7 @@ __global__ void k_attn_stage(bf16 *dst, const float *src, int B, int T, int Tp, 
 #pragma unroll
         for (int j = 0; j < 4; j++) {
             const int d0 = d + 2 * j;
-            w[j] = pack2(t < T && d0 < hd ? s[d0] : 0.f, t < T && d0 + 1 < hd ? s[d0 + 1] : 0.f);
+            w[j] = ml_bf16x2(t < T && d0 < hd ? s[d0] : 0.f, t < T && d0 + 1 < hd ? s[d0 + 1] : 0.f);
         }
         *(uint4 *)&dst[e] = make_uint4(w[0], w[1], w[2], w[3]);
     }
@@ -359,7 +352,7 @@ __global__ void __launch_bounds__(NT) k_attn_dkv_tc(float *dk, float *dv, bf16 *
             for (int n = 0; n < 8; n++)
 #pragma unroll
                 for (int half = 0; half < 2; half++)
-                    *(uint32_t *)&ds_rows[(size_t)8 * half * Tp + n * 8] = pack2(dp[n][2 * half], dp[n][2 * half + 1]);
+                    *(uint32_t *)&ds_rows[(size_t)8 * half * Tp + n * 8] = ml_bf16x2(dp[n][2 * half], dp[n][2 * half + 1]);
             mma_p_cols<NK>(av, s, Gs);  // dv += P^T dO
             mma_p_cols<NK>(ak, dp, Qs); // dk += dS^T Q
         }
@@ -379,20 +372,21 @@ __global__ void __launch_bounds__(NT) k_attn_dkv_tc(float *dk, float *dv, bf16 *
 // ---------------------------------------------------------------- launch
 
 static int padded_T(int T) { return (T + BT - 1) / BT * BT; }
+static int padded_D(int hd) { return (hd + 15) / 16 * 16; }
 // the staged copies in workspace slot WS_ATTN: q | dO | k | v, each (B, heads, Tp, DP) bf16
 size_t ml_attention_stage_bytes(int B, int T, int H, int KV, int hd) {
-    return sizeof(bf16) * (size_t)B * padded_T(T) * ((hd + 15) / 16 * 16) * (2 * H + 2 * KV);
+    return sizeof(bf16) * (size_t)B * padded_T(T) * padded_D(hd) * (2 * H + 2 * KV);
 }
 struct staged {
     bf16 *q, *g, *k, *v;
 };
 static staged stage_ptrs(int B, int T, int H, int KV, int hd) {
-    const size_t per_head = (size_t)B * padded_T(T) * ((hd + 15) / 16 * 16);
+    const size_t per_head = (size_t)B * padded_T(T) * padded_D(hd);
     bf16 *p = (bf16 *)ml_ws(WS_ATTN, ml_attention_stage_bytes(B, T, H, KV, hd));
     return staged{p, p + per_head * H, p + per_head * 2 * H, p + per_head * (2 * H + KV)};
 }
 static void stage(const char *op, bf16 *dst, const float *src, int B, int T, int heads, int hd) {
-    const int Tp = padded_T(T), DP = (hd + 15) / 16 * 16;
+    const int Tp = padded_T(T), DP = padded_D(hd);
     const size_t n8 = (size_t)B * heads * Tp * DP / 8;
     const unsigned blocks = ml_blocks(n8, 256) < 65535 ? ml_blocks(n8, 256) : 65535;
     LAUNCH(op, blocks, 256, k_attn_stage, dst, src, B, T, Tp, heads, hd, DP);
@@ -417,15 +411,16 @@ static void fwd(float *out, float *att, const staged &st, int B, int T, int H, i
 // dS^T of a chunk of kv heads (all B sequences, their query heads): the chunk's kv head count and the bytes
 static size_t ds_budget = ML_ATTN_DS_BYTES;
 void ml_attention_set_ds_budget(size_t bytes) { ds_budget = bytes; } // tests: force chunks of one kv head
+static size_t ds_bytes_per_kv(int B, int T, int H, int KV) {
+    return sizeof(bf16) * B * (size_t)(H / KV) * padded_T(T) * padded_T(T);
+}
 static int ds_chunk(int B, int T, int H, int KV) {
-    const size_t per_kv = sizeof(bf16) * B * (size_t)(H / KV) * padded_T(T) * padded_T(T);
+    const size_t per_kv = ds_bytes_per_kv(B, T, H, KV);
     if (per_kv == 0) return KV; // nothing to hold (B or T zero)
     const int fit = (int)(ds_budget / per_kv);
     return fit < 1 ? 1 : fit > KV ? KV : fit;
 }
-size_t ml_attention_ds_bytes(int B, int T, int H, int KV) {
-    return sizeof(bf16) * B * (size_t)ds_chunk(B, T, H, KV) * (H / KV) * padded_T(T) * padded_T(T);
-}
+size_t ml_attention_ds_bytes(int B, int T, int H, int KV) { return ds_chunk(B, T, H, KV) * ds_bytes_per_kv(B, T, H, KV); }
 
 template <int NK>
 static void bwd(float *dq, float *dk, float *dv, const float *lse, const float *delta, const staged &st, int B, int T,

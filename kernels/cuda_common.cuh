@@ -20,6 +20,14 @@ extern "C" {
 
 typedef __nv_bfloat16 bf16;
 
+// two floats rounded to bf16 and packed in one word, the first in the lower half (the lower address)
+__device__ inline uint32_t ml_bf16x2(float lo, float hi) {
+    const bf16 l = __float2bfloat16_rn(lo), h = __float2bfloat16_rn(hi);
+    uint16_t a, b;
+    memcpy(&a, &l, 2), memcpy(&b, &h, 2);
+    return (uint32_t)a | (uint32_t)b << 16;
+}
+
 #define ML_CUDA_MAX_E 1024 // experts per layer the router and dispatch kernels take
 
 extern cublasHandle_t ml_blas; // created by backend_cuda*() (runtime_cuda.cu)

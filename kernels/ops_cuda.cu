@@ -707,19 +707,12 @@ static void cu_crossentropy_backward(float *dlogits, const float *logits, const 
 struct adamw_args {
     float lr, beta1, beta2, eps, wd, grad_scale, c1, c2;
 };
-__device__ __forceinline__ float adamw_one(float &p, float g, float &m, float &v, const adamw_args &a) {
+__device__ __forceinline__ void adamw_one(float &p, float g, float &m, float &v, const adamw_args &a) {
     g *= a.grad_scale;
     m = a.beta1 * m + (1 - a.beta1) * g;
     v = a.beta2 * v + (1 - a.beta2) * g * g;
     const float mh = m * a.c1, vh = v * a.c2;
     p = p - a.lr * (mh / (sqrtf(vh) + a.eps) + a.wd * p);
-    return p;
-}
-__device__ __forceinline__ uint32_t bf16_pair(float lo, float hi) {
-    const bf16 l = __float2bfloat16_rn(lo), h = __float2bfloat16_rn(hi);
-    uint16_t a, b;
-    memcpy(&a, &l, 2), memcpy(&b, &h, 2);
-    return (uint32_t)a | (uint32_t)b << 16;
 }
 // elements [head, head + 4 body) four a thread (16-byte aligned there), then the first head and the last
 // (n - head) % 4 elements one a thread
@@ -733,7 +726,7 @@ __global__ void k_adamw(float *param, bf16 *shadow, const float *grad, float *m,
         adamw_one(p.x, g.x, mm.x, vv.x, a), adamw_one(p.y, g.y, mm.y, vv.y, a);
         adamw_one(p.z, g.z, mm.z, vv.z, a), adamw_one(p.w, g.w, mm.w, vv.w, a);
         *(float4 *)&param[e] = p, *(float4 *)&m[e] = mm, *(float4 *)&v[e] = vv;
-        if (shadow) *(uint2 *)&shadow[e] = make_uint2(bf16_pair(p.x, p.y), bf16_pair(p.z, p.w));
+        if (shadow) *(uint2 *)&shadow[e] = make_uint2(ml_bf16x2(p.x, p.y), ml_bf16x2(p.z, p.w));
         return;
     }
     const size_t j = i - body;

@@ -32,11 +32,7 @@ __global__ void k_cast_bf16_x4(bf16 *dst, const float *src, size_t n) {
     const size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x, n4 = n / 4;
     if (i < n4) {
         const float4 f = ((const float4 *)src)[i];
-        const bf16 b[4] = {__float2bfloat16_rn(f.x), __float2bfloat16_rn(f.y), __float2bfloat16_rn(f.z),
-                           __float2bfloat16_rn(f.w)};
-        uint2 u;
-        memcpy(&u, b, sizeof u);
-        ((uint2 *)dst)[i] = u;
+        ((uint2 *)dst)[i] = make_uint2(ml_bf16x2(f.x, f.y), ml_bf16x2(f.z, f.w));
     } else if (i - n4 < n % 4) {
         const size_t e = 4 * n4 + (i - n4);
         dst[e] = __float2bfloat16_rn(src[e]);
