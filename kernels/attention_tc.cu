@@ -14,8 +14,9 @@
 //            the block's first key: S^T = K Q^T, dP^T = V dO^T, dS^T = P^T (dP^T - delta) scale, dv += P^T dO,
 //            dk += dS^T Q; dS^T is also written in bf16 (zeros where every query precedes the block's keys).
 //   dq:      dq += dS K as batched cuBLAS GEMMs over that dS (bf16 inputs, fp32 accumulation) instead of a
-//            second kernel recomputing S and dP (no atomics, unlike FlashAttention-2's dq). The GEMMs run over
-//            the full T x T, zeros above the diagonal included (twice the causal work, at cuBLAS speed). dS takes
+//            second kernel recomputing S and dP (no atomics, unlike FlashAttention-2's dq). The GEMMs run in up
+//            to 4 bands of queries, each over the keys up to its last query (62.5% of the full T x T, where the
+//            causal part is 50%; the rest multiplies zeros above the diagonal, at cuBLAS speed). dS takes
 //            B x heads x Tp^2 bf16: the backward runs a chunk of kv heads at a time so that it stays under
 //            ML_ATTN_DS_BYTES (at least one kv head's group).
 // Deterministic: every output element has one writer; sums run in a fixed order.
@@ -23,6 +24,7 @@
 // {(g, 2t..2t+1), (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..)}; B 16 x 8, registers {(2t..2t+1, g), (2t+8.., g)};
 // C 16 x 8 fp32 {(g, 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1)}. Two adjacent C tiles (16 x 16) are one A tile.
 #include "cuda_common.cuh"
+#include "mma_sm80.cuh"
 
 #define BQ 64  // rows (queries or keys) per block: 4 warps x 16
 #define BT 64  // rows per tile (keys or queries), and Tp's granule
@@ -36,62 +38,6 @@ static_assert(BQ == BT, "a block's rows are one tile of the staged layout");
 template <int NK> struct tile {
     static constexpr int DP = 16 * NK, LD = DP + 8, ELEMS = BT * LD;
 };
-
-#ifndef ML_CUDA_EMU
-__device__ __forceinline__ uint32_t smem_addr(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
-#endif
-// 16 bytes global -> shared without passing through registers; completes at a cp_async_wait
-__device__ __forceinline__ void cp_async16(void *dst, const void *src) {
-#ifdef ML_CUDA_EMU
-    ml_emu_cp_async16(dst, src);
-#else
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)), "l"(__cvta_generic_to_global(src))
-                 : "memory");
-#endif
-}
-__device__ __forceinline__ void cp_async_commit() {
-#ifdef ML_CUDA_EMU
-    ml_emu_cp_async_commit();
-#else
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
-#endif
-}
-// waits until at most N of this thread's committed groups are in flight
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-#ifdef ML_CUDA_EMU
-    ml_emu_cp_async_wait(N);
-#else
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-#endif
-}
-// ldmatrix x4: lanes 8i..8i+7 point at the rows of 8 x 8 matrix i; TRANS reads the matrices down their columns
-template <bool TRANS> __device__ __forceinline__ void ldsm_x4(uint32_t r[4], const bf16 *row) {
-#ifdef ML_CUDA_EMU
-    ml_emu_ldmatrix_x4(r, row, TRANS);
-#else
-    if (TRANS)
-        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                     : "r"(smem_addr(row)));
-    else
-        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                     : "r"(smem_addr(row)));
-#endif
-}
-
-// D += A B for one warp (m16n8k16, bf16 inputs, fp32 accumulators)
-__device__ __forceinline__ void mma16816(float d[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
-#ifdef ML_CUDA_EMU
-    const uint32_t b[2] = {b0, b1};
-    ml_emu_mma16816(d, a, b);
-#else
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                 "{%0,%1,%2,%3};\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#endif
-}
 
 // rows [0, 64) of a staged (Tp x DP) matrix, src at the tile's first row, into a shared tile: NK 16-byte
 // copies per thread, asynchronous
@@ -442,15 +388,22 @@ static void bwd(float *dq, float *dk, float *dv, const float *lse, const float *
         LAUNCH_SMEM("attention_backward", gkv, NT, skv, k_attn_dkv_tc<NK>, dk, dv, ds, lse, delta, st.q, st.g, st.k,
                     st.v, T, Tp, H, KV, kh0, hd, scale);
         // per query head h of the chunk, over the B sequences: dq_b,h (T x hd, row stride H hd) += dS (T x T) K_b,kh.
-        // Column-major: dq^T (hd x T) = K^T (hd x T, K as staged, ld DP) dS^T^T, dS^T stored [key][query] (ld Tp)
+        // Column-major: dq^T (hd x T) = K^T (hd x T, K as staged, ld DP) dS^T^T, dS^T stored [key][query] (ld Tp).
+        // In bands of queries [q0, q1) (at most 4, multiples of 64 rows): a band needs only keys [0, q1), so the
+        // GEMMs skip most of dS's zero upper triangle (62.5% of the full T x T product at 4 bands, not 100%).
+        const int band = (T + 3) / 4 < BT ? BT : ((T + 3) / 4 + BT - 1) / BT * BT;
         for (int hl = 0; hl < hc; hl++) {
             const int h = kh0 * group + hl, kh = h / group;
-            BK("attention_backward",
-               cublasGemmStridedBatchedEx(ml_blas, CUBLAS_OP_N, CUBLAS_OP_T, hd, T, T, &one,
-                                          st.k + (size_t)kh * Tp * DP, CUDA_R_16BF, DP, (long long)KV * Tp * DP,
-                                          ds + (size_t)hl * Tp * Tp, CUDA_R_16BF, Tp, (long long)hc * Tp * Tp, &one,
-                                          dq + (size_t)h * hd, CUDA_R_32F, H * hd, (long long)T * H * hd, B,
-                                          CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+            for (int q0 = 0; q0 < T; q0 += band) {
+                const int q1 = T - q0 < band ? T : q0 + band;
+                BK("attention_backward",
+                   cublasGemmStridedBatchedEx(ml_blas, CUBLAS_OP_N, CUBLAS_OP_T, hd, q1 - q0, q1, &one,
+                                              st.k + (size_t)kh * Tp * DP, CUDA_R_16BF, DP, (long long)KV * Tp * DP,
+                                              ds + (size_t)hl * Tp * Tp + q0, CUDA_R_16BF, Tp,
+                                              (long long)hc * Tp * Tp, &one, dq + ((size_t)q0 * H + h) * hd,
+                                              CUDA_R_32F, H * hd, (long long)T * H * hd, B, CUBLAS_COMPUTE_32F,
+                                              CUBLAS_GEMM_DEFAULT));
+            }
         }
     }
 }

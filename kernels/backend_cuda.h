@@ -37,5 +37,9 @@ int cuda_grouped_gemm_active(int bf16_inputs);
  * weight gradients)", "grouped tf32 (bf16 refused)", or "one fp32|bf16 GEMM per expert"; cuda_set_grouped_gemm(1)
  * forgets refusals and asks cuBLAS again which grouped forms it takes */
 const char *cuda_grouped_gemm_path(int bf16_inputs);
+/* The bf16 table's expert weight gradients: 1 = moelab's tensor-core kernel accumulating into the fp32 gradient
+ * (the default; the path's name then ends "; weight gradients by moelab's kernel"), 0 = the cuBLAS form of the
+ * path above (MOELAB_EXPERT_WGRAD=cublas at start-up). */
+void cuda_set_expert_wgrad(int own);
 
 #endif

@@ -10,10 +10,16 @@
 // write bf16 and a cast (or add) widens them into the fp32 result, while the weight gradients, which accumulate,
 // run as grouped TF32 GEMMs on the fp32 operands. Which forms cuBLAS takes is asked once at start-up (a 16^3
 // probe, again on cuda_set_grouped_gemm(1)); a refusal later still moves on: bf16 -> bf16 outputs -> TF32 ->
-// one GEMM per expert.
+// one GEMM per expert. The bf16 table's weight gradients do not take that route by default: moelab's own
+// kernel (expert_wgrad.cu) accumulates bf16 products into the fp32 gradient; MOELAB_EXPERT_WGRAD=cublas (or
+// cuda_set_expert_wgrad(0)) sends them down the cuBLAS forms above, for comparison.
 #include "cuda_common.cuh"
 
 void ml_cast_bf16(const char *op, bf16 *dst, const float *src, size_t n); // runtime_cuda.cu
+void ml_expert_wgrad(const char *op, float *dw, const bf16 *dout, const bf16 *inp, const int32_t *offsets, int E,
+                     int N, int K); // expert_wgrad.cu
+static int own_wgrad = 1;
+extern "C" void cuda_set_expert_wgrad(int own) { own_wgrad = own; }
 
 // the experts' path for each table ([0] fp32, [1] bf16): fastest first, moved on when cuBLAS refuses one
 enum { PATH_GROUPED, PATH_BF16OUT, PATH_TF32, PATH_LOOP };
@@ -21,11 +27,14 @@ static int grouped_wanted = 1, expert_path[2];
 static int path_of(int bf) { return grouped_wanted ? expert_path[bf] : PATH_LOOP; }
 extern "C" int cuda_grouped_gemm_active(int bf16_inputs) { return path_of(!!bf16_inputs) != PATH_LOOP; }
 extern "C" const char *cuda_grouped_gemm_path(int bf16_inputs) {
-    static const char *const names[2][4] = {
+    static const char *const names[3][4] = {
         {"grouped fp32", "", "", "one fp32 GEMM per expert"},
         {"grouped bf16", "grouped bf16 (bf16 outputs; tf32 weight gradients)", "grouped tf32 (bf16 refused)",
-         "one bf16 GEMM per expert"}};
-    return names[!!bf16_inputs][path_of(!!bf16_inputs)];
+         "one bf16 GEMM per expert"},
+        {"grouped bf16; weight gradients by moelab's kernel", "grouped bf16 (bf16 outputs); weight gradients by "
+         "moelab's kernel", "grouped tf32 (bf16 refused); weight gradients by moelab's kernel", "one bf16 GEMM "
+         "per expert; weight gradients by moelab's kernel"}};
+    return names[bf16_inputs ? 1 + own_wgrad : 0][path_of(!!bf16_inputs)];
 }
 
 // An operand as cuBLAS gets it: a pointer and its type.
@@ -247,6 +256,12 @@ static void grouped_matmul_backward(float *dinp, float *dw, const float *dout, c
         grouped(op, BF, f, s, W, ptr_rule{0, (long long)elt(W) * N * K, 0}, G, ptr_rule{0, 0, (long long)elt(G) * N},
                 dinp, ptr_rule{0, 0, (long long)sizeof(float) * K}, offsets, E);
     }
+    if (BF && own_wgrad && N % 8 == 0 && K % 8 == 0) { // bf16 products into the fp32 dw (expert_wgrad.cu)
+        if (G.t != CUDA_R_16BF) G = act(op, dout, (size_t)rows * N, 1, WS_CAST_B);
+        const operand X = act(op, inp, (size_t)rows * K, 1, WS_CAST_A);
+        ml_expert_wgrad(op, dw, (const bf16 *)G.p, (const bf16 *)X.p, offsets, E, N, K);
+        return;
+    }
     // dw_e(N,K) += dout_e^T @ inp_e: column-major C(K,N) = X_e(K,n_e) G_e^T(n_e,N); k = n_e
     const form f = form_of(BF, 1); // after the dinp call: a refusal there may have moved the path on
     const int bf = bf16_operands(BF, f);
@@ -299,6 +314,8 @@ void ml_cuda_gemm_init(void) {
     }
     const char *env = getenv("MOELAB_GROUPED_GEMM");
     grouped_wanted = !(env && !strcmp(env, "loop"));
+    const char *wg = getenv("MOELAB_EXPERT_WGRAD");
+    own_wgrad = !(wg && !strcmp(wg, "cublas"));
     probe_paths();
 }
 

@@ -16,15 +16,30 @@ __global__ void k_encoder_forward(float *out, const int32_t *tokens, const float
     int m = (int)(i / C), c = (int)(i % C);
     out[i] = wte[(size_t)tokens[m] * C + c];
 }
-// one thread per column and share of the vocabulary (token ids equal to blockIdx.y modulo gridDim.y), tokens in
-// order: each gradient row has one writer, and rows that share a token id add up in a fixed order
-#define ENC_SHARES 64
-__global__ void k_encoder_backward(float *dwte, const float *dout, const int32_t *tokens, int M, int C) {
-    const int c = blockIdx.x * blockDim.x + threadIdx.x, share = blockIdx.y;
-    if (c >= C) return;
-    for (int m = 0; m < M; m++) {
-        const int32_t tok = tokens[m];
-        if (tok % ENC_SHARES == share) dwte[(size_t)tok * C + c] += dout[(size_t)m * C + c];
+// dwte[tokens[m]] += dout[m] for every m, in m order per element (the CPU's order). A block per share of the
+// vocabulary (token ids equal to blockIdx.x modulo gridDim.x; about 16 tokens a share): it walks the tokens 256
+// at a time, lists the positions of its share in order (ballot and per-warp counts), then adds those rows, a
+// thread per column. Each gradient element has one writer; no thread walks every token serially (the
+// per-column loop over all M tokens this replaced took 1.8 ms at 16K tokens on an H100).
+#define ENC_THREADS 256
+__global__ void __launch_bounds__(ENC_THREADS) k_encoder_backward(float *dwte, const float *dout,
+                                                                  const int32_t *tokens, int M, int C) {
+    __shared__ int listed[ENC_THREADS], warp_count[ENC_THREADS / 32];
+    const int share = blockIdx.x, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    for (int base = 0; base < M; base += ENC_THREADS) {
+        const int m = base + threadIdx.x, mine = m < M && tokens[m] % (int)gridDim.x == share;
+        const unsigned ballot = __ballot_sync(0xffffffffu, mine);
+        if (lane == 0) warp_count[warp] = __popc(ballot);
+        __syncthreads();
+        int before = 0, total = 0;
+        for (int w = 0; w < ENC_THREADS / 32; w++) before += w < warp ? warp_count[w] : 0, total += warp_count[w];
+        if (mine) listed[before + __popc(ballot & ((1u << lane) - 1))] = m;
+        __syncthreads();
+        for (int i = 0; i < total; i++) {
+            const size_t src = (size_t)listed[i] * C, dst = (size_t)tokens[listed[i]] * C;
+            for (int c = threadIdx.x; c < C; c += ENC_THREADS) dwte[dst + c] += dout[src + c];
+        }
+        __syncthreads(); // the list and counts are refilled next round
     }
 }
 static void cu_encoder_forward(float *out, const int32_t *tokens, const float *wte, int M, int C) {
@@ -33,8 +48,8 @@ static void cu_encoder_forward(float *out, const int32_t *tokens, const float *w
 }
 static void cu_encoder_backward(float *dwte, const float *dout, const int32_t *tokens, int M, int C) {
     PROF("encoder_backward");
-    const dim3 grid(blocks(C), ENC_SHARES);
-    LAUNCH_SMEM("encoder_backward", grid, 256, 0, k_encoder_backward, dwte, dout, tokens, M, C);
+    const int shares = M / 16 < 1 ? 1 : M / 16 > 1024 ? 1024 : M / 16;
+    LAUNCH("encoder_backward", M > 0 ? shares : 0, ENC_THREADS, k_encoder_backward, dwte, dout, tokens, M, C);
 }
 
 // ---- RMSNorm ----

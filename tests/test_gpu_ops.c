@@ -36,6 +36,14 @@ static float *randv(size_t n, float scale) {
     for (size_t i = 0; i < n; i++) h[i] = scale * (2.0f * (float)(rng_next(&rng) >> 40) / (float)(1 << 24) - 1.0f);
     return h;
 }
+/* f rounded to the nearest bf16 (ties to even), as a float */
+static float bf16_round(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u = (u + 0x7fffu + ((u >> 16) & 1)) & 0xffff0000u;
+    memcpy(&f, &u, 4);
+    return f;
+}
 static void *dev(const void *h, size_t bytes) {
     void *d = gpu->alloc(bytes);
     gpu->from_host(d, h, bytes);
@@ -77,6 +85,18 @@ static void test_dense_ops(void) {
     SAME("encoder_forward", out, d_out, M * C, 1e-7);
     cpu->encoder_backward(dwte, dout, tok, M, C), gpu->encoder_backward(d_dwte, d_dout, dtok, M, C);
     SAME("encoder_backward", dwte, d_dwte, 7 * C, 1e-5);
+    { /* many tokens over a larger vocabulary: several shares, rounds of 256 with a partial last one, rows wider
+       * than a block; the same order of additions per element as the CPU, so the same bits */
+        enum { M2 = 1000, V2 = 300, C2 = 300 };
+        int32_t *tok2 = malloc(sizeof(int32_t) * M2);
+        for (int i = 0; i < M2; i++) tok2[i] = (int32_t)(rng_next(&rng) % (i % 3 ? V2 : 5)); /* some ids often */
+        float *dout2 = randv((size_t)M2 * C2, 1), *dwte2 = randv((size_t)V2 * C2, 1);
+        int32_t *dtok2 = dev(tok2, sizeof(int32_t) * M2);
+        float *d_dout2 = dev(dout2, sizeof(float) * M2 * C2), *d_dwte2 = dev(dwte2, sizeof(float) * V2 * C2);
+        cpu->encoder_backward(dwte2, dout2, tok2, M2, C2), gpu->encoder_backward(d_dwte2, d_dout2, dtok2, M2, C2);
+        SAME("encoder_backward (1000 tokens, 300 ids, rows of 300)", dwte2, d_dwte2, (size_t)V2 * C2, 1e-30);
+        free(tok2), free(dout2), free(dwte2), gpu->free(dtok2), gpu->free(d_dout2), gpu->free(d_dwte2);
+    }
 
     /* matmul */
     float *x = randv(M * K, 1), *w = randv(N * K, 0.5f), *y = calloc(M * N, 4), *dy = randv(M * N, 1);
@@ -366,6 +386,41 @@ static void test_bf16_gemms(void) {
     for (size_t i = 0; i < sizeof ds / sizeof ds[0]; i++) gbf->free(ds[i]);
 }
 
+/* The bf16 table's expert weight gradients (moelab's tensor-core kernel) at shapes with partial tiles: dw rows
+ * and columns past a 128-wide tile, experts of 0, 1, 31, 33 and 200 rows (a partial last chunk of 32, several
+ * chunks), onto a gradient that already holds values, from a dw offset by one float (its unpaired stores).
+ * Inputs are bf16 values, so every product is exact in fp32 and only the order of the sums differs from the
+ * CPU: the bound is fp32's, not bf16's. */
+static void test_expert_wgrad(void) {
+    enum { Ew = 5, Kw = 264, Nw = 136 };
+    const int32_t off[Ew + 1] = {0, 0, 1, 32, 65, 265}; /* rows 0, 1, 31, 33, 200 */
+    const int rows = off[Ew];
+    float *x = randv((size_t)rows * Kw, 1), *g = randv((size_t)rows * Nw, 1), *dw0 = randv((size_t)Ew * Nw * Kw + 1, 1);
+    for (size_t i = 0; i < (size_t)rows * Kw; i++) x[i] = bf16_round(x[i]);
+    for (size_t i = 0; i < (size_t)rows * Nw; i++) g[i] = bf16_round(g[i]);
+    float *dw = malloc(sizeof(float) * ((size_t)Ew * Nw * Kw + 1));
+    int32_t *d_off = dev(off, sizeof off);
+    float *d_x = dev(x, sizeof(float) * rows * Kw), *d_g = dev(g, sizeof(float) * rows * Nw);
+    float *d_dw = gbf->alloc(sizeof(float) * ((size_t)Ew * Nw * Kw + 1));
+    for (int skew = 0; skew < 2; skew++) {
+        memcpy(dw, dw0, sizeof(float) * ((size_t)Ew * Nw * Kw + 1));
+        gbf->from_host(d_dw, dw0, sizeof(float) * ((size_t)Ew * Nw * Kw + 1));
+        cpu->grouped_matmul_backward(NULL, dw + skew, g, x, NULL, off, Ew, Kw, Nw);
+        gbf->grouped_matmul_backward(NULL, d_dw + skew, d_g, d_x, NULL, d_off, Ew, Kw, Nw);
+        float *got = back(d_dw, (size_t)Ew * Nw * Kw + 1);
+        char what[160];
+        snprintf(what, sizeof what, "bf16 experts' weight gradients (%s), %d x %d, rows 0/1/31/33/200, offset %d",
+                 cuda_grouped_gemm_path(1), Nw, Kw, skew);
+        CHECK(rel_err(dw, got, (size_t)Ew * Nw * Kw + 1) < 1e-5, "%s: relative error %.3g (bound 1e-05)", what,
+              rel_err(dw, got, (size_t)Ew * Nw * Kw + 1));
+        CHECK(!memcmp(got + skew, dw0 + skew, sizeof(float) * Nw * Kw), "%s: the empty expert's gradient untouched",
+              what);
+        free(got);
+    }
+    free(x), free(g), free(dw0), free(dw);
+    gbf->free(d_off), gbf->free(d_x), gbf->free(d_g), gbf->free(d_dw);
+}
+
 static void test_moe(int score, int order, int norm_topk) {
     char tag[64];
     snprintf(tag, sizeof tag, "[%s, %s, norm %d]", score ? "sigmoid" : "softmax", order ? "after" : "before", norm_topk);
@@ -416,12 +471,16 @@ static void test_moe(int score, int order, int norm_topk) {
      * the bf16 table's fallbacks when cuBLAS refuses bf16 outputs too (TF32) and then TF32 (the loop) */
     const char *refuse[6] = {"", "", "", "", "bf16out-grouped", "bf16out-grouped,tf32-grouped"};
     const int emulated = getenv("MOELAB_GPU_TEST_EMULATED") != NULL;
-    for (int path = 0; path < (emulated ? 6 : 4); path++) {
+    /* (the bf16 paths twice: weight gradients by moelab's kernel, then by cuBLAS's form of the path) */
+    for (int own = 1; own >= 0; own--)
+    for (int path = own ? 0 : 2; path < (emulated ? 6 : 4); path++) {
         const ml_backend *be = path < 2 ? gpu : gbf;
         const double tol = path < 2 ? 1e-4 : 2e-2;
-        char what[160];
-        const char *name = path < 4 ? (path % 2 ? "one GEMM per expert" : "grouped") : refuse[path];
+        char what[200], name[80];
+        snprintf(name, sizeof name, "%s%s", path < 4 ? (path % 2 ? "one GEMM per expert" : "grouped") : refuse[path],
+                 path < 2 ? "" : own ? "; moelab's weight-gradient kernel" : "; cuBLAS weight gradients");
         setenv("MOELAB_EMU_REFUSE", refuse[path], 1);
+        cuda_set_expert_wgrad(own);
         cuda_set_grouped_gemm(path % 2 == 0 || path >= 4); /* asks cuBLAS again which forms it takes */
         be->from_host(d_dw, dw0, E * N * C * 4), be->memset0(d_dxe, rows * C * 4);
         be->grouped_matmul_forward(d_he, d_xe, d_w, d_off, E, C, N);
@@ -443,11 +502,14 @@ static void test_moe(int score, int order, int norm_topk) {
         }
         if (path >= 4) {
             const char *want = path == 4 ? "grouped tf32 (bf16 refused)" : "one bf16 GEMM per expert";
-            CHECK(!strcmp(cuda_grouped_gemm_path(1), want), "refusing %s: the experts run as %s (want %s)",
-                  refuse[path], cuda_grouped_gemm_path(1), want);
+            const char *got = cuda_grouped_gemm_path(1);
+            CHECK(!strncmp(got, want, strlen(want)) && (strstr(got, "moelab's kernel") != NULL) == own,
+                  "refusing %s: the experts run as %s (want %s%s)", refuse[path], got, want,
+                  own ? "; weight gradients by moelab's kernel" : "");
         }
     }
     unsetenv("MOELAB_EMU_REFUSE");
+    cuda_set_expert_wgrad(1);
     cuda_set_grouped_gemm(1);
     gpu->from_host(d_dxe, dxe, rows * C * 4); /* the CPU's dinp: the last path above was bf16 */
     free(dw0);
@@ -619,6 +681,7 @@ int main(void) {
     test_capacity_route();
     test_dispatch_large();
     test_bf16_gemms();
+    test_expert_wgrad();
     for (int s = 0; s < 2; s++)
         for (int o = 0; o < 2 - s; o++) /* after-order needs softmax */
             for (int n = 0; n < 2; n++) test_moe(s, o, n);

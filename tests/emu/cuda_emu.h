@@ -4,7 +4,8 @@
 //   threads   fibers (ucontext), one block at a time, scheduled in a chosen order (ml_emu_set_order): lanes
 //             in lock-step rounds (ascending, descending, random), or a warp at a time up to a block barrier;
 //             __syncthreads and __syncwarp are real barriers: a barrier some threads never reach is reported
-//             as a deadlock (exit 4); shuffles and __match_any_sync exchange values through a warp barrier;
+//             as a deadlock (exit 4); shuffles, __ballot_sync and __match_any_sync exchange values through a
+//             warp barrier;
 //   memory    "device" memory is host memory, NaN bytes when cudaMalloc returns it; static __shared__ arrays
 //             are function statics (blocks run one after another); dynamic shared memory is filled with NaN bytes before each block and guarded by
 //             a canary (an overflowing write exits 6); launches check the dynamic size against the attribute
@@ -44,6 +45,10 @@ struct float4 {
     float x, y, z, w;
 };
 static inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
+struct float2 {
+    float x, y;
+};
+static inline float2 make_float2(float x, float y) { return float2{x, y}; }
 struct uint4 {
     unsigned x, y, z, w;
 };
@@ -114,6 +119,15 @@ static inline unsigned __match_any_sync(unsigned, int v) {
     __syncwarp();
     unsigned m = 0;
     for (int l = 0; l < 32; l++) m |= (unsigned)(slot[(ml_emu_cur & ~31) | l] == v) << l;
+    __syncwarp();
+    return m;
+}
+static inline unsigned __ballot_sync(unsigned, int pred) {
+    static int slot[1024];
+    slot[ml_emu_cur] = pred != 0;
+    __syncwarp();
+    unsigned m = 0;
+    for (int l = 0; l < 32; l++) m |= (unsigned)slot[(ml_emu_cur & ~31) | l] << l;
     __syncwarp();
     return m;
 }

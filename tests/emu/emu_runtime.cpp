@@ -214,7 +214,10 @@ void ml_emu_launch(const void *kernel, dim3 grid, int block, size_t smem, std::f
                 blockIdx = {x, y, z};
                 const bool first = x == 0 && y == 0 && z == 0;
                 if (first) barrier_met = 0;
-                direct = !first && !barrier_met;
+                // blocks after a first one that met no barrier run thread after thread, without fibers (fast);
+                // not for kernels with dynamic shared memory, whose blocks may skip their barriers (an early
+                // exit) in the first block only
+                direct = !first && !barrier_met && smem == 0;
                 if (direct) run_block_direct(block);
                 else run_block_fibers(block);
                 direct = 0;

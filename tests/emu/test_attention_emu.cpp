@@ -14,6 +14,7 @@
 
 #include "check.h"
 #include "cuda_emu.h"
+#include "emu_hash.h"
 
 extern "C" {
 #include "backend_cuda.h"
@@ -41,15 +42,6 @@ static double rel_err(const std::vector<double> &want, const std::vector<float> 
         den = fmax(den, fabs(want[i]));
     }
     return num / den;
-}
-static uint64_t fnv(const std::vector<float> &x) {
-    uint64_t h = 1469598103934665603ull;
-    for (float f : x) {
-        uint32_t u;
-        memcpy(&u, &f, 4);
-        h = (h ^ u) * 1099511628211ull;
-    }
-    return h;
 }
 
 // runs one implementation on one shape under one thread order; returns a hash of out, dq, dk, dv

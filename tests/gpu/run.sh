@@ -4,11 +4,13 @@
 # benchmark in bf16 (--backend cuda) and fp32 (cuda-fp32) beside the same model and step in PyTorch eager
 # (bf16 autocast and fp32), then Nsight Compute's per-kernel summary of one Sigma-width layer (where ncu works),
 # and prints one summary table with the moelab / PyTorch ratios.
-#   tests/gpu/run.sh [PRESET[:key=value,...] ...]
+#   tests/gpu/run.sh [PRESET[:key=value,...][@VAR=value,...] ...]
 # default: tiny, small-cpu, then the full Sigma-MoE-Tiny width at 4 layers with 2 x 4K and 8 x 2K tokens per
-# micro-batch (bf16 only), the latter also with 4 micro-batches per optimizer step (train.accum=4: a 64K-token
-# step, where AdamW's fixed cost over all 1.4 B parameters is shared by four micro-batches, as in real training);
-# the PyTorch side runs only where the reference model covers the config. Each stage
+# micro-batch (bf16 only), the latter also with the experts' weight gradients by cuBLAS instead of moelab's
+# kernel (@MOELAB_EXPERT_WGRAD=cublas: environment for moelab only; no PyTorch row) and with 4 micro-batches
+# per optimizer step (train.accum=4: a 64K-token step, where AdamW's fixed cost over all 1.4 B parameters is
+# shared by four micro-batches, as in real training); the PyTorch side runs only where the reference model
+# covers the config. MOELAB_GPU_OPS=0 skips the test suite (e.g. a second call with more presets). Each stage
 # runs under a time limit (MOELAB_GPU_OPS_TIMEOUT, MOELAB_GPU_BENCH_TIMEOUT seconds); MOELAB_GPU_STEPS steps.
 # Needs: nvcc (or a build folder made elsewhere with -Dcuda=enabled), the NVIDIA driver, and the libraries the
 # binary links (OpenBLAS, HDF5, SQLite, libyaml, pcre2; LD_LIBRARY_PATH may point at copies).
@@ -20,6 +22,7 @@ cd "$(dirname "$0")/../.."
 presets=("$@")
 [ ${#presets[@]} -eq 0 ] && presets=(tiny small-cpu "sigma-tiny-full:model.layers=4,train.batch=2"
     "sigma-tiny-full:model.layers=4,train.batch=8,model.seq_len=2048"
+    "sigma-tiny-full:model.layers=4,train.batch=8,model.seq_len=2048@MOELAB_EXPERT_WGRAD=cublas"
     "sigma-tiny-full:model.layers=4,train.batch=8,model.seq_len=2048,train.accum=4")
 if [ -n "${MOELAB_PREBUILT:-}" ]; then
     moelab=$MOELAB_PREBUILT/bin/moelab gpu_ops=$MOELAB_PREBUILT/bin/test_gpu_ops
@@ -43,8 +46,13 @@ read -ra all_dtypes <<<"${MOELAB_GPU_DTYPES:-bf16 fp32}"
 steps=${MOELAB_GPU_STEPS:-10}
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | sed 's/^/device: /'
-timeout "$ops_limit" "$gpu_ops" 2>&1 | tee "$logs/moelab_gpu_ops.txt"
-ops_rc=${PIPESTATUS[0]}
+if [ "${MOELAB_GPU_OPS:-1}" != 0 ]; then
+    timeout "$ops_limit" "$gpu_ops" 2>&1 | tee "$logs/moelab_gpu_ops.txt"
+    ops_rc=${PIPESTATUS[0]}
+else
+    echo "SKIP: MOELAB_GPU_OPS=0" >"$logs/moelab_gpu_ops.txt"
+    ops_rc=77
+fi
 
 # vocabulary 8192 everywhere, so that both sides read the same config (written by a zero-step moelab train,
 # which needs the token shards of data/tokens/vocab8192: carry them or run moelab data prepare)
@@ -52,20 +60,24 @@ common=(model.vocab=8192 data.dir=data/tokens/vocab8192)
 tmp=$(mktemp -d)
 rows=()
 for spec in "${presets[@]}"; do
-    p=${spec%%:*} extra=()
-    [[ $spec == *:* ]] && IFS=, read -ra extra <<<"${spec#*:}"
+    run_env=()
+    [[ $spec == *@* ]] && IFS=, read -ra run_env <<<"${spec#*@}"
+    cfg=${spec%%@*}
+    p=${cfg%%:*} extra=()
+    [[ $cfg == *:* ]] && IFS=, read -ra extra <<<"${cfg#*:}"
     backends=("${all_backends[@]}") dtypes=("${all_dtypes[@]}")
     if [[ $p == gpu-small || $p == sigma-tiny-full ]]; then
         [ -z "${MOELAB_GPU_BACKENDS:-}" ] && backends=(cuda)
         [ -z "${MOELAB_GPU_DTYPES:-}" ] && dtypes=(bf16)
     fi
     for be in "${backends[@]}"; do
-        out=$(timeout "$bench_limit" "$moelab" bench "preset=$p" "${common[@]}" "${extra[@]}" --backend $be --steps "$steps" \
+        out=$(env "${run_env[@]}" timeout "$bench_limit" "$moelab" bench "preset=$p" "${common[@]}" "${extra[@]}" --backend $be --steps "$steps" \
             --json 2>"$logs/bench_err.txt" | tail -1)
         [ -n "$out" ] || out="error: $(tail -c 300 "$logs/bench_err.txt" | tr '\n' ' ')"
         echo "$out" >>"$jsonl"
         rows+=("$spec $be|$out")
     done
+    [ ${#run_env[@]} -gt 0 ] && continue # the same model as the spec without them: no second PyTorch row
     d=$tmp/run${#rows[@]} # one folder per spec: a preset may come back with other keys
     if "$moelab" train "preset=$p" "${common[@]}" "${extra[@]}" train.steps=0 run.dir="$d" run.db= >/dev/null 2>&1; then
         for dt in "${dtypes[@]}"; do
