@@ -38,8 +38,9 @@ int cuda_grouped_gemm_active(int bf16_inputs);
  * forgets refusals and asks cuBLAS again which grouped forms it takes */
 const char *cuda_grouped_gemm_path(int bf16_inputs);
 /* The bf16 table's expert weight gradients: 1 = moelab's tensor-core kernel accumulating into the fp32 gradient
- * (the default; the path's name then ends "; weight gradients by moelab's kernel"), 0 = the cuBLAS form of the
- * path above (MOELAB_EXPERT_WGRAD=cublas at start-up). */
+ * (the default; the path's name then ends "; weight gradients by moelab's kernel"; layers whose N or K is not a
+ * multiple of 8 still take cuBLAS's form), 0 = the cuBLAS form of the path above (MOELAB_EXPERT_WGRAD=cublas at
+ * start-up). */
 void cuda_set_expert_wgrad(int own);
 
 #endif
