@@ -129,7 +129,7 @@ __device__ inline float warp_max(float v) {
     return v;
 }
 #define RBLOCK 256
-#define ML_NORM_CHUNKS 256 // rmsnorm's weight gradient: row chunks summed apart, then in chunk order
+#define ML_NORM_CHUNKS 1024 // rmsnorm's weight gradient: at most this many row chunks, summed apart, then in order
 
 // ---- the op groups, defined in their files and collected into the tables by runtime_cuda.cu ----
 void ml_cuda_fill_ops(ml_backend *b);       // ops_cuda.cu: everything but GEMMs and attention

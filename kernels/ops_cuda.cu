@@ -67,27 +67,47 @@ __global__ void k_rmsnorm_forward(float *out, float *rstd, const float *inp, con
     if (lane == 0) rstd[row] = r;
     for (int c = lane; c < C; c += 32) out[(size_t)row * C + c] = x[c] * r * w[c];
 }
-__global__ void k_rmsnorm_backward_dx(float *dinp, const float *dout, const float *inp, const float *w,
-                                      const float *rstd, int M, int C) {
-    const int row = blockIdx.x * NORM_ROWS + threadIdx.x / 32, lane = threadIdx.x % 32;
-    if (row >= M) return; // warp-uniform
-    const float *x = inp + (size_t)row * C, *g = dout + (size_t)row * C;
-    double dot = 0;
-    for (int c = lane; c < C; c += 32) dot += (double)g[c] * w[c] * x[c];
-    for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-    const float r = rstd[row], coef = (float)(dot / C) * r * r * r;
-    for (int c = lane; c < C; c += 32) dinp[(size_t)row * C + c] += r * g[c] * w[c] - coef * x[c];
-}
-// dw(C) += sum over rows of dout * inp * rstd: rows split into chunks (one partial per chunk and column),
-// then the partials summed in chunk order
-__global__ void k_rmsnorm_backward_dw_part(double *part, const float *dout, const float *inp, const float *rstd, int M,
-                                           int C) {
-    int c = blockIdx.x * blockDim.x + threadIdx.x, ch = blockIdx.y;
-    if (c >= C) return;
-    int lo = (int)((long long)M * ch / ML_NORM_CHUNKS), hi = (int)((long long)M * (ch + 1) / ML_NORM_CHUNKS);
-    double acc = 0;
-    for (int m = lo; m < hi; m++) acc += (double)dout[(size_t)m * C + c] * inp[(size_t)m * C + c] * rstd[m];
-    part[(size_t)ch * C + c] = acc;
+// backward, one pass over dout and inp: a block per chunk of rows (gridDim.x chunks of 16 rows or more, at most
+// ML_NORM_CHUNKS), NORM_ROWS rows at a time. A warp per row sums dot = dout . (w * inp) (double) into shared
+// memory; then a thread per column adds dinp += rstd dout w - (dot / C) rstd^3 inp for those rows and sums dw's
+// partial for the chunk, dout * inp * rstd, in a shared double per column (the second read of the rows' dout
+// and inp hits the cache). The partials are summed in chunk order afterwards (k_colsum_add). The expressions
+// are those of the separate dx and dw kernels this replaced, which read dout and inp twice from memory (24
+// bytes per element, now 16).
+__global__ void k_rmsnorm_backward(float *dinp, double *part, const float *dout, const float *inp, const float *w,
+                                   const float *rstd, int M, int C) {
+    ML_DYNAMIC_SMEM(double, dw_part); // C partial sums of the chunk
+    __shared__ float coef[NORM_ROWS];
+    const int ch = blockIdx.x, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int lo = (int)((long long)M * ch / gridDim.x), hi = (int)((long long)M * (ch + 1) / gridDim.x);
+    for (int c = threadIdx.x; c < C; c += blockDim.x) dw_part[c] = 0;
+    for (int r0 = lo; r0 < hi; r0 += NORM_ROWS) {
+        const int rows = hi - r0 < NORM_ROWS ? hi - r0 : NORM_ROWS;
+        if (warp < rows) { // warp-uniform
+            const float *x = inp + (size_t)(r0 + warp) * C, *g = dout + (size_t)(r0 + warp) * C;
+            double dot = 0;
+            for (int c = lane; c < C; c += 32) dot += (double)g[c] * w[c] * x[c];
+            for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+            const float r = rstd[r0 + warp];
+            if (lane == 0) coef[warp] = (float)(dot / C) * r * r * r;
+        }
+        __syncthreads();
+        for (int c = threadIdx.x; c < C; c += blockDim.x) {
+            const float wc = w[c];
+            double acc = dw_part[c];
+#pragma unroll
+            for (int i = 0; i < NORM_ROWS; i++) {
+                if (i >= rows) break;
+                const size_t o = (size_t)(r0 + i) * C + c;
+                const float r = rstd[r0 + i], g = dout[o], x = inp[o];
+                dinp[o] += r * g * wc - coef[i] * x;
+                acc += (double)g * x * r;
+            }
+            dw_part[c] = acc;
+        }
+        __syncthreads(); // coef is refilled next round
+    }
+    for (int c = threadIdx.x; c < C; c += blockDim.x) part[(size_t)ch * C + c] = dw_part[c];
 }
 __global__ void k_colsum_add(float *dw, const double *part, int chunks, int C) {
     int c = blockIdx.x * blockDim.x + threadIdx.x;
@@ -104,13 +124,20 @@ static void cu_rmsnorm_forward(float *out, float *rstd, const float *inp, const 
 static void cu_rmsnorm_backward(float *dinp, float *dw, const float *dout, const float *inp, const float *w,
                                 const float *rstd, int M, int C) {
     PROF("rmsnorm_backward");
-    LAUNCH("rmsnorm_backward", ml_blocks(M, NORM_ROWS), 32 * NORM_ROWS, k_rmsnorm_backward_dx, dinp, dout, inp, w,
-           rstd, M, C);
     if (M == 0) return;
-    double *part = (double *)ml_ws(WS_REDUCE, sizeof(double) * ML_NORM_CHUNKS * C);
-    dim3 grid(blocks(C), ML_NORM_CHUNKS);
-    LAUNCH_SMEM("rmsnorm_backward", grid, 256, 0, k_rmsnorm_backward_dw_part, part, dout, inp, rstd, M, C);
-    LAUNCH("rmsnorm_backward", blocks(C), 256, k_colsum_add, dw, part, ML_NORM_CHUNKS, C);
+    const size_t smem = sizeof(double) * C;
+    if (smem > 160 * 1024) ml_cuda_die("rmsnorm_backward", "rows longer than 20480 floats");
+    static size_t opted_in = 48 * 1024;
+    if (smem > opted_in) {
+        CK("rmsnorm_backward", cudaFuncSetAttribute(k_rmsnorm_backward, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                    (int)smem));
+        opted_in = smem;
+    }
+    const int chunks = M / 16 < 1 ? 1 : M / 16 > ML_NORM_CHUNKS ? ML_NORM_CHUNKS : M / 16;
+    double *part = (double *)ml_ws(WS_REDUCE, sizeof(double) * chunks * C);
+    LAUNCH_SMEM("rmsnorm_backward", dim3(chunks), 32 * NORM_ROWS, smem, k_rmsnorm_backward, dinp, part, dout, inp, w,
+                rstd, M, C);
+    LAUNCH("rmsnorm_backward", blocks(C), 256, k_colsum_add, dw, part, chunks, C);
 }
 
 // ---- RoPE ----

@@ -120,6 +120,30 @@ static void test_dense_ops(void) {
     cpu->rmsnorm_backward(dn, dg, dout, nx, g, rs, M, C), gpu->rmsnorm_backward(d_dn, d_dg, d_dout, d_nx, d_g, d_rs, M, C);
     SAME("rmsnorm_backward dinp", dn, d_dn, M * C, 1e-4);
     SAME("rmsnorm_backward dw", dg, d_dg, C, 1e-4);
+    /* more rows (chunks of 16 or more rows, a partial last round of 8), rows wider than a block, and rows whose
+     * dw partials need more than 48 KB of shared memory; onto gradients that already hold values */
+    const int norm_shapes[3][2] = {{1000, 300}, {333, 20}, {40, 7000}};
+    for (int t = 0; t < 3; t++) {
+        const int m = norm_shapes[t][0], c = norm_shapes[t][1];
+        float *x2 = randv((size_t)m * c, 2), *w2 = randv(c, 1), *g2 = randv((size_t)m * c, 1);
+        float *o2 = malloc(sizeof(float) * m * c), *r2 = malloc(sizeof(float) * m);
+        float *dx2 = randv((size_t)m * c, 1), *dw2 = randv(c, 1);
+        float *d_x2 = dev(x2, sizeof(float) * m * c), *d_w2 = dev(w2, sizeof(float) * c);
+        float *d_g2 = dev(g2, sizeof(float) * m * c);
+        float *d_o2 = gpu->alloc(sizeof(float) * m * c), *d_r2 = gpu->alloc(sizeof(float) * m);
+        float *d_dx2 = dev(dx2, sizeof(float) * m * c), *d_dw2 = dev(dw2, sizeof(float) * c);
+        cpu->rmsnorm_forward(o2, r2, x2, w2, m, c, 1e-6f), gpu->rmsnorm_forward(d_o2, d_r2, d_x2, d_w2, m, c, 1e-6f);
+        cpu->rmsnorm_backward(dx2, dw2, g2, x2, w2, r2, m, c);
+        gpu->rmsnorm_backward(d_dx2, d_dw2, d_g2, d_x2, d_w2, d_r2, m, c);
+        char what[96];
+        snprintf(what, sizeof what, "rmsnorm_backward dinp (%d rows of %d)", m, c);
+        SAME(what, dx2, d_dx2, (size_t)m * c, 1e-4);
+        snprintf(what, sizeof what, "rmsnorm_backward dw (%d rows of %d)", m, c);
+        SAME(what, dw2, d_dw2, c, 1e-4);
+        free(x2), free(w2), free(g2), free(o2), free(r2), free(dx2), free(dw2);
+        void *ds[] = {d_x2, d_w2, d_g2, d_o2, d_r2, d_dx2, d_dw2};
+        for (size_t i = 0; i < sizeof ds / sizeof ds[0]; i++) gpu->free(ds[i]);
+    }
 
     /* swiglu, add */
     float *h13 = randv(M * 2 * F, 2), *act = calloc(M * F, 4), *da = randv(M * F, 1), *dh = calloc(M * 2 * F, 4);
