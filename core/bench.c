@@ -171,10 +171,13 @@ int cli_bench(int argc, char **argv) {
     ml_op_time ops[MAX_OPS];
     int nops = 0, prof_steps = steps < 3 ? steps : 3;
     long step_allocs = 0;
-    double prof_total = 0;
+    double prof_total = 0, mem_gib = 0, mem_total_gib = 0; /* device memory in use after the steps */
 #ifdef ML_HAVE_CUDA
     if (on_gpu) {
         step_allocs = cuda_alloc_count() - allocs_before;
+        size_t used, total;
+        cuda_memory_in_use(&used, &total);
+        mem_gib = used / 1073741824.0, mem_total_gib = total / 1073741824.0;
         m->time_routing = 1;
         const double r0 = m->routing_seconds, w0 = now_s();
         cuda_profile_start();
@@ -225,11 +228,12 @@ int cli_bench(int argc, char **argv) {
                "\"gflops\": %.2f, \"peak_gflops\": %.2f, \"peak_kind\": \"%s\", \"fraction_of_peak\": %.4f, "
                "\"mfu\": %.4f, \"params\": %zu, \"active_params\": %.0f, \"backend\": \"%s\", "
                "\"step_allocations\": %ld, \"expert_gemm\": \"%s\", \"attention_tflops_forward\": %.2f, "
-               "\"attention_tflops_backward\": %.2f, \"ops\": {",
+               "\"attention_tflops_backward\": %.2f, \"device_memory_gib\": %.2f, "
+               "\"device_memory_total_gib\": %.2f, \"ops\": {",
                cfg.preset, M * accum, accum, steps, tok_s, 1e3 * total / steps, 1e3 * t_fwd / steps, 1e3 * t_bwd / steps,
                1e3 * t_opt / steps, 1e3 * t_route / steps, t_route / total, 1e3 * t_trace / steps, t_trace / total,
                gflops, peak, peak_kind, of_peak, mfu, m->nparams, model_active_params(&cfg), be->name,
-               step_allocs, expert_gemm, attn_tflops[0], attn_tflops[1]);
+               step_allocs, expert_gemm, attn_tflops[0], attn_tflops[1], mem_gib, mem_total_gib);
         for (int i = 0; i < nops; i++)
             printf("%s\"%s\": {\"ms_per_step\": %.3f, \"calls_per_step\": %.1f}", i ? ", " : "", ops[i].op,
                    ops[i].ms / prof_steps, (double)ops[i].calls / prof_steps);
@@ -256,6 +260,7 @@ int cli_bench(int argc, char **argv) {
         }
         if (on_gpu) {
             printf("  device allocations during the timed steps: %ld\n", step_allocs);
+            printf("  device memory in use after them: %.2f GiB of %.2f\n", mem_gib, mem_total_gib);
             printf("  experts' GEMMs: %s\n", expert_gemm);
             printf("  attention: %.1f TFLOP/s forward, %.1f backward (causal FLOPs)\n", attn_tflops[0],
                    attn_tflops[1]);

@@ -27,6 +27,8 @@ int cuda_profile_stop(ml_op_time *out, int cap);
 /* device allocations so far (cudaMalloc calls, the workspace's included): constant across steps when the
  * model's prepare() sized the scratch */
 long cuda_alloc_count(void);
+/* bytes in use on the device (by this process and any other: cudaMemGetInfo) and its total */
+void cuda_memory_in_use(size_t *used, size_t *total);
 
 /* The experts' GEMMs: 1 = cublasGemmGroupedBatchedEx (the default; MOELAB_GROUPED_GEMM=loop turns it off),
  * 0 = one GEMM per expert. active(bf16_inputs) is 0 when that path is off or cuBLAS refused every grouped

@@ -11,7 +11,13 @@
 // ldmatrix.trans (both operands are read down their columns: the token index is the reduction), then add their
 // sums into dw. The offsets are read on the device: no host round trip. Deterministic: each dw element has one
 // writer and its sum runs in a fixed order. Needs N and K multiples of 8 (16-byte rows of 8 bf16).
+// A block walks its expert's rows alone, which suits balanced routing (tens to hundreds of rows per expert) but
+// would leave a hot expert's few blocks running long after the rest when routing collapses (the regime moelab
+// studies): experts with at least ml_expert_wgrad_hot_rows rows leave the kernel at once and take one
+// cublasGemmEx each instead (bf16 inputs, fp32 output accumulated in place: taken outside the grouped call).
 #include "mma_sm80.cuh"
+
+int ml_expert_wgrad_hot_rows = 2048; // a test hook moves it
 
 #define WG_BN 128      // dw rows (output features) per block
 #define WG_BK 128      // dw columns (input features) per block
@@ -36,11 +42,12 @@ __device__ __forceinline__ void wg_load(bf16 *dst, const bf16 *src, int row0, in
 
 __global__ void __launch_bounds__(WG_THREADS) k_expert_wgrad(float *dw, const bf16 *dout, const bf16 *inp,
                                                              const int32_t *offsets, int N, int K, int tiles_n,
-                                                             int tiles_k) {
+                                                             int tiles_k, int hot_rows) {
     ML_DYNAMIC_SMEM(bf16, smem);
     const int per_expert = tiles_n * tiles_k, e = blockIdx.x / per_expert, tile = blockIdx.x % per_expert;
     const int lo = offsets[e], rows = offsets[e + 1] - lo;
-    if (rows <= 0) return; // block-uniform: an empty expert's gradient is not touched
+    // block-uniform: an empty expert's gradient is not touched; a hot one's is cuBLAS's (ml_expert_wgrad)
+    if (rows <= 0 || rows >= hot_rows) return;
     const int n0 = tile / tiles_k * WG_BN, k0 = tile % tiles_k * WG_BK;
     const int warp = threadIdx.x / 32, l = threadIdx.x % 32, wn = warp / 2 * 32, wk = warp % 2 * 64;
     const bf16 *g = dout + (size_t)lo * N, *x = inp + (size_t)lo * K;
@@ -109,13 +116,22 @@ __global__ void __launch_bounds__(WG_THREADS) k_expert_wgrad(float *dw, const bf
         }
 }
 
-// dw_e += dout_e^T inp_e for the E experts (dout: rows x N, inp: rows x K, bf16; offsets on the device)
-void ml_expert_wgrad(const char *op, float *dw, const bf16 *dout, const bf16 *inp, const int32_t *offsets, int E,
-                     int N, int K) {
+// dw_e += dout_e^T inp_e for the E experts (dout: rows x N, inp: rows x K, bf16; offsets on the device and the
+// host's copy of them)
+void ml_expert_wgrad(const char *op, float *dw, const bf16 *dout, const bf16 *inp, const int32_t *offsets,
+                     const int32_t *offsets_host, int E, int N, int K) {
     if (N % 8 || K % 8) ml_cuda_die(op, "the experts' weight-gradient kernel needs N and K multiples of 8");
     const int tiles_n = (N + WG_BN - 1) / WG_BN, tiles_k = (K + WG_BK - 1) / WG_BK;
     const long long blocks = (long long)E * tiles_n * tiles_k;
     if (blocks > 0x7fffffff) ml_cuda_die(op, "too many weight-gradient tiles");
     LAUNCH_SMEM(op, dim3((unsigned)blocks), WG_THREADS, wg_smem, k_expert_wgrad, dw, dout, inp, offsets, N, K, tiles_n,
-                tiles_k);
+                tiles_k, ml_expert_wgrad_hot_rows);
+    const float one = 1;
+    for (int e = 0; e < E; e++) { // dw_e as K x N column-major += inp_e (K x rows) dout_e^T (rows x N)
+        const int lo = offsets_host[e], rows = offsets_host[e + 1] - lo;
+        if (rows < ml_expert_wgrad_hot_rows) continue;
+        BK(op, cublasGemmEx(ml_blas, CUBLAS_OP_N, CUBLAS_OP_T, K, N, rows, &one, inp + (size_t)lo * K, CUDA_R_16BF, K,
+                            dout + (size_t)lo * N, CUDA_R_16BF, N, &one, dw + (size_t)e * N * K, CUDA_R_32F, K,
+                            CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    }
 }

@@ -16,8 +16,8 @@
 #include "cuda_common.cuh"
 
 void ml_cast_bf16(const char *op, bf16 *dst, const float *src, size_t n); // runtime_cuda.cu
-void ml_expert_wgrad(const char *op, float *dw, const bf16 *dout, const bf16 *inp, const int32_t *offsets, int E,
-                     int N, int K); // expert_wgrad.cu
+void ml_expert_wgrad(const char *op, float *dw, const bf16 *dout, const bf16 *inp, const int32_t *offsets,
+                     const int32_t *offsets_host, int E, int N, int K); // expert_wgrad.cu
 static int own_wgrad = 1;
 extern "C" void cuda_set_expert_wgrad(int own) { own_wgrad = own; }
 
@@ -259,7 +259,8 @@ static void grouped_matmul_backward(float *dinp, float *dw, const float *dout, c
     if (BF && own_wgrad && N % 8 == 0 && K % 8 == 0) { // bf16 products into the fp32 dw (expert_wgrad.cu)
         if (G.t != CUDA_R_16BF) G = act(op, dout, (size_t)rows * N, 1, WS_CAST_B);
         const operand X = act(op, inp, (size_t)rows * K, 1, WS_CAST_A);
-        ml_expert_wgrad(op, dw, (const bf16 *)G.p, (const bf16 *)X.p, offsets, E, N, K);
+        ml_expert_wgrad(op, dw, (const bf16 *)G.p, (const bf16 *)X.p, offsets, ml_offsets_host(op, offsets, E), E, N,
+                        K);
         return;
     }
     // dw_e(N,K) += dout_e^T @ inp_e: column-major C(K,N) = X_e(K,n_e) G_e^T(n_e,N); k = n_e

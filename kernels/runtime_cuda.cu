@@ -275,6 +275,11 @@ extern "C" int cuda_profile_stop(ml_op_time *out, int cap) {
 }
 
 extern "C" long cuda_alloc_count(void) { return n_allocs; }
+extern "C" void cuda_memory_in_use(size_t *used, size_t *total) {
+    size_t free_bytes = 0;
+    CK("memory", cudaMemGetInfo(&free_bytes, total));
+    *used = *total - free_bytes;
+}
 
 // ---- the peak the benchmark compares with: the best of reps n^3 GEMMs (bf16 in, fp32 out and accumulate,
 // as the training GEMMs; or fp32 throughout) ----

@@ -414,10 +414,11 @@ static void test_bf16_gemms(void) {
  * and columns past a 128-wide tile, experts of 0, 1, 31, 33 and 200 rows (a partial last chunk of 32, several
  * chunks), onto a gradient that already holds values, from a dw offset by one float (its unpaired stores).
  * Inputs are bf16 values, so every product is exact in fp32 and only the order of the sums differs from the
- * CPU: the bound is fp32's, not bf16's. */
+ * CPU: the bound is fp32's, not bf16's. The expert of 2100 rows is past the kernel's hot-expert threshold (2048
+ * rows), so it takes cublasGemmEx beside the kernel. */
 static void test_expert_wgrad(void) {
-    enum { Ew = 5, Kw = 264, Nw = 136 };
-    const int32_t off[Ew + 1] = {0, 0, 1, 32, 65, 265}; /* rows 0, 1, 31, 33, 200 */
+    enum { Ew = 6, Kw = 264, Nw = 136 };
+    const int32_t off[Ew + 1] = {0, 0, 1, 32, 65, 265, 2365}; /* rows 0, 1, 31, 33, 200, 2100 (hot: cuBLAS's) */
     const int rows = off[Ew];
     float *x = randv((size_t)rows * Kw, 1), *g = randv((size_t)rows * Nw, 1), *dw0 = randv((size_t)Ew * Nw * Kw + 1, 1);
     for (size_t i = 0; i < (size_t)rows * Kw; i++) x[i] = bf16_round(x[i]);
@@ -433,8 +434,8 @@ static void test_expert_wgrad(void) {
         gbf->grouped_matmul_backward(NULL, d_dw + skew, d_g, d_x, NULL, d_off, Ew, Kw, Nw);
         float *got = back(d_dw, (size_t)Ew * Nw * Kw + 1);
         char what[160];
-        snprintf(what, sizeof what, "bf16 experts' weight gradients (%s), %d x %d, rows 0/1/31/33/200, offset %d",
-                 cuda_grouped_gemm_path(1), Nw, Kw, skew);
+        snprintf(what, sizeof what, "bf16 experts' weight gradients (%s), %d x %d, rows 0/1/31/33/200/2100, "
+                 "offset %d", cuda_grouped_gemm_path(1), Nw, Kw, skew);
         CHECK(rel_err(dw, got, (size_t)Ew * Nw * Kw + 1) < 1e-5, "%s: relative error %.3g (bound 1e-05)", what,
               rel_err(dw, got, (size_t)Ew * Nw * Kw + 1));
         CHECK(!memcmp(got + skew, dw0 + skew, sizeof(float) * Nw * Kw), "%s: the empty expert's gradient untouched",

@@ -209,6 +209,7 @@ struct cudaDeviceProp {
 cudaError_t cudaMalloc(void **p, size_t bytes);
 template <class T> static inline cudaError_t cudaMalloc(T **p, size_t bytes) { return cudaMalloc((void **)p, bytes); }
 cudaError_t cudaMallocHost(void **p, size_t bytes);
+cudaError_t cudaMemGetInfo(size_t *free_bytes, size_t *total);
 cudaError_t cudaFreeHost(void *p);
 template <class T> static inline cudaError_t cudaMallocHost(T **p, size_t bytes) {
     return cudaMallocHost((void **)p, bytes);

@@ -251,6 +251,12 @@ cudaError_t cudaMalloc(void **p, size_t bytes) {
 cudaError_t cudaMallocHost(void **p, size_t bytes) { return cudaMalloc(p, bytes); }
 cudaError_t cudaFree(void *p) { return device_allocs.erase((uintptr_t)p), free(p), cudaSuccess; }
 cudaError_t cudaFreeHost(void *p) { return cudaFree(p); }
+cudaError_t cudaMemGetInfo(size_t *free_bytes, size_t *total) { // an 80 GiB device holding what was allocated
+    size_t used = 0;
+    for (const auto &a : device_allocs) used += a.second;
+    *total = (size_t)80 << 30, *free_bytes = used < *total ? *total - used : 0;
+    return cudaSuccess;
+}
 cudaError_t cudaMemset(void *p, int v, size_t bytes) { return memset(p, v, bytes), cudaSuccess; }
 cudaError_t cudaMemsetAsync(void *p, int v, size_t bytes, cudaStream_t) { return cudaMemset(p, v, bytes); }
 // Asynchronous copies to the host are as late as the hardware may make them: the source is read when the copy

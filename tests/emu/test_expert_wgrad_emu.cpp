@@ -5,7 +5,8 @@
 // unpaired stores). Inputs are bf16 values, so each product is exact in fp32: the bound is fp32 summation's.
 // Under five thread orders and cp.async copies completing as early and as late as the hardware may, every run
 // must give the same bits (a stage read before its wait, or refilled while a warp still reads it, shows); the
-// empty expert's gradient and the floats around dw must stay as they were.
+// empty expert's gradient and the floats around dw must stay as they were. Once more with the hot experts (many
+// rows) handed to cublasGemmEx beside the kernel.
 #include <vector>
 
 #include "check.h"
@@ -13,7 +14,8 @@
 #include "emu_hash.h"
 
 void ml_expert_wgrad(const char *op, float *dw, const __nv_bfloat16 *dout, const __nv_bfloat16 *inp,
-                     const int32_t *offsets, int E, int N, int K); // kernels/expert_wgrad.cu
+                     const int32_t *offsets, const int32_t *offsets_host, int E, int N, int K); // expert_wgrad.cu
+extern int ml_expert_wgrad_hot_rows; // experts with this many rows or more: one cublasGemmEx each
 
 static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
 static float rnd() {
@@ -58,7 +60,7 @@ static void check_shape(const std::vector<int32_t> &rows_of, int N, int K) {
             ml_emu_set_order(order);
             ml_emu_set_cp_async(deferred);
             float *d_dw = upload(dw0);
-            ml_expert_wgrad("expert_wgrad", d_dw + 1, d_g, d_x, d_off, E, N, K);
+            ml_expert_wgrad("expert_wgrad", d_dw + 1, d_g, d_x, d_off, off.data(), E, N, K);
             std::vector<float> got(n);
             cudaMemcpy(got.data(), d_dw, sizeof(float) * n, cudaMemcpyDeviceToHost);
             cudaFree(d_dw);
@@ -82,6 +84,9 @@ static void check_shape(const std::vector<int32_t> &rows_of, int N, int K) {
 int main() {
     check_shape({0, 1, 7, 32, 33, 200}, 136, 264); // partial tiles both ways, partial and full chunks
     check_shape({40, 0}, 128, 128);                // exactly one tile; the last expert empty
+    ml_expert_wgrad_hot_rows = 33;                 // hot experts (33 and 200 rows) by cublasGemmEx, the rest here
+    check_shape({0, 1, 7, 32, 33, 200}, 136, 264);
+    ml_expert_wgrad_hot_rows = 2048;
     printf("expert_wgrad_emu: %d passed, %d failed\n", passed, failed);
     return failed != 0;
 }

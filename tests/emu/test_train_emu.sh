@@ -35,14 +35,14 @@ check "stop + resume ends with the straight run's checkpoint, bit for bit" \
 "$moelab" bench preset=tiny train.batch=2 model.seq_len=32 --steps 1 --warmup 1 --backend cuda --json \
     >"$tmp/bench.json" 2>"$tmp/bench.err"
 check "moelab bench --backend cuda runs (exit $?)" test $? -eq 0
-check "bench: a per-op breakdown (attention, grouped GEMMs, dispatch) and no allocation during steps" \
+check "bench: a per-op breakdown (attention, grouped GEMMs, dispatch), no allocation during steps, device memory" \
     python3 -c "
 import json, sys
 j = json.load(open('$tmp/bench.json'))
 ops = j['ops']
 need = ['attention_forward', 'attention_backward', 'grouped_matmul_forward', 'moe_dispatch', 'route_stats']
 sys.exit(0 if all(o in ops and ops[o]['calls_per_step'] > 0 for o in need) and j['step_allocations'] == 0
-         and j['backend'] == 'cuda' else 1)"
+         and j['backend'] == 'cuda' and 0 < j['device_memory_gib'] < j['device_memory_total_gib'] else 1)"
 if [ "$failed" -ne 0 ]; then
     for f in "$tmp"/*.log "$tmp/bench.err"; do echo "--- $f"; tail -5 "$f"; done
 fi
