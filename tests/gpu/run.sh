@@ -97,11 +97,11 @@ done
 # a kernel-level view of one Sigma-width layer at 2 x 4096 under Nsight Compute where it works (Firecracker
 # machines; clocks left alone): per kernel its duration, throughput as % of the memory and compute peaks,
 # occupancy. MOELAB_GPU_NCU=0 skips it; MOELAB_GPU_NCU_TIMEOUT seconds (default 200: the whole script must
-# fit a 10-minute device call; the summary is printed only at the end, so at most 300 kernels, two steps' worth).
+# fit a 10-minute device call; the summary is printed only at the end, so at most 150 kernels, about a step).
 ncu_bin=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 ncu_rc=skipped
 if [ "${MOELAB_GPU_NCU:-1}" != 0 ] && [ -n "$ncu_bin" ]; then
-    timeout "${MOELAB_GPU_NCU_TIMEOUT:-200}" "$ncu_bin" --clock-control none --print-summary per-kernel --launch-count 300 \
+    timeout "${MOELAB_GPU_NCU_TIMEOUT:-200}" "$ncu_bin" --clock-control none --print-summary per-kernel --launch-count 150 \
         --section SpeedOfLight --section Occupancy --section LaunchStats \
         "$moelab" bench preset=sigma-tiny-full "${common[@]}" model.layers=1 train.batch=2 --backend cuda \
         --steps 1 --warmup 0 --no-peak >"$logs/moelab_gpu_ncu.txt" 2>&1
