@@ -44,5 +44,9 @@ const char *cuda_grouped_gemm_path(int bf16_inputs);
  * multiple of 8 still take cuBLAS's form), 0 = the cuBLAS form of the path above (MOELAB_EXPERT_WGRAD=cublas at
  * start-up). */
 void cuda_set_expert_wgrad(int own);
+/* The bf16 table's expert forward and input-gradient GEMMs: 1 = moelab's tensor-core kernel writing fp32
+ * outputs (MOELAB_EXPERT_MATMUL=moelab at start-up; the path's name then starts "forward and input gradient by
+ * moelab's kernel"), 0 = cuBLAS's grouped forms (the default until the kernel has been timed on a GPU). */
+void cuda_set_expert_matmul(int own);
 
 #endif

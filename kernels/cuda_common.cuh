@@ -120,6 +120,17 @@ __device__ inline float block_max(float v, float *shared) {
     __syncthreads();
     return r;
 }
+// v[threadIdx.x] becomes the sum of v[0..threadIdx.x] (Hillis-Steele; one entry per thread of the block, all
+// written before the call and followed by a barrier)
+template <class T> __device__ inline void block_inclusive_scan(T *v) {
+    const int t = threadIdx.x;
+    for (int d = 1; d < (int)blockDim.x; d *= 2) {
+        const T add = t >= d ? v[t - d] : 0;
+        __syncthreads();
+        v[t] += add;
+        __syncthreads();
+    }
+}
 __device__ inline float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;

@@ -53,10 +53,7 @@ __global__ void __launch_bounds__(WG_THREADS) k_expert_wgrad(float *dw, const bf
     const bf16 *g = dout + (size_t)lo * N, *x = inp + (size_t)lo * K;
 
     float acc[2][8][4]; // [16-row slab along N][8-column slab along K][C fragment]
-#pragma unroll
-    for (int a = 0; a < 2; a++)
-#pragma unroll
-        for (int b = 0; b < 8; b++) acc[a][b][0] = acc[a][b][1] = acc[a][b][2] = acc[a][b][3] = 0.f;
+    warp_tile_zero(acc);
 
     const int chunks = (rows + WG_BT - 1) / WG_BT;
     wg_load(smem, g, 0, rows, n0, N, N);
@@ -83,37 +80,14 @@ __global__ void __launch_bounds__(WG_THREADS) k_expert_wgrad(float *dw, const bf
 #pragma unroll
             for (int np = 0; np < 4; np++)
                 ldsm_x4<true>(b[np], xs + (kk * 16 + l % 8 + l / 8 % 2 * 8) * WG_LD + wk + np * 16 + l / 16 * 8);
-#pragma unroll
-            for (int mt = 0; mt < 2; mt++)
-#pragma unroll
-                for (int nt = 0; nt < 8; nt++)
-                    mma16816(acc[mt][nt], a[mt], b[nt / 2][nt % 2 * 2], b[nt / 2][nt % 2 * 2 + 1]);
+            warp_tile_mma(acc, a, b);
         }
         __syncthreads(); // every warp is done with this stage before the next iteration refills it
     }
 
-    float *d = dw + (size_t)e * N * K;
-    const bool pairs = ((uintptr_t)d & 7) == 0; // (K is even) 8-byte read-modify-writes when dw allows
-#pragma unroll
-    for (int mt = 0; mt < 2; mt++)
-#pragma unroll
-        for (int nt = 0; nt < 8; nt++) {
-            const int k = k0 + wk + nt * 8 + l % 4 * 2;
-            if (k >= K) continue; // K % 8 == 0: k + 1 < K too
-#pragma unroll
-            for (int h = 0; h < 2; h++) {
-                const int n = n0 + wn + mt * 16 + l / 4 + h * 8;
-                if (n >= N) continue;
-                float *p = d + (size_t)n * K + k;
-                if (pairs) {
-                    float2 v = *(float2 *)p;
-                    v.x += acc[mt][nt][2 * h], v.y += acc[mt][nt][2 * h + 1];
-                    *(float2 *)p = v;
-                } else {
-                    p[0] += acc[mt][nt][2 * h], p[1] += acc[mt][nt][2 * h + 1];
-                }
-            }
-        }
+    if (n0 + wn < N && k0 + wk < K) // (K even) the warp's part of dw += its sums
+        warp_tile_store<true>(dw + (size_t)e * N * K + (size_t)(n0 + wn) * K + k0 + wk, acc, K, N - (n0 + wn),
+                              K - (k0 + wk));
 }
 
 // dw_e += dout_e^T inp_e for the E experts (dout: rows x N, inp: rows x K, bf16; offsets on the device and the

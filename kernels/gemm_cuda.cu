@@ -12,21 +12,35 @@
 // probe, again on cuda_set_grouped_gemm(1)); a refusal later still moves on: bf16 -> bf16 outputs -> TF32 ->
 // one GEMM per expert. The bf16 table's weight gradients do not take that route by default: moelab's own
 // kernel (expert_wgrad.cu) accumulates bf16 products into the fp32 gradient; MOELAB_EXPERT_WGRAD=cublas (or
-// cuda_set_expert_wgrad(0)) sends them down the cuBLAS forms above, for comparison.
+// cuda_set_expert_wgrad(0)) sends them down the cuBLAS forms above, for comparison. The forward and input
+// gradient can take moelab's kernel too (expert_matmul.cu: fp32 outputs directly), opt-in until timed on a GPU:
+// MOELAB_EXPERT_MATMUL=moelab or cuda_set_expert_matmul(1).
 #include "cuda_common.cuh"
 
 void ml_cast_bf16(const char *op, bf16 *dst, const float *src, size_t n); // runtime_cuda.cu
 void ml_expert_wgrad(const char *op, float *dw, const bf16 *dout, const bf16 *inp, const int32_t *offsets,
                      const int32_t *offsets_host, int E, int N, int K); // expert_wgrad.cu
-static int own_wgrad = 1;
+void ml_expert_matmul(const char *op, int dinp, float *out, const bf16 *a, const bf16 *w, const int32_t *offsets,
+                      const int32_t *offsets_host, int32_t *tile_start, int E, int N, int K); // expert_matmul.cu
+static int own_wgrad = 1, own_matmul = 0;
 extern "C" void cuda_set_expert_wgrad(int own) { own_wgrad = own; }
+extern "C" void cuda_set_expert_matmul(int own) { own_matmul = own; }
+static int32_t *tile_start; // device scratch for expert_matmul.cu: MAX_GROUPS + 1 ints
 
 // the experts' path for each table ([0] fp32, [1] bf16): fastest first, moved on when cuBLAS refuses one
 enum { PATH_GROUPED, PATH_BF16OUT, PATH_TF32, PATH_LOOP };
 static int grouped_wanted = 1, expert_path[2];
 static int path_of(int bf) { return grouped_wanted ? expert_path[bf] : PATH_LOOP; }
 extern "C" int cuda_grouped_gemm_active(int bf16_inputs) { return path_of(!!bf16_inputs) != PATH_LOOP; }
+static const char *cublas_path_name(int bf16_inputs);
 extern "C" const char *cuda_grouped_gemm_path(int bf16_inputs) {
+    if (!bf16_inputs || !own_matmul) return cublas_path_name(bf16_inputs);
+    static char name[200];
+    snprintf(name, sizeof name, "forward and input gradient by moelab's kernel; weight gradients by %s%s%s",
+             own_wgrad ? "moelab's kernel" : "cuBLAS (", own_wgrad ? "" : cublas_path_name(1), own_wgrad ? "" : ")");
+    return name;
+}
+static const char *cublas_path_name(int bf16_inputs) {
     static const char *const names[3][4] = {
         {"grouped fp32", "", "", "one fp32 GEMM per expert"},
         {"grouped bf16", "grouped bf16 (bf16 outputs; tf32 weight gradients)", "grouped tf32 (bf16 refused)",
@@ -113,12 +127,7 @@ __global__ void k_group_ptrs(void **ptrs, const int32_t *offsets, int E, ptr_rul
     const int32_t lo = e < E ? offsets[e] : 0, has = e < E && offsets[e + 1] != lo;
     count[e] = has;
     __syncthreads();
-    for (int d = 1; d < (int)blockDim.x; d *= 2) { // inclusive scan (Hillis-Steele)
-        const int add = e >= d ? count[e - d] : 0;
-        __syncthreads();
-        count[e] += add;
-        __syncthreads();
-    }
+    block_inclusive_scan(count);
     if (!has) return;
     const int g = count[e] - 1;
     ptrs[g] = (void *)(a.base + a.per_expert * e + a.per_row * lo);
@@ -232,6 +241,12 @@ static void grouped_matmul_forward(float *out, const float *inp, const float *w,
     const int rows = rows_of(op, offsets, E);
     if (rows == 0) return;
     // expert e: out_e(n_e,N) = inp_e(n_e,K) @ w_e(N,K)^T: column-major C(N,n_e) = W_e^T X_e
+    if (BF && own_matmul && N % 8 == 0 && K % 8 == 0) { // fp32 outputs from bf16 mma (expert_matmul.cu)
+        const operand W = weight(op, w, (size_t)E * N * K, 1), X = act(op, inp, (size_t)rows * K, 1, WS_CAST_A);
+        ml_expert_matmul(op, 0, out, (const bf16 *)X.p, (const bf16 *)W.p, offsets, ml_offsets_host(op, offsets, E),
+                         tile_start, E, N, K);
+        return;
+    }
     const form f = form_of(BF, 0);
     const int bf = bf16_operands(BF, f);
     operand W = weight(op, w, (size_t)E * N * K, bf), X = act(op, inp, (size_t)rows * K, bf, WS_CAST_A);
@@ -247,7 +262,12 @@ static void grouped_matmul_backward(float *dinp, float *dw, const float *dout, c
     const int rows = rows_of(op, offsets, E);
     if (rows == 0) return; // every expert empty: no gradient anywhere
     operand G{dout, CUDA_R_32F}; // the output gradient, rounded to bf16 at most once
-    if (dinp) { // dinp_e(n_e,K) += dout_e(n_e,N) @ w_e(N,K): column-major C(K,n_e) = W_e(K,N) G_e(N,n_e)
+    if (dinp && BF && own_matmul && N % 8 == 0 && K % 8 == 0) { // fp32 += bf16 mma (expert_matmul.cu)
+        G = act(op, dout, (size_t)rows * N, 1, WS_CAST_B);
+        const operand W = weight(op, w, (size_t)E * N * K, 1);
+        ml_expert_matmul(op, 1, dinp, (const bf16 *)G.p, (const bf16 *)W.p, offsets, ml_offsets_host(op, offsets, E),
+                         tile_start, E, N, K);
+    } else if (dinp) { // dinp_e(n_e,K) += dout_e(n_e,N) @ w_e(N,K): column-major C(K,n_e) = W_e(K,N) G_e(N,n_e)
         const form f = form_of(BF, 0);
         const int bf = bf16_operands(BF, f);
         G = act(op, dout, (size_t)rows * N, bf, WS_CAST_B);
@@ -305,6 +325,7 @@ int ml_grouped_bf16_outputs(void) { return path_of(1) == PATH_BF16OUT; }
 
 void ml_cuda_gemm_init(void) {
     if (!group_ptrs) CK("grouped_matmul", cudaMalloc(&group_ptrs, sizeof(void *) * 3 * MAX_GROUPS));
+    if (!tile_start) CK("grouped_matmul", cudaMalloc(&tile_start, sizeof(int32_t) * (MAX_GROUPS + 1)));
     if (!probe_ptrs) {
         char *scratch;
         CK("grouped_matmul", cudaMalloc(&scratch, 3 * 16 * 16 * sizeof(float)));
@@ -317,6 +338,8 @@ void ml_cuda_gemm_init(void) {
     grouped_wanted = !(env && !strcmp(env, "loop"));
     const char *wg = getenv("MOELAB_EXPERT_WGRAD");
     own_wgrad = !(wg && !strcmp(wg, "cublas"));
+    const char *mm = getenv("MOELAB_EXPERT_MATMUL");
+    own_matmul = mm && !strcmp(mm, "moelab");
     probe_paths();
 }
 

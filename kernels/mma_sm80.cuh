@@ -63,3 +63,52 @@ static __device__ __forceinline__ void mma16816(float d[4], const uint32_t a[4],
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 #endif
 }
+
+// ---- a warp's 32 x 64 fp32 tile (expert_wgrad.cu, expert_matmul.cu): acc[2][8][4], 2 x 8 C fragments ----
+static __device__ __forceinline__ void warp_tile_zero(float acc[2][8][4]) {
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int j = 0; j < 8; j++) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.f;
+}
+// acc += A B for one 16-deep step: a[mt] the A fragments of rows 16 mt.., b[np] the B fragments of columns
+// 16 np.. (b[np][0..1] the first 8 columns, b[np][2..3] the next 8)
+static __device__ __forceinline__ void warp_tile_mma(float acc[2][8][4], const uint32_t a[2][4],
+                                                     const uint32_t b[4][4]) {
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++) mma16816(acc[mt][nt], a[mt], b[nt / 2][nt % 2 * 2], b[nt / 2][nt % 2 * 2 + 1]);
+}
+// the tile into the row-major fp32 matrix at out (row pitch ld, its first element the tile's corner): rows
+// [0, rows) and columns [0, cols) of the tile, the rest skipped (cols and ld even); ADD: out += acc, else
+// out = acc; 8-byte pairs when out is 8-byte aligned
+template <bool ADD>
+static __device__ __forceinline__ void warp_tile_store(float *out, const float acc[2][8][4], int ld, int rows,
+                                                       int cols) {
+    const int l = threadIdx.x % 32;
+    const bool pairs = ((uintptr_t)out & 7) == 0;
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++) {
+            const int c = nt * 8 + l % 4 * 2;
+            if (c >= cols) continue; // cols even: c + 1 < cols too
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const int r = mt * 16 + l / 4 + h * 8;
+                if (r >= rows) continue;
+                float *p = out + (size_t)r * ld + c;
+                const float v0 = acc[mt][nt][2 * h], v1 = acc[mt][nt][2 * h + 1];
+                if (pairs) {
+                    float2 v = ADD ? *(float2 *)p : make_float2(0.f, 0.f);
+                    v.x += v0, v.y += v1;
+                    *(float2 *)p = v;
+                } else if (ADD) {
+                    p[0] += v0, p[1] += v1;
+                } else {
+                    p[0] = v0, p[1] = v1;
+                }
+            }
+        }
+}

@@ -446,6 +446,40 @@ static void test_expert_wgrad(void) {
     gbf->free(d_off), gbf->free(d_x), gbf->free(d_g), gbf->free(d_dw);
 }
 
+/* The bf16 table's expert forward and input gradient by moelab's kernel (opt-in: cuda_set_expert_matmul), at
+ * partial row and column tiles, a reduction ending inside a stage, experts of 0 to 300 rows, the input gradient
+ * onto values, the forward overwriting its rows. bf16-exact inputs: fp32 summation's bound, as above. */
+static void test_expert_matmul(void) {
+    enum { Em = 6, Km = 264, Nm = 136 };
+    const int32_t off[Em + 1] = {0, 1, 8, 8, 136, 265, 565}; /* rows 1, 7, 0, 128, 129, 300 */
+    const int rows = off[Em];
+    float *x = randv((size_t)rows * Km, 1), *w = randv((size_t)Em * Nm * Km, 1), *g = randv((size_t)rows * Nm, 1);
+    for (size_t i = 0; i < (size_t)rows * Km; i++) x[i] = bf16_round(x[i]);
+    for (size_t i = 0; i < (size_t)Em * Nm * Km; i++) w[i] = bf16_round(w[i]);
+    for (size_t i = 0; i < (size_t)rows * Nm; i++) g[i] = bf16_round(g[i]);
+    float *y = randv((size_t)rows * Nm, 1), *dx = randv((size_t)rows * Km, 1);
+    int32_t *d_off = dev(off, sizeof off);
+    float *d_x = dev(x, sizeof(float) * rows * Km), *d_w = dev(w, sizeof(float) * Em * Nm * Km);
+    float *d_g = dev(g, sizeof(float) * rows * Nm), *d_y = dev(y, sizeof(float) * rows * Nm);
+    float *d_dx = dev(dx, sizeof(float) * rows * Km);
+    cuda_set_expert_matmul(1);
+    CHECK(strstr(cuda_grouped_gemm_path(1), "forward and input gradient by moelab's kernel") != NULL,
+          "cuda_set_expert_matmul(1): the path says so (%s)", cuda_grouped_gemm_path(1));
+    cpu->grouped_matmul_forward(y, x, w, off, Em, Km, Nm);
+    gbf->grouped_matmul_forward(d_y, d_x, d_w, d_off, Em, Km, Nm);
+    SAME("bf16 experts' forward by moelab's kernel (rows 1/7/0/128/129/300, 136 x 264)", y, d_y, (size_t)rows * Nm,
+         1e-5);
+    float *dw = calloc((size_t)Em * Nm * Km, sizeof(float)), *d_dw = gbf->alloc(sizeof(float) * Em * Nm * Km);
+    cpu->grouped_matmul_backward(dx, dw, g, x, w, off, Em, Km, Nm);
+    gbf->grouped_matmul_backward(d_dx, d_dw, d_g, d_x, d_w, d_off, Em, Km, Nm);
+    SAME("bf16 experts' input gradient by moelab's kernel (onto values)", dx, d_dx, (size_t)rows * Km, 1e-5);
+    SAME("bf16 experts' weight gradient beside it", dw, d_dw, (size_t)Em * Nm * Km, 1e-5);
+    cuda_set_expert_matmul(0);
+    free(x), free(w), free(g), free(y), free(dx), free(dw);
+    void *ds[] = {d_off, d_x, d_w, d_g, d_y, d_dx, d_dw};
+    for (size_t i = 0; i < sizeof ds / sizeof ds[0]; i++) gbf->free(ds[i]);
+}
+
 static void test_moe(int score, int order, int norm_topk) {
     char tag[64];
     snprintf(tag, sizeof tag, "[%s, %s, norm %d]", score ? "sigmoid" : "softmax", order ? "after" : "before", norm_topk);
@@ -707,6 +741,7 @@ int main(void) {
     test_dispatch_large();
     test_bf16_gemms();
     test_expert_wgrad();
+    test_expert_matmul();
     for (int s = 0; s < 2; s++)
         for (int o = 0; o < 2 - s; o++) /* after-order needs softmax */
             for (int n = 0; n < 2; n++) test_moe(s, o, n);

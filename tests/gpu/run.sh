@@ -7,7 +7,8 @@
 #   tests/gpu/run.sh [PRESET[:key=value,...][@VAR=value,...] ...]
 # default: tiny, small-cpu, then the full Sigma-MoE-Tiny width at 4 layers with 2 x 4K and 8 x 2K tokens per
 # micro-batch (bf16 only), the latter also with the experts' weight gradients by cuBLAS instead of moelab's
-# kernel (@MOELAB_EXPERT_WGRAD=cublas: environment for moelab only; no PyTorch row) and with 4 micro-batches
+# kernel (@MOELAB_EXPERT_WGRAD=cublas: environment for moelab only; no PyTorch row), with the experts' forward
+# and input gradient by moelab's kernel instead of cuBLAS (@MOELAB_EXPERT_MATMUL=moelab) and with 4 micro-batches
 # per optimizer step (train.accum=4: a 64K-token step, where AdamW's fixed cost over all 1.4 B parameters is
 # shared by four micro-batches, as in real training); the PyTorch side runs only where the reference model
 # covers the config. MOELAB_GPU_OPS=0 skips the test suite (e.g. a second call with more presets). Each stage
@@ -23,6 +24,7 @@ presets=("$@")
 [ ${#presets[@]} -eq 0 ] && presets=(tiny small-cpu "sigma-tiny-full:model.layers=4,train.batch=2"
     "sigma-tiny-full:model.layers=4,train.batch=8,model.seq_len=2048"
     "sigma-tiny-full:model.layers=4,train.batch=8,model.seq_len=2048@MOELAB_EXPERT_WGRAD=cublas"
+    "sigma-tiny-full:model.layers=4,train.batch=8,model.seq_len=2048@MOELAB_EXPERT_MATMUL=moelab"
     "sigma-tiny-full:model.layers=4,train.batch=8,model.seq_len=2048,train.accum=4")
 if [ -n "${MOELAB_PREBUILT:-}" ]; then
     moelab=$MOELAB_PREBUILT/bin/moelab gpu_ops=$MOELAB_PREBUILT/bin/test_gpu_ops
