@@ -118,6 +118,7 @@ __global__ void __launch_bounds__(EM_THREADS) k_expert_matmul(float *out, const 
 void ml_expert_matmul(const char *op, int dinp, float *out, const bf16 *a, const bf16 *w, const int32_t *offsets,
                       const int32_t *offsets_host, int32_t *tile_start, int E, int N, int K) {
     if (N % 8 || K % 8) ml_cuda_die(op, "the experts' matmul kernel needs N and K multiples of 8");
+    if (((uintptr_t)a | (uintptr_t)w) % 16) ml_cuda_die(op, "the experts' matmul kernel needs 16-byte aligned input");
     long long tiles = 0;
     for (int e = 0; e < E; e++) tiles += (offsets_host[e + 1] - offsets_host[e] + EM_BM - 1) / EM_BM;
     const long long blocks = tiles * (((dinp ? K : N) + EM_BN - 1) / EM_BN);

@@ -36,8 +36,9 @@ static const char *cublas_path_name(int bf16_inputs);
 extern "C" const char *cuda_grouped_gemm_path(int bf16_inputs) {
     if (!bf16_inputs || !own_matmul) return cublas_path_name(bf16_inputs);
     static char name[200];
-    snprintf(name, sizeof name, "forward and input gradient by moelab's kernel; weight gradients by %s%s%s",
-             own_wgrad ? "moelab's kernel" : "cuBLAS (", own_wgrad ? "" : cublas_path_name(1), own_wgrad ? "" : ")");
+    if (own_wgrad) return "forward and input gradient by moelab's kernel; weight gradients by moelab's kernel";
+    snprintf(name, sizeof name, "forward and input gradient by moelab's kernel; weight gradients as in cuBLAS's "
+             "path: %s", cublas_path_name(1));
     return name;
 }
 static const char *cublas_path_name(int bf16_inputs) {
@@ -228,6 +229,12 @@ static void grouped(const char *op, int bf16_table, form f, const group_shape &s
     }
 }
 
+// whether expert_matmul.cu takes these weights: its cp.async reads need them 16-byte aligned, which a bf16 shadow
+// is not when the tensor's offset in the parameter arena is not a multiple of 8 floats (e.g. QK-norm weights of
+// a head size of 10 before it); such layers stay on cuBLAS's path
+static int own_matmul_for(int N, int K, const operand &W) {
+    return N % 8 == 0 && K % 8 == 0 && (uintptr_t)W.p % 16 == 0;
+}
 static int rows_of(const char *op, const int32_t *offsets, int E) {
     if (E > MAX_GROUPS) ml_cuda_die(op, "more than 1024 experts");
     return ml_offsets_host(op, offsets, E)[E];
@@ -241,11 +248,14 @@ static void grouped_matmul_forward(float *out, const float *inp, const float *w,
     const int rows = rows_of(op, offsets, E);
     if (rows == 0) return;
     // expert e: out_e(n_e,N) = inp_e(n_e,K) @ w_e(N,K)^T: column-major C(N,n_e) = W_e^T X_e
-    if (BF && own_matmul && N % 8 == 0 && K % 8 == 0) { // fp32 outputs from bf16 mma (expert_matmul.cu)
-        const operand W = weight(op, w, (size_t)E * N * K, 1), X = act(op, inp, (size_t)rows * K, 1, WS_CAST_A);
-        ml_expert_matmul(op, 0, out, (const bf16 *)X.p, (const bf16 *)W.p, offsets, ml_offsets_host(op, offsets, E),
-                         tile_start, E, N, K);
-        return;
+    if (BF && own_matmul) { // fp32 outputs from bf16 mma (expert_matmul.cu)
+        const operand W = weight(op, w, (size_t)E * N * K, 1);
+        if (own_matmul_for(N, K, W)) {
+            const operand X = act(op, inp, (size_t)rows * K, 1, WS_CAST_A);
+            ml_expert_matmul(op, 0, out, (const bf16 *)X.p, (const bf16 *)W.p, offsets,
+                             ml_offsets_host(op, offsets, E), tile_start, E, N, K);
+            return;
+        }
     }
     const form f = form_of(BF, 0);
     const int bf = bf16_operands(BF, f);
@@ -262,11 +272,11 @@ static void grouped_matmul_backward(float *dinp, float *dw, const float *dout, c
     const int rows = rows_of(op, offsets, E);
     if (rows == 0) return; // every expert empty: no gradient anywhere
     operand G{dout, CUDA_R_32F}; // the output gradient, rounded to bf16 at most once
-    if (dinp && BF && own_matmul && N % 8 == 0 && K % 8 == 0) { // fp32 += bf16 mma (expert_matmul.cu)
+    const operand Wm = dinp && BF && own_matmul ? weight(op, w, (size_t)E * N * K, 1) : operand{NULL, CUDA_R_16BF};
+    if (dinp && BF && own_matmul && own_matmul_for(N, K, Wm)) { // fp32 += bf16 mma (expert_matmul.cu)
         G = act(op, dout, (size_t)rows * N, 1, WS_CAST_B);
-        const operand W = weight(op, w, (size_t)E * N * K, 1);
-        ml_expert_matmul(op, 1, dinp, (const bf16 *)G.p, (const bf16 *)W.p, offsets, ml_offsets_host(op, offsets, E),
-                         tile_start, E, N, K);
+        ml_expert_matmul(op, 1, dinp, (const bf16 *)G.p, (const bf16 *)Wm.p, offsets,
+                         ml_offsets_host(op, offsets, E), tile_start, E, N, K);
     } else if (dinp) { // dinp_e(n_e,K) += dout_e(n_e,N) @ w_e(N,K): column-major C(K,n_e) = W_e(K,N) G_e(N,n_e)
         const form f = form_of(BF, 0);
         const int bf = bf16_operands(BF, f);

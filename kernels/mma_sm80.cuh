@@ -100,10 +100,12 @@ static __device__ __forceinline__ void warp_tile_store(float *out, const float a
                 if (r >= rows) continue;
                 float *p = out + (size_t)r * ld + c;
                 const float v0 = acc[mt][nt][2 * h], v1 = acc[mt][nt][2 * h + 1];
-                if (pairs) {
-                    float2 v = ADD ? *(float2 *)p : make_float2(0.f, 0.f);
+                if (pairs && ADD) {
+                    float2 v = *(float2 *)p;
                     v.x += v0, v.y += v1;
                     *(float2 *)p = v;
+                } else if (pairs) {
+                    *(float2 *)p = make_float2(v0, v1);
                 } else if (ADD) {
                     p[0] += v0, p[1] += v1;
                 } else {
