@@ -37,12 +37,6 @@ __global__ void k_expert_tile_starts(int32_t *tile_start, const int32_t *offsets
     if (e == 0) tile_start[0] = 0;
 }
 
-// 16-byte chunk (row r, column c) of a tile: from src (row pitch ld) when inside [0, rows) x [0, cols), else zeros
-__device__ __forceinline__ void em_chunk(bf16 *dst, const bf16 *src, int r, int c, int rows, int cols, int ld) {
-    if (r < rows && c < cols) cp_async16(dst, src + (size_t)r * ld + c);
-    else *(uint4 *)dst = make_uint4(0, 0, 0, 0);
-}
-
 // DINP = 0: out = A W^T (A: rows x K, W: N x K, out: rows x N, reduction K)
 // DINP = 1: out += A W (A: rows x N, W: N x K, out: rows x K, reduction N)
 template <int DINP>
@@ -72,11 +66,11 @@ __global__ void __launch_bounds__(EM_THREADS) k_expert_matmul(float *out, const 
 #pragma unroll
         for (int j = 0; j < 2; j++) { // A: 128 rows x 4 chunks; W: 512 chunks either way; 2 + 2 per thread
             const int i = threadIdx.x + j * EM_THREADS;
-            em_chunk(as + (i / 4) * EM_LDA + i % 4 * 8, ae, i / 4, r0 + i % 4 * 8, rows_here, R, R);
+            cp_async16_or_zero(as + (i / 4) * EM_LDA + i % 4 * 8, ae, i / 4, r0 + i % 4 * 8, rows_here, R, R);
             if (DINP) // W rows r0.. (the reduction), columns c0..: tile [r][n]
-                em_chunk(ws + (i / 16) * EM_LDW + i % 16 * 8, we, r0 + i / 16, c0 + i % 16 * 8, N, K, K);
+                cp_async16_or_zero(ws + (i / 16) * EM_LDW + i % 16 * 8, we, r0 + i / 16, c0 + i % 16 * 8, N, K, K);
             else // W rows c0.. (output columns), columns r0..: tile [n][r]
-                em_chunk(ws + (i / 4) * EM_LDWT + i % 4 * 8, we, c0 + i / 4, r0 + i % 4 * 8, N, K, K);
+                cp_async16_or_zero(ws + (i / 4) * EM_LDWT + i % 4 * 8, we, c0 + i / 4, r0 + i % 4 * 8, N, K, K);
         }
     };
     const int chunks = (R + EM_BR - 1) / EM_BR;

@@ -34,9 +34,7 @@ __device__ __forceinline__ void wg_load(bf16 *dst, const bf16 *src, int row0, in
 #pragma unroll
     for (int j = 0; j < 2; j++) { // 32 rows x 16 chunks = 512 = 2 per thread
         const int i = threadIdx.x + j * WG_THREADS, r = i / 16, c = i % 16 * 8;
-        bf16 *d = dst + r * WG_LD + c;
-        if (row0 + r < rows && col0 + c < cols) cp_async16(d, src + (size_t)(row0 + r) * ld + col0 + c);
-        else *(uint4 *)d = make_uint4(0, 0, 0, 0);
+        cp_async16_or_zero(dst + r * WG_LD + c, src, row0 + r, col0 + c, rows, cols, ld);
     }
 }
 

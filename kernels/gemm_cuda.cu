@@ -170,12 +170,12 @@ static int path_after_refusal(form f) {
     return PATH_LOOP;
 }
 
-// C_e = op(A_e) op(B_e) + beta C_e for every expert with rows, A and B in the form's operand type. F_BF16OUT
-// takes only C laid out as consecutive rows (per_expert 0): the products go to a bf16 copy of that layout in the
-// workspace and are widened (beta 0) or added (beta 1) into C.
+// C_e = op(A_e) op(B_e) + beta C_e for every expert with rows (offsets on the device, off the host's copy), A
+// and B in the form's operand type. F_BF16OUT takes only C laid out as consecutive rows (per_expert 0): the
+// products go to a bf16 copy of that layout in the workspace and are widened (beta 0) or added (beta 1) into C.
 static void grouped(const char *op, int bf16_table, form f, const group_shape &s, operand A, ptr_rule ra,
-                    operand B, ptr_rule rb, float *C, ptr_rule rc, const int32_t *offsets_dev, int E) {
-    const int32_t *off = ml_offsets_host(op, offsets_dev, E);
+                    operand B, ptr_rule rb, float *C, ptr_rule rc, const int32_t *offsets_dev, const int32_t *off,
+                    int E) {
     static int m[MAX_GROUPS], n[MAX_GROUPS], k[MAX_GROUPS], lda[MAX_GROUPS], ldb[MAX_GROUPS], ldc[MAX_GROUPS];
     static int size[MAX_GROUPS];
     static cublasOperation_t ta[MAX_GROUPS], tb[MAX_GROUPS];
@@ -235,9 +235,10 @@ static void grouped(const char *op, int bf16_table, form f, const group_shape &s
 static int own_matmul_for(int N, int K, const operand &W) {
     return N % 8 == 0 && K % 8 == 0 && (uintptr_t)W.p % 16 == 0;
 }
-static int rows_of(const char *op, const int32_t *offsets, int E) {
+// the host's copy of the offsets (E + 1 ints; the routed rows are the last)
+static const int32_t *host_offsets(const char *op, const int32_t *offsets, int E) {
     if (E > MAX_GROUPS) ml_cuda_die(op, "more than 1024 experts");
-    return ml_offsets_host(op, offsets, E)[E];
+    return ml_offsets_host(op, offsets, E);
 }
 
 template <int BF>
@@ -245,15 +246,15 @@ static void grouped_matmul_forward(float *out, const float *inp, const float *w,
                                    int N) {
     PROF("grouped_matmul_forward");
     const char *op = "grouped_matmul_forward";
-    const int rows = rows_of(op, offsets, E);
+    const int32_t *off = host_offsets(op, offsets, E);
+    const int rows = off[E];
     if (rows == 0) return;
     // expert e: out_e(n_e,N) = inp_e(n_e,K) @ w_e(N,K)^T: column-major C(N,n_e) = W_e^T X_e
     if (BF && own_matmul) { // fp32 outputs from bf16 mma (expert_matmul.cu)
         const operand W = weight(op, w, (size_t)E * N * K, 1);
         if (own_matmul_for(N, K, W)) {
             const operand X = act(op, inp, (size_t)rows * K, 1, WS_CAST_A);
-            ml_expert_matmul(op, 0, out, (const bf16 *)X.p, (const bf16 *)W.p, offsets,
-                             ml_offsets_host(op, offsets, E), tile_start, E, N, K);
+            ml_expert_matmul(op, 0, out, (const bf16 *)X.p, (const bf16 *)W.p, offsets, off, tile_start, E, N, K);
             return;
         }
     }
@@ -262,21 +263,21 @@ static void grouped_matmul_forward(float *out, const float *inp, const float *w,
     operand W = weight(op, w, (size_t)E * N * K, bf), X = act(op, inp, (size_t)rows * K, bf, WS_CAST_A);
     group_shape s{CUBLAS_OP_T, CUBLAS_OP_N, N, 0, K, K, K, N, ROWS_N, 0};
     grouped(op, BF, f, s, W, ptr_rule{0, (long long)elt(W) * N * K, 0}, X, ptr_rule{0, 0, (long long)elt(X) * K},
-            out, ptr_rule{0, 0, (long long)sizeof(float) * N}, offsets, E);
+            out, ptr_rule{0, 0, (long long)sizeof(float) * N}, offsets, off, E);
 }
 template <int BF>
 static void grouped_matmul_backward(float *dinp, float *dw, const float *dout, const float *inp, const float *w,
                                     const int32_t *offsets, int E, int K, int N) {
     PROF("grouped_matmul_backward");
     const char *op = "grouped_matmul_backward";
-    const int rows = rows_of(op, offsets, E);
+    const int32_t *off = host_offsets(op, offsets, E);
+    const int rows = off[E];
     if (rows == 0) return; // every expert empty: no gradient anywhere
     operand G{dout, CUDA_R_32F}; // the output gradient, rounded to bf16 at most once
     const operand Wm = dinp && BF && own_matmul ? weight(op, w, (size_t)E * N * K, 1) : operand{NULL, CUDA_R_16BF};
     if (dinp && BF && own_matmul && own_matmul_for(N, K, Wm)) { // fp32 += bf16 mma (expert_matmul.cu)
         G = act(op, dout, (size_t)rows * N, 1, WS_CAST_B);
-        ml_expert_matmul(op, 1, dinp, (const bf16 *)G.p, (const bf16 *)Wm.p, offsets,
-                         ml_offsets_host(op, offsets, E), tile_start, E, N, K);
+        ml_expert_matmul(op, 1, dinp, (const bf16 *)G.p, (const bf16 *)Wm.p, offsets, off, tile_start, E, N, K);
     } else if (dinp) { // dinp_e(n_e,K) += dout_e(n_e,N) @ w_e(N,K): column-major C(K,n_e) = W_e(K,N) G_e(N,n_e)
         const form f = form_of(BF, 0);
         const int bf = bf16_operands(BF, f);
@@ -284,13 +285,12 @@ static void grouped_matmul_backward(float *dinp, float *dw, const float *dout, c
         operand W = weight(op, w, (size_t)E * N * K, bf);
         group_shape s{CUBLAS_OP_N, CUBLAS_OP_N, K, 0, N, K, N, K, ROWS_N, 1};
         grouped(op, BF, f, s, W, ptr_rule{0, (long long)elt(W) * N * K, 0}, G, ptr_rule{0, 0, (long long)elt(G) * N},
-                dinp, ptr_rule{0, 0, (long long)sizeof(float) * K}, offsets, E);
+                dinp, ptr_rule{0, 0, (long long)sizeof(float) * K}, offsets, off, E);
     }
     if (BF && own_wgrad && N % 8 == 0 && K % 8 == 0) { // bf16 products into the fp32 dw (expert_wgrad.cu)
         if (G.t != CUDA_R_16BF) G = act(op, dout, (size_t)rows * N, 1, WS_CAST_B);
         const operand X = act(op, inp, (size_t)rows * K, 1, WS_CAST_A);
-        ml_expert_wgrad(op, dw, (const bf16 *)G.p, (const bf16 *)X.p, offsets, ml_offsets_host(op, offsets, E), E, N,
-                        K);
+        ml_expert_wgrad(op, dw, (const bf16 *)G.p, (const bf16 *)X.p, offsets, off, E, N, K);
         return;
     }
     // dw_e(N,K) += dout_e^T @ inp_e: column-major C(K,N) = X_e(K,n_e) G_e^T(n_e,N); k = n_e
@@ -300,7 +300,7 @@ static void grouped_matmul_backward(float *dinp, float *dw, const float *dout, c
     operand X = act(op, inp, (size_t)rows * K, bf, WS_CAST_A);
     group_shape s{CUBLAS_OP_N, CUBLAS_OP_T, K, N, 0, K, N, K, ROWS_K, 1};
     grouped(op, BF, f, s, X, ptr_rule{0, 0, (long long)elt(X) * K}, G, ptr_rule{0, 0, (long long)elt(G) * N}, dw,
-            ptr_rule{0, (long long)sizeof(float) * N * K, 0}, offsets, E);
+            ptr_rule{0, (long long)sizeof(float) * N * K, 0}, offsets, off, E);
 }
 
 // Which grouped forms cuBLAS takes: one 16^3 product per form, on scratch (A, B, C of 16 x 16 floats each).

@@ -35,6 +35,13 @@ template <int N> static __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 #endif
 }
+// the 16 bytes at (row r, column c) of a row-major bf16 matrix (row pitch ld) into dst, asynchronously, when
+// inside [0, rows) x [0, cols) (c and cols multiples of 8); zeros otherwise
+static __device__ __forceinline__ void cp_async16_or_zero(bf16 *dst, const bf16 *src, int r, int c, int rows, int cols,
+                                                          int ld) {
+    if (r < rows && c < cols) cp_async16(dst, src + (size_t)r * ld + c);
+    else *(uint4 *)dst = make_uint4(0, 0, 0, 0);
+}
 // ldmatrix x4: lanes 8i..8i+7 point at the rows of 8 x 8 matrix i; TRANS reads the matrices down their columns
 template <bool TRANS> static __device__ __forceinline__ void ldsm_x4(uint32_t r[4], const bf16 *row) {
 #ifdef ML_CUDA_EMU

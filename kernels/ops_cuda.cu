@@ -7,6 +7,8 @@
 #include "cuda_common.cuh"
 
 static unsigned blocks(size_t n, int per = 256) { return ml_blocks(n, per); }
+// blocks that each take about 16 of M rows (or tokens), at least 1 and at most cap
+static int blocks_of_16(int M, int cap) { return M / 16 < 1 ? 1 : M / 16 > cap ? cap : M / 16; }
 
 // ---- embedding ----
 
@@ -48,8 +50,8 @@ static void cu_encoder_forward(float *out, const int32_t *tokens, const float *w
 }
 static void cu_encoder_backward(float *dwte, const float *dout, const int32_t *tokens, int M, int C) {
     PROF("encoder_backward");
-    const int shares = M / 16 < 1 ? 1 : M / 16 > 1024 ? 1024 : M / 16;
-    LAUNCH("encoder_backward", M > 0 ? shares : 0, ENC_THREADS, k_encoder_backward, dwte, dout, tokens, M, C);
+    LAUNCH("encoder_backward", M > 0 ? blocks_of_16(M, 1024) : 0, ENC_THREADS, k_encoder_backward, dwte, dout, tokens,
+           M, C);
 }
 
 // ---- RMSNorm ----
@@ -133,7 +135,7 @@ static void cu_rmsnorm_backward(float *dinp, float *dw, const float *dout, const
                                                     (int)smem));
         opted_in = smem;
     }
-    const int chunks = M / 16 < 1 ? 1 : M / 16 > ML_NORM_CHUNKS ? ML_NORM_CHUNKS : M / 16;
+    const int chunks = blocks_of_16(M, ML_NORM_CHUNKS);
     double *part = (double *)ml_ws(WS_REDUCE, sizeof(double) * chunks * C);
     LAUNCH_SMEM("rmsnorm_backward", dim3(chunks), 32 * NORM_ROWS, smem, k_rmsnorm_backward, dinp, part, dout, inp, w,
                 rstd, M, C);

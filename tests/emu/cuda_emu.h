@@ -113,22 +113,26 @@ template <class T> static inline T __shfl_xor_sync(unsigned, T v, int m) {
     return ml_emu_exchange(v, (ml_emu_cur & 31) ^ m);
 }
 template <class T> static inline T __shfl_sync(unsigned, T v, int src) { return ml_emu_exchange(v, src); }
-static inline unsigned __match_any_sync(unsigned, int v) {
+// every lane's v of the calling warp, in lane order, through a warp barrier
+static inline void ml_emu_gather(int v, int all[32]) {
     static int slot[1024];
     slot[ml_emu_cur] = v;
     __syncwarp();
-    unsigned m = 0;
-    for (int l = 0; l < 32; l++) m |= (unsigned)(slot[(ml_emu_cur & ~31) | l] == v) << l;
+    memcpy(all, &slot[ml_emu_cur & ~31], sizeof(int) * 32);
     __syncwarp();
+}
+static inline unsigned __match_any_sync(unsigned, int v) {
+    int all[32];
+    ml_emu_gather(v, all);
+    unsigned m = 0;
+    for (int l = 0; l < 32; l++) m |= (unsigned)(all[l] == v) << l;
     return m;
 }
 static inline unsigned __ballot_sync(unsigned, int pred) {
-    static int slot[1024];
-    slot[ml_emu_cur] = pred != 0;
-    __syncwarp();
+    int all[32];
+    ml_emu_gather(pred != 0, all);
     unsigned m = 0;
-    for (int l = 0; l < 32; l++) m |= (unsigned)slot[(ml_emu_cur & ~31) | l] << l;
-    __syncwarp();
+    for (int l = 0; l < 32; l++) m |= (unsigned)all[l] << l;
     return m;
 }
 // mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 for the calling warp, d += a b: each lane gives its
