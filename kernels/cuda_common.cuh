@@ -48,7 +48,8 @@ extern cublasHandle_t ml_blas; // created by backend_cuda*() (runtime_cuda.cu)
 // the same kernels: launches become calls into it and dynamic shared memory its buffer.
 #ifdef ML_CUDA_EMU
 #define ML_KERNEL_CALL(grid, block, smem, kernel, ...)                                                       \
-    ml_emu_launch(reinterpret_cast<const void *>(&kernel), dim3(grid), (block), (smem), [=] { kernel(__VA_ARGS__); })
+    ml_emu_launch(reinterpret_cast<const void *>(&kernel), dim3(grid), dim3(block), (smem),                      \
+                  [=] { kernel(__VA_ARGS__); })
 #define ML_DYNAMIC_SMEM(type, name) type *name = (type *)ml_emu_smem()
 #else
 #define ML_KERNEL_CALL(grid, block, smem, kernel, ...) kernel<<<(grid), (block), (smem)>>>(__VA_ARGS__)
@@ -79,6 +80,10 @@ struct ml_prof_scope {
     ~ml_prof_scope();
 };
 #define PROF(op) ml_prof_scope prof_scope_(op)
+// Advanced at the start of every table entry but the dense GEMMs and by every write the table makes to memory
+// (alloc, free, memset0, from_host): gemm_cuda.cu keeps an activation's bf16 rounding only within one epoch,
+// so consecutive dense GEMMs on one input (the q, k and v projections) round it once.
+extern unsigned long ml_epoch;
 
 // ---- scratch: numbered slots, sized by prepare() so no step allocates (a slot that must grow later is
 // counted: cuda_alloc_count() shows it) ----

@@ -58,12 +58,31 @@ struct operand {
     cudaDataType_t t;
 };
 
-// activation x (n floats) in the compute precision: itself in fp32, its bf16 rounding in workspace slot
-static operand act(const char *op, const float *x, size_t n, int bf, int slot) {
+// What the activation slots hold: the bf16 rounding of src[0..n) as of epoch (cuda_common.cuh: no table entry
+// other than a dense GEMM, and no write to memory, has run since).
+struct cast_memo {
+    const float *src;
+    size_t n;
+    const void *dst;
+    unsigned long epoch;
+};
+static cast_memo memo[WS_CAST_B + 1];
+// activation x (n floats) in the compute precision: itself in fp32, its bf16 rounding in workspace slot (WS_CAST_A
+// or WS_CAST_B; the dense GEMMs pass reuse = 1: a rounding of x still in the slot is taken as it is)
+static operand act(const char *op, const float *x, size_t n, int bf, int slot, int reuse = 0) {
     if (!bf) return operand{x, CUDA_R_32F};
     bf16 *dst = (bf16 *)ml_ws(slot, sizeof(bf16) * (n ? n : 1));
+    cast_memo *m = slot <= WS_CAST_B ? &memo[slot] : NULL;
+    if (reuse && m && m->src == x && m->n == n && m->dst == dst && m->epoch == ml_epoch)
+        return operand{dst, CUDA_R_16BF};
     ml_cast_bf16(op, dst, x, n);
+    if (m) *m = cast_memo{x, n, dst, ml_epoch};
     return operand{dst, CUDA_R_16BF};
+}
+// a dense GEMM wrote out[0..n): roundings of memory it overlaps are stale
+static void written(const float *out, size_t n) {
+    for (cast_memo &m : memo)
+        if (m.src && m.src < out + n && out < m.src + m.n) m = cast_memo{};
 }
 // weight w (n floats): its bf16 shadow when bound, else rounded into the weight slot
 static operand weight(const char *op, const float *w, size_t n, int bf) {
@@ -92,22 +111,27 @@ template <int BF> static void matmul_forward(float *out, const float *inp, const
     PROF("matmul_forward");
     if (M == 0) return;
     // out(M,N) = inp(M,K) @ w(N,K)^T  <=>  out^T(N,M) = w^T... as column-major: C(N,M) = W^T(N,K) X(K,M)
-    operand W = weight("matmul_forward", w, (size_t)N * K, BF), X = act("matmul_forward", inp, (size_t)M * K, BF, WS_CAST_A);
+    operand W = weight("matmul_forward", w, (size_t)N * K, BF);
+    operand X = act("matmul_forward", inp, (size_t)M * K, BF, WS_CAST_A, 1);
     gemm("matmul_forward", CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, W, K, X, K, 0, out, N);
+    written(out, (size_t)M * N);
 }
 template <int BF>
 static void matmul_backward(float *dinp, float *dw, const float *dout, const float *inp, const float *w, int M, int K,
                             int N) {
     PROF("matmul_backward");
     if (M == 0) return;
-    operand G = act("matmul_backward", dout, (size_t)M * N, BF, WS_CAST_B);
+    // the q, k and v projections share inp: its rounding is made once (act's reuse)
+    operand G = act("matmul_backward", dout, (size_t)M * N, BF, WS_CAST_B, 1);
+    operand X = act("matmul_backward", inp, (size_t)M * K, BF, WS_CAST_A, 1);
     if (dinp) { // dinp(M,K) += dout(M,N) @ w(N,K)
         operand W = weight("matmul_backward", w, (size_t)N * K, BF);
         gemm("matmul_backward", CUBLAS_OP_N, CUBLAS_OP_N, K, M, N, W, K, G, N, 1, dinp, K);
     }
     // dw(N,K) += dout(M,N)^T @ inp(M,K)
-    operand X = act("matmul_backward", inp, (size_t)M * K, BF, WS_CAST_A);
     gemm("matmul_backward", CUBLAS_OP_N, CUBLAS_OP_T, K, N, M, X, K, G, N, 1, dw, K);
+    if (dinp) written(dinp, (size_t)M * K);
+    written(dw, (size_t)N * K);
 }
 
 // ---- grouped (experts) ----

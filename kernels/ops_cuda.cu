@@ -6,17 +6,78 @@
 // in a fixed order, so the same seed gives the same run.
 #include "cuda_common.cuh"
 
+#include <initializer_list>
+
 static unsigned blocks(size_t n, int per = 256) { return ml_blocks(n, per); }
 // blocks that each take about 16 of M rows (or tokens), at least 1 and at most cap
 static int blocks_of_16(int M, int cap) { return M / 16 < 1 ? 1 : M / 16 > cap ? cap : M / 16; }
 
+// Element-wise ops by rows: a launch over rows x groups of V consecutive floats, threadIdx.x walking a row's groups
+// and threadIdx.y the block's rows (a grid-stride loop past 65535 blocks of rows), so no thread divides a 64-bit
+// index per element, and narrow rows (RoPE's 12 groups of 4 at head size 96) share warps instead of leaving lanes
+// idle; V = 4 (16-byte loads and stores) when every row the op touches starts 16-byte aligned, else 1.
+template <int V> struct fvec {
+    float v[V];
+};
+template <int V> __device__ __forceinline__ fvec<V> ldv(const float *p) {
+    fvec<V> r;
+    if constexpr (V == 4) {
+        const float4 f = *(const float4 *)p;
+        r.v[0] = f.x, r.v[1] = f.y, r.v[2] = f.z, r.v[3] = f.w;
+    } else {
+        r.v[0] = *p;
+    }
+    return r;
+}
+template <int V> __device__ __forceinline__ void stv(float *p, const fvec<V> &x) {
+    if constexpr (V == 4)
+        *(float4 *)p = make_float4(x.v[0], x.v[1], x.v[2], x.v[3]);
+    else
+        *p = x.v[0];
+}
+// this thread's first float of its rows (return when past the row's width) and its rows
+#define ROW_COLUMN(c, V, width)                                                                                    \
+    const int c = (blockIdx.x * blockDim.x + threadIdx.x) * (V);                                                  \
+    if (c >= (width)) return
+#define FOR_ROWS(r, rows)                                                                                          \
+    for (size_t r = (size_t)blockIdx.y * blockDim.y + threadIdx.y; r < (size_t)(rows);                            \
+         r += (size_t)gridDim.y * blockDim.y)
+// whether rows of `width` floats at these bases are all 16-byte aligned
+static bool rows16(size_t width, std::initializer_list<const void *> bases) {
+    if (width % 4) return false;
+    for (const void *p : bases)
+        if ((uintptr_t)p % 16) return false;
+    return true;
+}
+// about 256 threads a block: up to 256 groups, the whole row (and as many rows as fit); wider rows split evenly
+// over blocks of multiples of 32 (384 groups: 2 x 192, not 256 + 128)
+static void row_shape(size_t rows, int groups, dim3 *grid, dim3 *block) {
+    if (groups <= 0 || rows == 0) {
+        *grid = dim3(0, 0), *block = dim3(1);
+        return;
+    }
+    int gx = groups, ry = 256 / groups, nb = 1;
+    if (groups > 256) nb = (groups + 255) / 256, gx = ((groups + nb - 1) / nb + 31) / 32 * 32, ry = 1;
+    const size_t yb = (rows + ry - 1) / ry;
+    *grid = dim3(nb, (unsigned)(yb < 65535 ? yb : 65535)), *block = dim3(gx, ry);
+}
+#define ROWS_LAUNCH(op, v4, rows, width, kernel, ...)                                                              \
+    do {                                                                                                           \
+        dim3 grid_, block_;                                                                                        \
+        if (v4) {                                                                                                  \
+            row_shape((rows), (int)((width) / 4), &grid_, &block_);                                               \
+            LAUNCH_SMEM(op, grid_, block_, 0, kernel<4>, __VA_ARGS__);                                             \
+        } else {                                                                                                   \
+            row_shape((rows), (int)(width), &grid_, &block_);                                                      \
+            LAUNCH_SMEM(op, grid_, block_, 0, kernel<1>, __VA_ARGS__);                                             \
+        }                                                                                                          \
+    } while (0)
+
 // ---- embedding ----
 
-__global__ void k_encoder_forward(float *out, const int32_t *tokens, const float *wte, int M, int C) {
-    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-    if (i >= (size_t)M * C) return;
-    int m = (int)(i / C), c = (int)(i % C);
-    out[i] = wte[(size_t)tokens[m] * C + c];
+template <int V> __global__ void k_encoder_forward(float *out, const int32_t *tokens, const float *wte, int M, int C) {
+    ROW_COLUMN(c, V, C);
+    FOR_ROWS(m, M) stv<V>(out + m * C + c, ldv<V>(wte + (size_t)tokens[m] * C + c));
 }
 // dwte[tokens[m]] += dout[m] for every m, in m order per element (the CPU's order). A block per share of the
 // vocabulary (token ids equal to blockIdx.x modulo gridDim.x; about 16 tokens a share): it walks the tokens 256
@@ -46,7 +107,7 @@ __global__ void __launch_bounds__(ENC_THREADS) k_encoder_backward(float *dwte, c
 }
 static void cu_encoder_forward(float *out, const int32_t *tokens, const float *wte, int M, int C) {
     PROF("encoder_forward");
-    LAUNCH("encoder_forward", blocks((size_t)M * C), 256, k_encoder_forward, out, tokens, wte, M, C);
+    ROWS_LAUNCH("encoder_forward", rows16(C, {out, wte}), M, C, k_encoder_forward, out, tokens, wte, M, C);
 }
 static void cu_encoder_backward(float *dwte, const float *dout, const int32_t *tokens, int M, int C) {
     PROF("encoder_backward");
@@ -144,68 +205,99 @@ static void cu_rmsnorm_backward(float *dinp, float *dw, const float *dout, const
 
 // ---- RoPE ----
 
+// a row per (b, t, head), a group of V rotation pairs (p, p + hd/2) per thread
+template <int V>
 __global__ void k_rope(float *out, const float *inp, const float *cs, const float *sn, int B, int T, int nh, int hd,
                        int backward) {
     const int half = hd / 2;
-    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x, n = (size_t)B * T * nh * half;
-    if (i >= n) return;
-    int p = (int)(i % half);
-    size_t row = i / half; // (b, t, h)
-    int t = (int)(row / nh % T);
-    const float *x = inp + row * hd;
-    float *o = out + row * hd;
-    float c = cs[(size_t)t * half + p], s = sn[(size_t)t * half + p], x1 = x[p], x2 = x[p + half];
-    if (!backward) {
-        o[p] = x1 * c - x2 * s;
-        o[p + half] = x2 * c + x1 * s;
-    } else {
-        o[p] += x1 * c + x2 * s;
-        o[p + half] += x2 * c - x1 * s;
+    ROW_COLUMN(p, V, half);
+    FOR_ROWS(row, (size_t)B * T * nh) {
+        const size_t t = row / nh % T; // once per row
+        const fvec<V> c = ldv<V>(cs + t * half + p), s = ldv<V>(sn + t * half + p);
+        const fvec<V> x1 = ldv<V>(inp + row * hd + p), x2 = ldv<V>(inp + row * hd + p + half);
+        float *o = out + row * hd + p;
+        fvec<V> o1, o2;
+        if (!backward) {
+#pragma unroll
+            for (int j = 0; j < V; j++)
+                o1.v[j] = x1.v[j] * c.v[j] - x2.v[j] * s.v[j], o2.v[j] = x2.v[j] * c.v[j] + x1.v[j] * s.v[j];
+        } else {
+            o1 = ldv<V>(o), o2 = ldv<V>(o + half);
+#pragma unroll
+            for (int j = 0; j < V; j++)
+                o1.v[j] += x1.v[j] * c.v[j] + x2.v[j] * s.v[j], o2.v[j] += x2.v[j] * c.v[j] - x1.v[j] * s.v[j];
+        }
+        stv<V>(o, o1), stv<V>(o + half, o2);
     }
 }
 static void cu_rope_forward(float *out, const float *inp, const float *cs, const float *sn, int B, int T, int nh, int hd) {
     PROF("rope_forward");
-    LAUNCH("rope_forward", blocks((size_t)B * T * nh * (hd / 2)), 256, k_rope, out, inp, cs, sn, B, T, nh, hd, 0);
+    ROWS_LAUNCH("rope_forward", rows16(hd / 2, {out, inp, cs, sn}), (size_t)B * T * nh, hd / 2, k_rope, out, inp, cs,
+                sn, B, T, nh, hd, 0);
 }
 static void cu_rope_backward(float *dinp, const float *dout, const float *cs, const float *sn, int B, int T, int nh,
                              int hd) {
     PROF("rope_backward");
-    LAUNCH("rope_backward", blocks((size_t)B * T * nh * (hd / 2)), 256, k_rope, dinp, dout, cs, sn, B, T, nh, hd, 1);
+    ROWS_LAUNCH("rope_backward", rows16(hd / 2, {dinp, dout, cs, sn}), (size_t)B * T * nh, hd / 2, k_rope, dinp, dout,
+                cs, sn, B, T, nh, hd, 1);
 }
 
 // ---- SwiGLU, add ----
 
-__global__ void k_swiglu_forward(float *out, const float *h, int M, int F) {
-    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-    if (i >= (size_t)M * F) return;
-    size_t m = i / F, f = i % F;
-    float g = h[m * 2 * F + f], u = h[m * 2 * F + F + f];
-    out[i] = g / (1 + expf(-g)) * u;
+// h rows are [gate (F) | up (F)]
+template <int V> __global__ void k_swiglu_forward(float *out, const float *h, int M, int F) {
+    ROW_COLUMN(f, V, F);
+    FOR_ROWS(m, M) {
+        const fvec<V> g = ldv<V>(h + m * 2 * F + f), u = ldv<V>(h + m * 2 * F + F + f);
+        fvec<V> o;
+#pragma unroll
+        for (int j = 0; j < V; j++) o.v[j] = g.v[j] / (1 + expf(-g.v[j])) * u.v[j];
+        stv<V>(out + m * F + f, o);
+    }
 }
-__global__ void k_swiglu_backward(float *dh, const float *dout, const float *h, int M, int F) {
-    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-    if (i >= (size_t)M * F) return;
-    size_t m = i / F, f = i % F;
-    float g = h[m * 2 * F + f], u = h[m * 2 * F + F + f], d = dout[i];
-    float sig = 1 / (1 + expf(-g));
-    dh[m * 2 * F + F + f] += d * g * sig;
-    dh[m * 2 * F + f] += d * u * sig * (1 + g * (1 - sig));
+template <int V> __global__ void k_swiglu_backward(float *dh, const float *dout, const float *h, int M, int F) {
+    ROW_COLUMN(f, V, F);
+    FOR_ROWS(m, M) {
+        const fvec<V> g = ldv<V>(h + m * 2 * F + f), u = ldv<V>(h + m * 2 * F + F + f), d = ldv<V>(dout + m * F + f);
+        fvec<V> dg = ldv<V>(dh + m * 2 * F + f), du = ldv<V>(dh + m * 2 * F + F + f);
+#pragma unroll
+        for (int j = 0; j < V; j++) {
+            const float sig = 1 / (1 + expf(-g.v[j]));
+            du.v[j] += d.v[j] * g.v[j] * sig;
+            dg.v[j] += d.v[j] * u.v[j] * sig * (1 + g.v[j] * (1 - sig));
+        }
+        stv<V>(dh + m * 2 * F + f, dg), stv<V>(dh + m * 2 * F + F + f, du);
+    }
 }
+// out = a + b: four elements a thread when all three are 16-byte aligned (the n % 4 last one a thread), else one
 __global__ void k_add(float *out, const float *a, const float *b, size_t n) {
     size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
     if (i < n) out[i] = a[i] + b[i];
 }
+__global__ void k_add_x4(float *out, const float *a, const float *b, size_t n) {
+    const size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x, n4 = n / 4;
+    if (i < n4) {
+        const float4 x = ((const float4 *)a)[i], y = ((const float4 *)b)[i];
+        ((float4 *)out)[i] = make_float4(x.x + y.x, x.y + y.y, x.z + y.z, x.w + y.w);
+    } else if (i - n4 < n % 4) {
+        const size_t e = 4 * n4 + (i - n4);
+        out[e] = a[e] + b[e];
+    }
+}
 static void cu_swiglu_forward(float *out, const float *h, int M, int F) {
     PROF("swiglu_forward");
-    LAUNCH("swiglu_forward", blocks((size_t)M * F), 256, k_swiglu_forward, out, h, M, F);
+    ROWS_LAUNCH("swiglu_forward", rows16(F, {out, h}), M, F, k_swiglu_forward, out, h, M, F);
 }
 static void cu_swiglu_backward(float *dh, const float *dout, const float *h, int M, int F) {
     PROF("swiglu_backward");
-    LAUNCH("swiglu_backward", blocks((size_t)M * F), 256, k_swiglu_backward, dh, dout, h, M, F);
+    ROWS_LAUNCH("swiglu_backward", rows16(F, {dh, dout, h}), M, F, k_swiglu_backward, dh, dout, h, M, F);
 }
 static void cu_add_forward(float *out, const float *a, const float *b, size_t n) {
     PROF("add_forward");
-    LAUNCH("add_forward", blocks(n), 256, k_add, out, a, b, n);
+    if (rows16(4, {out, a, b}))
+        LAUNCH("add_forward", blocks(n / 4 + n % 4), 256, k_add_x4, out, a, b, n);
+    else
+        LAUNCH("add_forward", blocks(n), 256, k_add, out, a, b, n);
 }
 
 // ---- router (one thread per token, the CPU's exact rules: ties go to the lower index) ----
@@ -628,45 +720,64 @@ static void cu_capacity_route(int32_t *route, const int32_t *idx, const float *p
 
 // ---- permute / unpermute ----
 
+// rows of C floats: xe's row slot[m k + j] is inp's row m (choices dropped: slot -1)
+template <int V>
 __global__ void k_permute_forward(float *xe, const float *inp, const int32_t *slot, int M, int k, int C) {
-    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-    if (i >= (size_t)M * k * C) return;
-    size_t mj = i / C;
-    int r = slot[mj], c = (int)(i % C);
-    if (r >= 0) xe[(size_t)r * C + c] = inp[(mj / k) * C + c];
-}
-__global__ void k_permute_backward(float *dinp, const float *dxe, const int32_t *slot, int M, int k, int C) {
-    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-    if (i >= (size_t)M * C) return;
-    size_t m = i / C;
-    int c = (int)(i % C);
-    float acc = 0;
-    for (int j = 0; j < k; j++) {
-        int r = slot[m * k + j];
-        if (r >= 0) acc += dxe[(size_t)r * C + c];
+    ROW_COLUMN(c, V, C);
+    FOR_ROWS(mj, (size_t)M * k) {
+        const int r = slot[mj];
+        if (r >= 0) stv<V>(xe + (size_t)r * C + c, ldv<V>(inp + mj / k * C + c));
     }
-    dinp[i] += acc;
 }
+template <int V>
+__global__ void k_permute_backward(float *dinp, const float *dxe, const int32_t *slot, int M, int k, int C) {
+    ROW_COLUMN(c, V, C);
+    FOR_ROWS(m, M) {
+        fvec<V> acc{};
+        for (int j = 0; j < k; j++) {
+            const int r = slot[m * k + j];
+            if (r < 0) continue;
+            const fvec<V> x = ldv<V>(dxe + (size_t)r * C + c);
+#pragma unroll
+            for (int i = 0; i < V; i++) acc.v[i] += x.v[i];
+        }
+        fvec<V> d = ldv<V>(dinp + m * C + c);
+#pragma unroll
+        for (int i = 0; i < V; i++) d.v[i] += acc.v[i];
+        stv<V>(dinp + m * C + c, d);
+    }
+}
+template <int V>
 __global__ void k_unpermute_forward(float *out, const float *ye, const float *gate, const int32_t *slot, int M, int k,
                                     int C) {
-    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-    if (i >= (size_t)M * C) return;
-    size_t m = i / C;
-    int c = (int)(i % C);
-    float acc = out[i];
-    for (int j = 0; j < k; j++) {
-        int r = slot[m * k + j];
-        if (r >= 0) acc += gate[m * k + j] * ye[(size_t)r * C + c];
+    ROW_COLUMN(c, V, C);
+    FOR_ROWS(m, M) {
+        fvec<V> acc = ldv<V>(out + m * C + c);
+        for (int j = 0; j < k; j++) {
+            const int r = slot[m * k + j];
+            if (r < 0) continue;
+            const float gj = gate[m * k + j];
+            const fvec<V> y = ldv<V>(ye + (size_t)r * C + c);
+#pragma unroll
+            for (int i = 0; i < V; i++) acc.v[i] += gj * y.v[i];
+        }
+        stv<V>(out + m * C + c, acc);
     }
-    out[i] = acc;
 }
+template <int V>
 __global__ void k_unpermute_backward_dye(float *dye, const float *dout, const float *gate, const int32_t *slot, int M,
                                          int k, int C) {
-    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-    if (i >= (size_t)M * k * C) return;
-    size_t mj = i / C;
-    int r = slot[mj], c = (int)(i % C);
-    if (r >= 0) dye[(size_t)r * C + c] += gate[mj] * dout[(mj / k) * C + c];
+    ROW_COLUMN(c, V, C);
+    FOR_ROWS(mj, (size_t)M * k) {
+        const int r = slot[mj];
+        if (r < 0) continue;
+        const float gj = gate[mj];
+        const fvec<V> d = ldv<V>(dout + mj / k * C + c);
+        fvec<V> y = ldv<V>(dye + (size_t)r * C + c);
+#pragma unroll
+        for (int i = 0; i < V; i++) y.v[i] += gj * d.v[i];
+        stv<V>(dye + (size_t)r * C + c, y);
+    }
 }
 __global__ void k_unpermute_backward_dgate(float *dgate, const float *dout, const float *ye, const int32_t *slot, int M,
                                            int k, int C) {
@@ -681,66 +792,109 @@ __global__ void k_unpermute_backward_dgate(float *dgate, const float *dout, cons
 }
 static void cu_permute_forward(float *xe, const float *inp, const int32_t *slot, int M, int k, int C) {
     PROF("permute_forward");
-    LAUNCH("permute_forward", blocks((size_t)M * k * C), 256, k_permute_forward, xe, inp, slot, M, k, C);
+    ROWS_LAUNCH("permute_forward", rows16(C, {xe, inp}), (size_t)M * k, C, k_permute_forward, xe, inp, slot, M, k, C);
 }
 static void cu_permute_backward(float *dinp, const float *dxe, const int32_t *slot, int M, int k, int C) {
     PROF("permute_backward");
-    LAUNCH("permute_backward", blocks((size_t)M * C), 256, k_permute_backward, dinp, dxe, slot, M, k, C);
+    ROWS_LAUNCH("permute_backward", rows16(C, {dinp, dxe}), M, C, k_permute_backward, dinp, dxe, slot, M, k, C);
 }
 static void cu_unpermute_forward(float *out, const float *ye, const float *gate, const int32_t *slot, int M, int k,
                                  int C) {
     PROF("unpermute_forward");
-    LAUNCH("unpermute_forward", blocks((size_t)M * C), 256, k_unpermute_forward, out, ye, gate, slot, M, k, C);
+    ROWS_LAUNCH("unpermute_forward", rows16(C, {out, ye}), M, C, k_unpermute_forward, out, ye, gate, slot, M, k, C);
 }
 static void cu_unpermute_backward(float *dye, float *dgate, const float *dout, const float *ye, const float *gate,
                                   const int32_t *slot, int M, int k, int C) {
     PROF("unpermute_backward");
-    LAUNCH("unpermute_backward", blocks((size_t)M * k * C), 256, k_unpermute_backward_dye, dye, dout, gate, slot, M, k,
-           C);
+    ROWS_LAUNCH("unpermute_backward", rows16(C, {dye, dout}), (size_t)M * k, C, k_unpermute_backward_dye, dye, dout,
+                gate, slot, M, k, C);
     LAUNCH("unpermute_backward", M * k, RBLOCK, k_unpermute_backward_dgate, dgate, dout, ye, slot, M, k, C);
 }
 
 // ---- cross-entropy (one block per row) ----
 
-__device__ float row_max(const float *l, int V, float *shared) {
-    float mx = -INFINITY;
-    for (int i = threadIdx.x; i < V; i += blockDim.x) mx = fmaxf(mx, l[i]);
-    return block_max(mx, shared);
+// one element of a row into this thread's running (max m, sum s of exp(x - m)): the sum is rescaled when the
+// maximum grows, so the row is read once for both (-inf logits add nothing)
+__device__ __forceinline__ void online_add(float &m, float &s, float x) {
+    if (x > m) {
+        s = s * expf(m - x) + 1, m = x; // expf(-inf) = 0 for the first element
+    } else if (x != -INFINITY) {
+        s += expf(x - m);
+    }
 }
-
+// the row's maximum and sum of exp(l - max), combined over the block in a fixed order; rows of V4 groups of
+// four floats (16-byte aligned) or single floats
+template <int V4> __device__ void row_stats(const float *l, int V, float *shf, double *shd, float *mx, double *sum) {
+    float m = -INFINITY, s = 0;
+    if (V4) {
+        for (int i = threadIdx.x; i < V / 4; i += blockDim.x) {
+            const float4 x = ((const float4 *)l)[i];
+            online_add(m, s, x.x), online_add(m, s, x.y), online_add(m, s, x.z), online_add(m, s, x.w);
+        }
+    } else {
+        for (int i = threadIdx.x; i < V; i += blockDim.x) online_add(m, s, l[i]);
+    }
+    *mx = block_max(m, shf);
+    *sum = block_sum((double)(m == -INFINITY ? 0.f : s * expf(m - *mx)), shd);
+}
+template <int V4>
 __global__ void k_crossentropy_forward(float *losses, const float *logits, const int32_t *targets, int V) {
     __shared__ float shf[RBLOCK];
     __shared__ double shd[RBLOCK];
     const float *l = logits + (size_t)blockIdx.x * V;
-    const float mx = row_max(l, V, shf);
-    double sum = 0;
-    for (int i = threadIdx.x; i < V; i += blockDim.x) sum += expf(l[i] - mx);
-    sum = block_sum(sum, shd);
+    float mx;
+    double sum;
+    row_stats<V4>(l, V, shf, shd, &mx, &sum);
     if (threadIdx.x == 0) losses[blockIdx.x] = (float)(log(sum) + mx - l[targets[blockIdx.x]]);
 }
+// dlogits += scale (softmax(l) - onehot(target)): the statistics in one read of the row, then one pass that
+// reads it again and adds into dlogits
+template <int V4>
 __global__ void k_crossentropy_backward(float *dlogits, const float *logits, const int32_t *targets, float scale, int V) {
     __shared__ float shf[RBLOCK];
+    __shared__ double shd[RBLOCK];
     const float *l = logits + (size_t)blockIdx.x * V;
     float *d = dlogits + (size_t)blockIdx.x * V;
-    const float mx = row_max(l, V, shf);
-    float sum = 0;
-    for (int i = threadIdx.x; i < V; i += blockDim.x) sum += expf(l[i] - mx);
-    sum = block_sum(sum, shf);
-    const float inv = scale / sum;
+    float mx;
+    double sum;
+    row_stats<V4>(l, V, shf, shd, &mx, &sum);
+    const float inv = (float)(scale / sum);
     const int tgt = targets[blockIdx.x];
-    for (int i = threadIdx.x; i < V; i += blockDim.x) { // the target's thread subtracts: one writer per element
-        d[i] += expf(l[i] - mx) * inv;
-        if (i == tgt) d[i] -= scale;
+    if (V4) {
+        for (int i = threadIdx.x; i < V / 4; i += blockDim.x) {
+            const float4 x = ((const float4 *)l)[i];
+            float4 g = ((float4 *)d)[i];
+            g.x += expf(x.x - mx) * inv, g.y += expf(x.y - mx) * inv, g.z += expf(x.z - mx) * inv;
+            g.w += expf(x.w - mx) * inv;
+            if (tgt / 4 == i) { // the target's thread subtracts: one writer per element
+                const int r = tgt % 4;
+                g.x -= r == 0 ? scale : 0.f, g.y -= r == 1 ? scale : 0.f, g.z -= r == 2 ? scale : 0.f;
+                g.w -= r == 3 ? scale : 0.f;
+            }
+            ((float4 *)d)[i] = g;
+        }
+    } else {
+        for (int i = threadIdx.x; i < V; i += blockDim.x) {
+            d[i] += expf(l[i] - mx) * inv;
+            if (i == tgt) d[i] -= scale;
+        }
     }
 }
+static bool rows_of_4(int V, const void *a, const void *b) { return V % 4 == 0 && (uintptr_t)a % 16 == 0 && (uintptr_t)b % 16 == 0; }
 static void cu_crossentropy_forward(float *losses, const float *logits, const int32_t *targets, int M, int V) {
     PROF("crossentropy_forward");
-    LAUNCH("crossentropy_forward", M, RBLOCK, k_crossentropy_forward, losses, logits, targets, V);
+    if (rows_of_4(V, logits, logits))
+        LAUNCH("crossentropy_forward", M, RBLOCK, k_crossentropy_forward<1>, losses, logits, targets, V);
+    else
+        LAUNCH("crossentropy_forward", M, RBLOCK, k_crossentropy_forward<0>, losses, logits, targets, V);
 }
 static void cu_crossentropy_backward(float *dlogits, const float *logits, const int32_t *targets, float scale, int M,
                                      int V) {
     PROF("crossentropy_backward");
-    LAUNCH("crossentropy_backward", M, RBLOCK, k_crossentropy_backward, dlogits, logits, targets, scale, V);
+    if (rows_of_4(V, logits, dlogits))
+        LAUNCH("crossentropy_backward", M, RBLOCK, k_crossentropy_backward<1>, dlogits, logits, targets, scale, V);
+    else
+        LAUNCH("crossentropy_backward", M, RBLOCK, k_crossentropy_backward<0>, dlogits, logits, targets, scale, V);
 }
 
 // ---- AdamW, sum of squares ----

@@ -140,6 +140,7 @@ static void offsets_init(void) {
 
 static void *cu_alloc(size_t bytes) {
     void *p = NULL;
+    ml_epoch++; // a new buffer may reuse a freed one's address
     if (cudaMalloc(&p, bytes ? bytes : 64) != cudaSuccess) {
         cudaGetLastError(); // out of memory: the model reports it
         return NULL;
@@ -158,6 +159,7 @@ static void cu_free(void *p) {
     CK("free", cudaFree(p));
 }
 static void cu_memset0(void *p, size_t bytes) {
+    ml_epoch++;
     CK("memset0", cudaMemsetAsync(p, 0, bytes));
     shadow_refresh("memset0", (const float *)p, bytes / sizeof(float), 1);
     offsets_forget(p, bytes);
@@ -166,6 +168,7 @@ static void cu_to_host(void *host, const void *src, size_t bytes) {
     CK("to_host", cudaMemcpy(host, src, bytes, cudaMemcpyDeviceToHost));
 }
 static void cu_from_host(void *dst, const void *host, size_t bytes) {
+    ml_epoch++;
     CK("from_host", cudaMemcpy(dst, host, bytes, cudaMemcpyHostToDevice));
     shadow_refresh("from_host", (const float *)dst, bytes / sizeof(float), 0);
     offsets_forget(dst, bytes);
@@ -235,7 +238,9 @@ static cudaEvent_t prof_start[PROF_PAIRS], prof_end[PROF_PAIRS];
 static const char *prof_name[PROF_PAIRS];
 static int prof_on, prof_n, prof_created;
 
+unsigned long ml_epoch;
 ml_prof_scope::ml_prof_scope(const char *op) : slot(-1) {
+    if (strcmp(op, "matmul_forward") && strcmp(op, "matmul_backward")) ml_epoch++;
     if (!prof_on || prof_n >= PROF_PAIRS) return;
     slot = prof_n++;
     prof_name[slot] = op;

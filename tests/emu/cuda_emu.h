@@ -38,22 +38,24 @@
 #define __host__
 #define __forceinline__
 #define __shared__ static
-#define __align__(n)
+#define __align__(n) __attribute__((aligned(n)))
 #define __launch_bounds__(...)
 
-struct float4 {
+// the vector types with CUDA's alignment: a misaligned vector access faults on a GPU, and here UBSan's alignment
+// check (tests/meson.build) stops the emulator with the line
+struct alignas(16) float4 {
     float x, y, z, w;
 };
 static inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
-struct float2 {
+struct alignas(8) float2 {
     float x, y;
 };
 static inline float2 make_float2(float x, float y) { return float2{x, y}; }
-struct uint4 {
+struct alignas(16) uint4 {
     unsigned x, y, z, w;
 };
 static inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
-struct uint2 {
+struct alignas(8) uint2 {
     unsigned x, y;
 };
 static inline uint2 make_uint2(unsigned x, unsigned y) { return uint2{x, y}; }
@@ -91,7 +93,7 @@ extern int ml_emu_cur;                    // the running thread of the block
 const ml_emu_idx &ml_emu_thread_idx(void); // its threadIdx
 #define threadIdx (ml_emu_thread_idx())
 
-void ml_emu_launch(const void *kernel, dim3 grid, int block, size_t smem, std::function<void()> body);
+void ml_emu_launch(const void *kernel, dim3 grid, dim3 block, size_t smem, std::function<void()> body);
 unsigned char *ml_emu_smem(void);
 // 0 ascending, 1 descending, 2 random (seeded); 3 and 4: a warp at a time (ascending, descending warps) until it
 // waits at __syncthreads or ends, so one warp runs far ahead of the others

@@ -16,6 +16,11 @@
 #include "cuda_emu.h"
 
 ml_emu_idx blockIdx, gridDim, blockDim;
+// the threadIdx of the block's i-th thread (x fastest, as warps are formed)
+static ml_emu_idx thread_idx(int i) {
+    const unsigned u = (unsigned)i;
+    return {u % blockDim.x, u / blockDim.x % blockDim.y, u / (blockDim.x * blockDim.y)};
+}
 int ml_emu_cur;
 
 namespace {
@@ -63,7 +68,7 @@ void run_block_fibers(int n) {
         fibers[i].ctx.uc_link = nullptr;
         makecontext(&fibers[i].ctx, entry, 0);
         fibers[i].state = RUN, fibers[i].started = 0;
-        fibers[i].idx = {(unsigned)i, 0, 0};
+        fibers[i].idx = thread_idx(i);
     }
     std::vector<int> seq(n);
     for (;;) {
@@ -114,7 +119,7 @@ void run_block_fibers(int n) {
 
 void run_block_direct(int n) {
     for (int i = 0; i < n; i++) {
-        fibers[i].idx = {(unsigned)i, 0, 0};
+        fibers[i].idx = thread_idx(i);
         ml_emu_cur = i;
         (*body)();
     }
@@ -184,9 +189,11 @@ void ml_emu_barrier(int kind) {
     if (!_setjmp(f->jb)) _longjmp(scheduler, 1);
 }
 
-void ml_emu_launch(const void *kernel, dim3 grid, int block, size_t smem, std::function<void()> fn) {
-    if (block < 1 || block > 1024) {
-        fprintf(stderr, "cuda_emu: launch with %d threads per block\n", block);
+void ml_emu_launch(const void *kernel, dim3 grid, dim3 block_dim, size_t smem, std::function<void()> fn) {
+    const int block = (int)(block_dim.x * block_dim.y * block_dim.z);
+    if (block < 1 || block > 1024 || block_dim.z > 64) {
+        fprintf(stderr, "cuda_emu: launch with %u x %u x %u threads per block\n", block_dim.x, block_dim.y,
+                block_dim.z);
         exit(5);
     }
     if (smem > 48 * 1024 && smem > smem_attr[kernel]) {
@@ -203,7 +210,7 @@ void ml_emu_launch(const void *kernel, dim3 grid, int block, size_t smem, std::f
         exit(5);
     }
     body = &fn;
-    blockDim = {(unsigned)block, 1, 1}, gridDim = {grid.x, grid.y, grid.z};
+    blockDim = {block_dim.x, block_dim.y, block_dim.z}, gridDim = {grid.x, grid.y, grid.z};
     smem_size = smem;
     smem_buf = (unsigned char *)aligned_alloc(256, (smem + CANARY + 255) / 256 * 256);
     for (unsigned z = 0; z < grid.z; z++)
