@@ -31,6 +31,11 @@ typedef struct ml_backend {
     void *(*alloc)(size_t bytes);
     void (*free)(void *p);
     void (*memset0)(void *p, size_t bytes);
+    /* optional (NULL: memset0 does it): zero [p, p + bytes) later, when the next grouped_matmul_backward whose dw is
+     * exactly this range writes it whole (its products written, not added; empty experts zeroed), so an experts'
+     * weight gradient is written once per step instead of zeroed, read and written. Any other use of such a range
+     * through the table (copies, memset0, sumsq, adamw_update; free: of any memory) zeroes it first. */
+    void (*zero_deferred)(void *p, size_t bytes);
     void (*to_host)(void *host, const void *src, size_t bytes);
     void (*from_host)(void *dst, const void *host, size_t bytes);
     void (*sync)(void);

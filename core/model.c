@@ -706,7 +706,29 @@ void model_backward(ml_model *m, float loss_scale) {
 
 /* ---------------------------------------------------------------- optimizer */
 
-void model_zero_grad(ml_model *m) { m->be->memset0(m->grads, sizeof(float) * m->nparams); }
+/* Zeroes the gradients. Where the backend defers zeroing (zero_deferred), the experts' weight gradients (most
+ * of a MoE model's parameters) are left to the grouped backward that writes them whole; the runs of other
+ * tensors between them are zeroed now. */
+void model_zero_grad(ml_model *m) {
+    const ml_backend *be = m->be;
+    if (!be->zero_deferred) {
+        be->memset0(m->grads, sizeof(float) * m->nparams);
+        return;
+    }
+    size_t run = 0; /* the first float not yet zeroed or deferred (tensors lie in the arena in offset order) */
+    for (int i = 0; i < m->ntensors; i++) {
+        const ml_tensor *x = &m->tensors[i];
+        const float *g = m->grads + x->offset;
+        int expert = 0;
+        for (int l = 0; l < m->L && !expert; l++)
+            expert = g == m->g.block[l].expert_w13 || g == m->g.block[l].expert_w2;
+        if (!expert) continue;
+        if (x->offset > run) be->memset0(m->grads + run, sizeof(float) * (x->offset - run));
+        be->zero_deferred(m->grads + x->offset, sizeof(float) * x->numel);
+        run = x->offset + x->numel;
+    }
+    if (m->nparams > run) be->memset0(m->grads + run, sizeof(float) * (m->nparams - run));
+}
 
 void model_begin_step(ml_model *m, uint64_t tokens_seen) {
     m->tokens_seen = tokens_seen;

@@ -85,6 +85,11 @@ struct ml_prof_scope {
 // so consecutive dense GEMMs on one input (the q, k and v projections) round it once.
 extern unsigned long ml_epoch;
 
+// ---- zeroing deferred to the op that writes a range whole (runtime_cuda.cu) ----
+int ml_deferred_zero_take(const void *p, size_t bytes); // 1: [p, p + bytes) was deferred whole, now the caller's
+// zero now the deferred ranges that overlap [p, p + bytes) (p NULL: all of them)
+void ml_deferred_zero_complete(const char *op, const void *p, size_t bytes);
+
 // ---- scratch: numbered slots, sized by prepare() so no step allocates (a slot that must grow later is
 // counted: cuda_alloc_count() shows it) ----
 enum { WS_CAST_A, WS_CAST_B, WS_CAST_W, WS_REDUCE, WS_DISPATCH, WS_CAPACITY, WS_GROUPED_OUT, WS_ATTN, WS_ATTN_DS,

@@ -15,6 +15,9 @@
 // would leave a hot expert's few blocks running long after the rest when routing collapses (the regime moelab
 // studies): experts with at least ml_expert_wgrad_hot_rows rows leave the kernel at once and take one
 // cublasGemmEx each instead (bf16 inputs, fp32 output accumulated in place: taken outside the grouped call).
+// `fresh` (dw holds no gradient yet: its zeroing was deferred, runtime_cuda.cu's zero_deferred): the sums are
+// written, not added, and empty experts' tiles written as zeros, so dw is written once instead of zeroed, read
+// and written.
 #include "mma_sm80.cuh"
 
 int ml_expert_wgrad_hot_rows = 2048; // a test hook moves it
@@ -40,12 +43,12 @@ __device__ __forceinline__ void wg_load(bf16 *dst, const bf16 *src, int row0, in
 
 __global__ void __launch_bounds__(WG_THREADS) k_expert_wgrad(float *dw, const bf16 *dout, const bf16 *inp,
                                                              const int32_t *offsets, int N, int K, int tiles_n,
-                                                             int tiles_k, int hot_rows) {
+                                                             int tiles_k, int hot_rows, int fresh) {
     ML_DYNAMIC_SMEM(bf16, smem);
     const int per_expert = tiles_n * tiles_k, e = blockIdx.x / per_expert, tile = blockIdx.x % per_expert;
     const int lo = offsets[e], rows = offsets[e + 1] - lo;
-    // block-uniform: an empty expert's gradient is not touched; a hot one's is cuBLAS's (ml_expert_wgrad)
-    if (rows <= 0 || rows >= hot_rows) return;
+    // block-uniform: an empty expert's gradient is not touched (zeroed when fresh); a hot one's is cuBLAS's
+    if (rows >= hot_rows || (rows <= 0 && !fresh)) return;
     const int n0 = tile / tiles_k * WG_BN, k0 = tile % tiles_k * WG_BK;
     const int warp = threadIdx.x / 32, l = threadIdx.x % 32, wn = warp / 2 * 32, wk = warp % 2 * 64;
     const bf16 *g = dout + (size_t)lo * N, *x = inp + (size_t)lo * K;
@@ -53,9 +56,9 @@ __global__ void __launch_bounds__(WG_THREADS) k_expert_wgrad(float *dw, const bf
     float acc[2][8][4]; // [16-row slab along N][8-column slab along K][C fragment]
     warp_tile_zero(acc);
 
-    const int chunks = (rows + WG_BT - 1) / WG_BT;
-    wg_load(smem, g, 0, rows, n0, N, N);
-    wg_load(smem + WG_BT * WG_LD, x, 0, rows, k0, K, K);
+    const int chunks = rows > 0 ? (rows + WG_BT - 1) / WG_BT : 0; // (block-uniform)
+    if (chunks) wg_load(smem, g, 0, rows, n0, N, N);
+    if (chunks) wg_load(smem + WG_BT * WG_LD, x, 0, rows, k0, K, K);
     cp_async_commit();
     for (int ch = 0; ch < chunks; ch++) {
         bf16 *gs = smem + (ch & 1) * WG_STAGE, *xs = gs + WG_BT * WG_LD;
@@ -83,27 +86,31 @@ __global__ void __launch_bounds__(WG_THREADS) k_expert_wgrad(float *dw, const bf
         __syncthreads(); // every warp is done with this stage before the next iteration refills it
     }
 
-    if (n0 + wn < N && k0 + wk < K) // (K even) the warp's part of dw += its sums
-        warp_tile_store<true>(dw + (size_t)e * N * K + (size_t)(n0 + wn) * K + k0 + wk, acc, K, N - (n0 + wn),
-                              K - (k0 + wk));
+    if (n0 + wn < N && k0 + wk < K) { // (K even) the warp's part of dw += its sums (= when fresh)
+        float *d = dw + (size_t)e * N * K + (size_t)(n0 + wn) * K + k0 + wk;
+        if (fresh)
+            warp_tile_store<false>(d, acc, K, N - (n0 + wn), K - (k0 + wk));
+        else
+            warp_tile_store<true>(d, acc, K, N - (n0 + wn), K - (k0 + wk));
+    }
 }
 
 // dw_e += dout_e^T inp_e for the E experts (dout: rows x N, inp: rows x K, bf16; offsets on the device and the
-// host's copy of them)
+// host's copy of them); fresh: dw_e = dout_e^T inp_e, zeros for empty experts
 void ml_expert_wgrad(const char *op, float *dw, const bf16 *dout, const bf16 *inp, const int32_t *offsets,
-                     const int32_t *offsets_host, int E, int N, int K) {
+                     const int32_t *offsets_host, int E, int N, int K, int fresh) {
     if (N % 8 || K % 8) ml_cuda_die(op, "the experts' weight-gradient kernel needs N and K multiples of 8");
     const int tiles_n = (N + WG_BN - 1) / WG_BN, tiles_k = (K + WG_BK - 1) / WG_BK;
     const long long blocks = (long long)E * tiles_n * tiles_k;
     if (blocks > 0x7fffffff) ml_cuda_die(op, "too many weight-gradient tiles");
     LAUNCH_SMEM(op, dim3((unsigned)blocks), WG_THREADS, wg_smem, k_expert_wgrad, dw, dout, inp, offsets, N, K, tiles_n,
-                tiles_k, ml_expert_wgrad_hot_rows);
-    const float one = 1;
+                tiles_k, ml_expert_wgrad_hot_rows, fresh);
+    const float one = 1, beta = fresh ? 0.f : 1.f;
     for (int e = 0; e < E; e++) { // dw_e as K x N column-major += inp_e (K x rows) dout_e^T (rows x N)
         const int lo = offsets_host[e], rows = offsets_host[e + 1] - lo;
         if (rows < ml_expert_wgrad_hot_rows) continue;
         BK(op, cublasGemmEx(ml_blas, CUBLAS_OP_N, CUBLAS_OP_T, K, N, rows, &one, inp + (size_t)lo * K, CUDA_R_16BF, K,
-                            dout + (size_t)lo * N, CUDA_R_16BF, N, &one, dw + (size_t)e * N * K, CUDA_R_32F, K,
+                            dout + (size_t)lo * N, CUDA_R_16BF, N, &beta, dw + (size_t)e * N * K, CUDA_R_32F, K,
                             CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
     }
 }

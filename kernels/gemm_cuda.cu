@@ -19,7 +19,7 @@
 
 void ml_cast_bf16(const char *op, bf16 *dst, const float *src, size_t n); // runtime_cuda.cu
 void ml_expert_wgrad(const char *op, float *dw, const bf16 *dout, const bf16 *inp, const int32_t *offsets,
-                     const int32_t *offsets_host, int E, int N, int K); // expert_wgrad.cu
+                     const int32_t *offsets_host, int E, int N, int K, int fresh); // expert_wgrad.cu
 void ml_expert_matmul(const char *op, int dinp, float *out, const bf16 *a, const bf16 *w, const int32_t *offsets,
                       const int32_t *offsets_host, int32_t *tile_start, int E, int N, int K); // expert_matmul.cu
 static int own_wgrad = 1, own_matmul = 0;
@@ -296,6 +296,10 @@ static void grouped_matmul_backward(float *dinp, float *dw, const float *dout, c
     const char *op = "grouped_matmul_backward";
     const int32_t *off = host_offsets(op, offsets, E);
     const int rows = off[E];
+    // dw's zeroing deferred to here (zero_deferred): moelab's kernel writes it whole; the other paths zero it now
+    const int fresh = ml_deferred_zero_take(dw, sizeof(float) * E * N * K);
+    const int own = BF && own_wgrad && N % 8 == 0 && K % 8 == 0;
+    if (fresh && (!own || rows == 0)) CK(op, cudaMemsetAsync(dw, 0, sizeof(float) * E * N * K));
     if (rows == 0) return; // every expert empty: no gradient anywhere
     operand G{dout, CUDA_R_32F}; // the output gradient, rounded to bf16 at most once
     const operand Wm = dinp && BF && own_matmul ? weight(op, w, (size_t)E * N * K, 1) : operand{NULL, CUDA_R_16BF};
@@ -311,10 +315,10 @@ static void grouped_matmul_backward(float *dinp, float *dw, const float *dout, c
         grouped(op, BF, f, s, W, ptr_rule{0, (long long)elt(W) * N * K, 0}, G, ptr_rule{0, 0, (long long)elt(G) * N},
                 dinp, ptr_rule{0, 0, (long long)sizeof(float) * K}, offsets, off, E);
     }
-    if (BF && own_wgrad && N % 8 == 0 && K % 8 == 0) { // bf16 products into the fp32 dw (expert_wgrad.cu)
+    if (own) { // bf16 products into the fp32 dw (expert_wgrad.cu)
         if (G.t != CUDA_R_16BF) G = act(op, dout, (size_t)rows * N, 1, WS_CAST_B);
         const operand X = act(op, inp, (size_t)rows * K, 1, WS_CAST_A);
-        ml_expert_wgrad(op, dw, (const bf16 *)G.p, (const bf16 *)X.p, offsets, off, E, N, K);
+        ml_expert_wgrad(op, dw, (const bf16 *)G.p, (const bf16 *)X.p, offsets, off, E, N, K, fresh);
         return;
     }
     // dw_e(N,K) += dout_e^T @ inp_e: column-major C(K,N) = X_e(K,n_e) G_e^T(n_e,N); k = n_e

@@ -938,6 +938,7 @@ __global__ void k_adamw(float *param, bf16 *shadow, const float *grad, float *m,
 static void cu_adamw_update(float *param, const float *grad, float *m, float *v, size_t n, float lr, float beta1,
                             float beta2, float eps, float weight_decay, float grad_scale, int t) {
     PROF("adamw_update");
+    ml_deferred_zero_complete("adamw_update", grad, sizeof(float) * n);
     const adamw_args a = {lr, beta1, beta2, eps, weight_decay, grad_scale, (float)(1.0 / (1.0 - pow(beta1, t))),
                           (float)(1.0 / (1.0 - pow(beta2, t)))};
     bf16 *shadow = ml_shadow_range(param, n);
@@ -973,6 +974,7 @@ __global__ void k_sumsq(double *part, const float *x, size_t n) {
 static double *sumsq_part; // allocated with the table
 static double cu_sumsq(const float *x, size_t n) {
     PROF("sumsq");
+    ml_deferred_zero_complete("sumsq", x, sizeof(float) * n);
     LAUNCH("sumsq", SUMSQ_BLOCKS, RBLOCK, k_sumsq, sumsq_part, x, n);
     double h[SUMSQ_BLOCKS], total = 0;
     CK("sumsq", cudaMemcpy(h, sumsq_part, sizeof h, cudaMemcpyDeviceToHost));

@@ -150,6 +150,7 @@ static void *cu_alloc(size_t bytes) {
     return p;
 }
 static void cu_free(void *p) {
+    ml_deferred_zero_complete("free", NULL, 0); // (the block's size is not known here)
     for (int i = 0; i < MAX_SHADOWS; i++)
         if (shadows[i].p == p) {
             CK("free", cudaFree(shadows[i].bf));
@@ -158,17 +159,60 @@ static void cu_free(void *p) {
     offsets_forget(p, 1);
     CK("free", cudaFree(p));
 }
+// ---- deferred zeroing (the table's zero_deferred) ----
+// Ranges whose zeroing waits for the grouped_matmul_backward that writes them whole (an experts' weight
+// gradient: it then writes its products instead of adding them, ml_deferred_zero_take). Any other use of a
+// range through the table (copies from or into it, memset0, sumsq, adamw_update; free: all of them) zeroes it
+// first; memory elsewhere (the step's activations and their gradients) leaves it deferred.
+enum { MAX_DEFERRED = 2 * ML_MAX_LAYERS };
+static struct {
+    void *p;
+    size_t bytes;
+} deferred[MAX_DEFERRED];
+static int n_deferred;
+static int overlaps(int i, const void *p, size_t bytes) {
+    const char *lo = (const char *)deferred[i].p;
+    return lo < (const char *)p + bytes && (const char *)p < lo + deferred[i].bytes;
+}
+void ml_deferred_zero_complete(const char *op, const void *p, size_t bytes) {
+    for (int i = 0; i < n_deferred;)
+        if (!p || overlaps(i, p, bytes)) {
+            CK(op, cudaMemsetAsync(deferred[i].p, 0, deferred[i].bytes));
+            deferred[i] = deferred[--n_deferred];
+        } else {
+            i++;
+        }
+}
+int ml_deferred_zero_take(const void *p, size_t bytes) {
+    for (int i = 0; i < n_deferred; i++)
+        if (deferred[i].p == p && deferred[i].bytes == bytes) {
+            deferred[i] = deferred[--n_deferred];
+            return 1;
+        }
+    ml_deferred_zero_complete("zero_deferred", p, bytes); // a part of one: zeroed, then added to as usual
+    return 0;
+}
+static void cu_zero_deferred(void *p, size_t bytes) {
+    ml_epoch++;
+    ml_deferred_zero_complete("zero_deferred", p, bytes); // no two ranges overlap
+    if (n_deferred == MAX_DEFERRED) ml_deferred_zero_complete("zero_deferred", NULL, 0);
+    deferred[n_deferred].p = p, deferred[n_deferred].bytes = bytes, n_deferred++;
+}
+
 static void cu_memset0(void *p, size_t bytes) {
     ml_epoch++;
+    ml_deferred_zero_complete("memset0", p, bytes);
     CK("memset0", cudaMemsetAsync(p, 0, bytes));
     shadow_refresh("memset0", (const float *)p, bytes / sizeof(float), 1);
     offsets_forget(p, bytes);
 }
 static void cu_to_host(void *host, const void *src, size_t bytes) {
+    ml_deferred_zero_complete("to_host", src, bytes);
     CK("to_host", cudaMemcpy(host, src, bytes, cudaMemcpyDeviceToHost));
 }
 static void cu_from_host(void *dst, const void *host, size_t bytes) {
     ml_epoch++;
+    ml_deferred_zero_complete("from_host", dst, bytes);
     CK("from_host", cudaMemcpy(dst, host, bytes, cudaMemcpyHostToDevice));
     shadow_refresh("from_host", (const float *)dst, bytes / sizeof(float), 0);
     offsets_forget(dst, bytes);
@@ -181,6 +225,7 @@ static void *cu_host_alloc(size_t bytes) {
 }
 static void cu_host_free(void *p) { CK("host_free", cudaFreeHost(p)); }
 static void cu_to_host_async(void *host, const void *src, size_t bytes) {
+    ml_deferred_zero_complete("to_host_async", src, bytes);
     CK("to_host_async", cudaMemcpyAsync(host, src, bytes, cudaMemcpyDeviceToHost, 0));
 }
 
@@ -351,7 +396,8 @@ static void init_runtime(void) {
 }
 
 static void fill_common(ml_backend *b) {
-    b->alloc = cu_alloc, b->free = cu_free, b->memset0 = cu_memset0, b->to_host = cu_to_host;
+    b->alloc = cu_alloc, b->free = cu_free, b->memset0 = cu_memset0, b->zero_deferred = cu_zero_deferred;
+    b->to_host = cu_to_host;
     b->from_host = cu_from_host, b->sync = cu_sync;
     b->host_alloc = cu_host_alloc, b->host_free = cu_host_free, b->to_host_async = cu_to_host_async;
     ml_cuda_fill_ops(b);

@@ -734,6 +734,75 @@ static void test_moe(int score, int order, int norm_topk) {
 /* Two training steps (forward, backward, AdamW) of a small MoE model under a balancing policy, on the CPU
  * and on cuda-fp32 (twice: the same seed must give the same bits); no device allocation inside the steps.
  * host_policies: losses and caps run on host copies of the scores (MOELAB_HOST_POLICIES), not in device forms. */
+/* Deferred zeroing (zero_deferred): model_zero_grad leaves the experts' weight gradients to the grouped backward
+ * that writes them whole. Two micro-batches after one zero_grad (the first writes, the second adds) against the
+ * CPU's gradients, on both tables (cuda-fp32 zeroes at the grouped op; cuda writes from moelab's kernel); then
+ * zero_grad followed straight by reads (sumsq, to_host) and by a grouped backward whose experts all got nothing. */
+static void test_deferred_zero(const ml_backend *tb, double tol) {
+    ml_config cfg;
+    config_preset(&cfg, "tiny", NULL);
+    config_set(&cfg, "model.experts=8", NULL), config_set(&cfg, "model.top_k=2", NULL);
+    const int Bm = 2, Mt = Bm * cfg.model.seq_len;
+    int32_t *tok = malloc(sizeof(int32_t) * (2 * Mt + 1));
+    for (int i = 0; i <= 2 * Mt; i++) tok[i] = (int32_t)(rng_next(&rng) % cfg.model.vocab);
+    ml_model *mc = calloc(1, sizeof *mc), *mg = calloc(1, sizeof *mg);
+    ml_err err = {0};
+    const int ok = !model_init(mc, &cfg, cpu, Bm, 0, &err) && !model_init(mg, &cfg, tb, Bm, 0, &err);
+    CHECK(ok, "model_init: %s", err.msg);
+    if (!ok) return;
+    const size_t n = mc->nparams;
+    float *gc = malloc(sizeof(float) * n), *gg = malloc(sizeof(float) * n);
+    ml_model *ms[2] = {mc, mg};
+    for (int i = 0; i < 2; i++) {
+        model_init_weights(ms[i], 11, NULL);
+        float *junk = randv(n, 1); /* what zero_grad must clear (or have the first backward write over) */
+        ms[i]->be->from_host(ms[i]->grads, junk, sizeof(float) * n);
+        free(junk);
+        model_zero_grad(ms[i]);
+        for (int micro = 0; micro < 2; micro++) {
+            model_begin_step(ms[i], 0);
+            model_forward(ms[i], tok + micro * Mt, tok + micro * Mt + 1);
+            model_backward(ms[i], 0.5f);
+        }
+    }
+    mc->be->to_host(gc, mc->grads, sizeof(float) * n), mg->be->to_host(gg, mg->grads, sizeof(float) * n);
+    const ml_tensor *w13 = model_tensor(mc, "layers.0.experts.w13");
+    double e = rel_err(gc, gg, n), ew = w13 ? rel_err(gc + w13->offset, gg + w13->offset, w13->numel) : 1;
+    CHECK(e < tol && ew < tol, "[%s] gradients of two micro-batches after a deferred zeroing: relative error %.3g, "
+          "layer 0's expert w13 %.3g (bound %.0e)", tb->name, e, ew, tol);
+    model_zero_grad(mg);
+    const double ss = tb->sumsq(mg->grads, n);
+    tb->to_host(gg, mg->grads, sizeof(float) * n);
+    size_t nonzero = 0;
+    for (size_t i = 0; i < n; i++) nonzero += gg[i] != 0;
+    CHECK(ss == 0 && nonzero == 0, "[%s] zero_grad, then sumsq %.3g and %zu nonzero gradients read back", tb->name, ss,
+          nonzero);
+    /* a grouped backward into a deferred range whose experts all got no rows: zeros, not what was there */
+    const ml_block_tensors *g0 = &mg->g.block[0], *w0 = &mg->p.block[0];
+    if (g0->expert_w2) {
+        const int E8 = mg->E, Cm = mg->C, Fm = mg->F, Mr = 4;
+        int32_t idx[8] = {-1, -1, -1, -1, -1, -1, -1, -1};
+        int32_t *d_idx = dev(idx, sizeof idx), *d_cnt = tb->alloc(sizeof(int32_t) * E8);
+        int32_t *d_off = tb->alloc(sizeof(int32_t) * (E8 + 1)), *d_slot = tb->alloc(sizeof idx);
+        float *junk = randv((size_t)E8 * Cm * Fm, 1), *d_x = tb->alloc(sizeof(float) * Mr * Fm);
+        float *d_dy = tb->alloc(sizeof(float) * Mr * Cm), *d_dx = tb->alloc(sizeof(float) * Mr * Fm);
+        tb->from_host(g0->expert_w2, junk, sizeof(float) * E8 * Cm * Fm);
+        tb->zero_deferred(g0->expert_w2, sizeof(float) * E8 * Cm * Fm);
+        tb->moe_dispatch(d_cnt, d_off, d_slot, d_idx, Mr, 2, E8);
+        tb->grouped_matmul_backward(d_dx, g0->expert_w2, d_dy, d_x, w0->expert_w2, d_off, E8, Fm, Cm);
+        tb->to_host(junk, g0->expert_w2, sizeof(float) * E8 * Cm * Fm);
+        nonzero = 0;
+        for (size_t i = 0; i < (size_t)E8 * Cm * Fm; i++) nonzero += junk[i] != 0;
+        CHECK(nonzero == 0, "[%s] a deferred expert gradient with no routed rows reads back as zeros (%zu not)",
+              tb->name, nonzero);
+        free(junk);
+        void *ds[] = {d_idx, d_cnt, d_off, d_slot, d_x, d_dy, d_dx};
+        for (size_t i = 0; i < sizeof ds / sizeof ds[0]; i++) tb->free(ds[i]);
+    }
+    free(tok), free(gc), free(gg);
+    model_free(mc), model_free(mg), free(mc), free(mg);
+}
+
 static void test_model_step(const char *policy, int host_policies) {
     if (host_policies) setenv("MOELAB_HOST_POLICIES", "1", 1);
     ml_config cfg;
@@ -898,6 +967,8 @@ int main(void) {
     for (int s = 0; s < 2; s++)
         for (int o = 0; o < 2 - s; o++) /* after-order needs softmax */
             for (int n = 0; n < 2; n++) test_moe(s, o, n);
+    test_deferred_zero(gpu, 1e-4);
+    test_deferred_zero(gbf, 2e-2);
     test_model_step("aux_loss", 0);                        /* the lbl device form */
     test_model_step("seq_aux_loss+z_loss+top1_loss", 0);   /* every device form at once */
     test_model_step("global_aux_loss+top1_loss", 1);       /* the same losses on host copies */

@@ -15,7 +15,8 @@
 #include "emu_hash.h"
 
 void ml_expert_wgrad(const char *op, float *dw, const __nv_bfloat16 *dout, const __nv_bfloat16 *inp,
-                     const int32_t *offsets, const int32_t *offsets_host, int E, int N, int K); // expert_wgrad.cu
+                     const int32_t *offsets, const int32_t *offsets_host, int E, int N, int K,
+                     int fresh); // expert_wgrad.cu
 extern int ml_expert_wgrad_hot_rows; // experts with this many rows or more: one cublasGemmEx each
 void ml_expert_matmul(const char *op, int dinp, float *out, const __nv_bfloat16 *a, const __nv_bfloat16 *w,
                       const int32_t *offsets, const int32_t *offsets_host, int32_t *tile_start, int E, int N,
@@ -39,8 +40,9 @@ static bool outside_kept(const std::vector<float> &got, const std::vector<float>
         if ((i < (size_t)skew || i >= skew + size) && memcmp(&got[i], &was[i], sizeof(float))) return false;
     return true;
 }
-// one shape under every thread order and cp.async timing; the output skew floats into its buffer (1: unpaired)
-static void check_shape(const std::vector<int32_t> &rows_of, int N, int K, int skew) {
+// one shape under every thread order and cp.async timing; the output skew floats into its buffer (1: unpaired);
+// fresh: dw's old values are not gradients (a deferred zeroing): written over, empty experts' with zeros
+static void check_shape(const std::vector<int32_t> &rows_of, int N, int K, int skew, int fresh = 0) {
     const int E = (int)rows_of.size();
     std::vector<int32_t> off(E + 1, 0);
     for (int e = 0; e < E; e++) off[e + 1] = off[e] + rows_of[e];
@@ -52,6 +54,7 @@ static void check_shape(const std::vector<int32_t> &rows_of, int N, int K, int s
     std::vector<float> dw0(n);
     for (auto &v : dw0) v = rnd();
     std::vector<double> want(dw0.begin(), dw0.end());
+    if (fresh) std::fill(want.begin() + skew, want.begin() + skew + (size_t)E * N * K, 0.0);
     double scale = 1e-12;
     for (int e = 0; e < E; e++)
         for (int i = 0; i < N; i++)
@@ -70,21 +73,24 @@ static void check_shape(const std::vector<int32_t> &rows_of, int N, int K, int s
             ml_emu_set_order(order);
             ml_emu_set_cp_async(deferred);
             float *d_dw = upload(dw0);
-            ml_expert_wgrad("expert_wgrad", d_dw + skew, d_g, d_x, d_off, off.data(), E, N, K);
+            ml_expert_wgrad("expert_wgrad", d_dw + skew, d_g, d_x, d_off, off.data(), E, N, K, fresh);
             std::vector<float> got(n);
             cudaMemcpy(got.data(), d_dw, sizeof(float) * n, cudaMemcpyDeviceToHost);
             cudaFree(d_dw);
             double err = 0;
             for (size_t i = 0; i < n; i++) err = std::isnan(got[i]) ? INFINITY : fmax(err, fabs(got[i] - want[i]));
             bool kept = outside_kept(got, dw0, skew, (size_t)E * N * K);
-            for (int e = 0; e < E; e++)
-                if (rows_of[e] == 0)
-                    kept = kept && !memcmp(&got[skew + (size_t)e * N * K], &dw0[skew + (size_t)e * N * K], sizeof(float) * N * K);
+            for (int e = 0; e < E; e++) // an empty expert's gradient: as it was, or zeros when fresh
+                for (size_t i = 0; rows_of[e] == 0 && i < (size_t)N * K; i++) {
+                    const size_t j = skew + (size_t)e * N * K + i;
+                    kept = kept && (fresh ? got[j] == 0.f : !memcmp(&got[j], &dw0[j], sizeof(float)));
+                }
             const uint64_t h = fnv(got);
             if (order == 0 && deferred == 0) first = h;
-            CHECK(err / scale < 1e-5, "%d experts, N %d, K %d, order %d, cp.async %s: relative error %.3g (bound 1e-05)",
-                  E, N, K, order, deferred ? "deferred" : "eager", err / scale);
-            CHECK(kept, "%d experts, N %d, K %d: empty experts and the floats around dw untouched", E, N, K);
+            CHECK(err / scale < 1e-5, "%d experts, N %d, K %d%s, order %d, cp.async %s: relative error %.3g (bound "
+                  "1e-05)", E, N, K, fresh ? " (fresh)" : "", order, deferred ? "deferred" : "eager", err / scale);
+            CHECK(kept, "%d experts, N %d, K %d%s: empty experts %s and the floats around dw untouched", E, N, K,
+                  fresh ? " (fresh)" : "", fresh ? "zeroed" : "untouched");
             CHECK(h == first, "%d experts, N %d, K %d: order %d, cp.async %s gives the same bits as the first run", E,
                   N, K, order, deferred ? "deferred" : "eager");
         }
@@ -147,8 +153,10 @@ int main() {
     for (int skew = 0; skew < 2; skew++) {
         check_shape({0, 1, 7, 32, 33, 200}, 136, 264, skew); // partial tiles both ways, partial and full chunks
         check_shape({40, 0}, 128, 128, skew);                // exactly one tile; the last expert empty
+        check_shape({0, 1, 7, 32, 33, 200}, 136, 264, skew, 1); // written over, not added to
         ml_expert_wgrad_hot_rows = 33; // hot experts (33 and 200 rows) by cublasGemmEx, the rest here
         check_shape({0, 1, 7, 32, 33, 200}, 136, 264, skew);
+        check_shape({0, 1, 7, 32, 33, 200}, 136, 264, skew, 1);
         ml_expert_wgrad_hot_rows = 2048;
         for (int dinp = 0; dinp < 2; dinp++) {
             check_matmul({0, 1, 7, 128, 129, 300, 0}, 136, 264, dinp, skew); // row tiles full, partial; empty experts
