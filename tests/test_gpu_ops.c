@@ -544,6 +544,31 @@ static void test_bf16_gemms(void) {
     for (int i = 0; i < M * K; i++) xk[i] += xk[i];
     gbf->matmul_forward(d_y, d_xk, d_w, M, K, N), cpu->matmul_forward(y, xk, w, M, K, N);
     SAME("bf16 matmul_forward after another op wrote its input", y, d_y, M * N, 2e-2);
+    /* the experts at odd sizes (rows x 5 outputs: the bf16-output form's widening pass, its one-float tail) */
+    {
+        enum { Eo = 3, Ko = 7, No = 5, Mo = 9 };
+        int32_t id[Mo], cnt[Eo], offs[Eo + 1], sl[Mo];
+        for (int i = 0; i < Mo; i++) id[i] = i % Eo == 2 ? 0 : i % Eo; /* expert 2 empty */
+        cpu->moe_dispatch(cnt, offs, sl, id, Mo, 1, Eo);
+        int32_t *d_id = dev(id, sizeof id), *d_cnt = gbf->alloc(sizeof cnt), *d_offs = gbf->alloc(sizeof offs);
+        int32_t *d_sl = gbf->alloc(sizeof sl);
+        gbf->moe_dispatch(d_cnt, d_offs, d_sl, d_id, Mo, 1, Eo);
+        float *xo = randv(Mo * Ko, 1), *wo = randv(Eo * No * Ko, 0.5f), *yo = calloc(Mo * No, 4);
+        float *go = randv(Mo * No, 1), *dxo = randv(Mo * Ko, 1), *dwo = calloc(Eo * No * Ko, 4);
+        float *d_xo = dev(xo, sizeof(float) * Mo * Ko), *d_wo = dev(wo, sizeof(float) * Eo * No * Ko);
+        float *d_yo = gbf->alloc(sizeof(float) * Mo * No), *d_go = dev(go, sizeof(float) * Mo * No);
+        float *d_dxo = dev(dxo, sizeof(float) * Mo * Ko), *d_dwo = gbf->alloc(sizeof(float) * Eo * No * Ko);
+        cpu->grouped_matmul_forward(yo, xo, wo, offs, Eo, Ko, No);
+        gbf->grouped_matmul_forward(d_yo, d_xo, d_wo, d_offs, Eo, Ko, No);
+        SAME("bf16 grouped_matmul_forward, 9 rows x 7 -> 5", yo, d_yo, Mo * No, 2e-2);
+        cpu->grouped_matmul_backward(dxo, dwo, go, xo, wo, offs, Eo, Ko, No);
+        gbf->grouped_matmul_backward(d_dxo, d_dwo, d_go, d_xo, d_wo, d_offs, Eo, Ko, No);
+        SAME("bf16 grouped_matmul_backward dinp, 9 rows x 5 -> 7 (added)", dxo, d_dxo, Mo * Ko, 2e-2);
+        SAME("bf16 grouped_matmul_backward dw, 9 rows x 5 -> 7", dwo, d_dwo, Eo * No * Ko, 2e-2);
+        free(xo), free(wo), free(yo), free(go), free(dxo), free(dwo);
+        void *dd[] = {d_id, d_cnt, d_offs, d_sl, d_xo, d_wo, d_yo, d_go, d_dxo, d_dwo};
+        for (size_t i = 0; i < sizeof dd / sizeof dd[0]; i++) gbf->free(dd[i]);
+    }
     free(w2), free(x2), free(y2), free(wsq), free(xk);
     gbf->free(d_w2), gbf->free(d_y2), gbf->free(d_wsq), gbf->free(d_xk);
     free(x), free(w), free(y), free(dy), free(dx), free(dw);
