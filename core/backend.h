@@ -31,7 +31,8 @@ typedef struct ml_backend {
     void *(*alloc)(size_t bytes);
     void (*free)(void *p);
     void (*memset0)(void *p, size_t bytes);
-    /* optional (NULL: memset0 does it): zero [p, p + bytes) later, when the next grouped_matmul_backward whose dw is
+    /* optional (NULL: memset0 does it), for gradients only (never bound parameters, whose bf16 shadow it would
+     * not refresh): zero [p, p + bytes) later, when the next grouped_matmul_backward whose dw is
      * exactly this range writes it whole (its products written, not added; empty experts zeroed), so an experts'
      * weight gradient is written once per step instead of zeroed, read and written. Any other use of such a range
      * through the table (copies, memset0, sumsq, adamw_update; free: of any memory) zeroes it first. */

@@ -57,7 +57,8 @@ static void row_shape(size_t rows, int groups, dim3 *grid, dim3 *block) {
         return;
     }
     int gx = groups, ry = 256 / groups, nb = 1;
-    if (groups > 256) nb = (groups + 255) / 256, gx = ((groups + nb - 1) / nb + 31) / 32 * 32, ry = 1;
+    if (groups > 256) nb = (groups + 255) / 256, gx = (groups + nb - 1) / nb;
+    if (ry <= 1) ry = 1, gx = (gx + 31) / 32 * 32; // a row a block: whole warps
     const size_t yb = (rows + ry - 1) / ry;
     *grid = dim3(nb, (unsigned)(yb < 65535 ? yb : 65535)), *block = dim3(gx, ry);
 }
@@ -813,9 +814,9 @@ static void cu_unpermute_backward(float *dye, float *dgate, const float *dout, c
 
 // ---- cross-entropy (one block per row) ----
 
-// one element of a row into this thread's running (max m, sum s of exp(x - m)): the sum is rescaled when the
-// maximum grows, so the row is read once for both (-inf logits add nothing)
-__device__ __forceinline__ void online_add(float &m, float &s, float x) {
+// one element of a row into this thread's running (max m, sum s of exp(x - m), in double as the CPU's forward
+// sums): the sum is rescaled when the maximum grows, so the row is read once for both (-inf logits add nothing)
+__device__ __forceinline__ void online_add(float &m, double &s, float x) {
     if (x > m) {
         s = s * expf(m - x) + 1, m = x; // expf(-inf) = 0 for the first element
     } else if (x != -INFINITY) {
@@ -825,7 +826,8 @@ __device__ __forceinline__ void online_add(float &m, float &s, float x) {
 // the row's maximum and sum of exp(l - max), combined over the block in a fixed order; rows of V4 groups of
 // four floats (16-byte aligned) or single floats
 template <int V4> __device__ void row_stats(const float *l, int V, float *shf, double *shd, float *mx, double *sum) {
-    float m = -INFINITY, s = 0;
+    float m = -INFINITY;
+    double s = 0;
     if (V4) {
         for (int i = threadIdx.x; i < V / 4; i += blockDim.x) {
             const float4 x = ((const float4 *)l)[i];
@@ -835,7 +837,7 @@ template <int V4> __device__ void row_stats(const float *l, int V, float *shf, d
         for (int i = threadIdx.x; i < V; i += blockDim.x) online_add(m, s, l[i]);
     }
     *mx = block_max(m, shf);
-    *sum = block_sum((double)(m == -INFINITY ? 0.f : s * expf(m - *mx)), shd);
+    *sum = block_sum(m == -INFINITY ? 0.0 : s * expf(m - *mx), shd);
 }
 template <int V4>
 __global__ void k_crossentropy_forward(float *losses, const float *logits, const int32_t *targets, int V) {

@@ -150,6 +150,7 @@ static void *cu_alloc(size_t bytes) {
     return p;
 }
 static void cu_free(void *p) {
+    ml_epoch++;
     ml_deferred_zero_complete("free", NULL, 0); // (the block's size is not known here)
     for (int i = 0; i < MAX_SHADOWS; i++)
         if (shadows[i].p == p) {
