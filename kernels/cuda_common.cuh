@@ -81,8 +81,8 @@ struct ml_prof_scope {
 };
 #define PROF(op) ml_prof_scope prof_scope_(op)
 // Advanced at the start of every table entry but the dense GEMMs and by every write the table makes to memory
-// (alloc, free, memset0, from_host, zero_deferred): gemm_cuda.cu keeps an activation's bf16 rounding only within one epoch,
-// so consecutive dense GEMMs on one input (the q, k and v projections) round it once.
+// (alloc, free, memset0, from_host, zero_deferred): gemm_cuda.cu keeps an activation's bf16 rounding only within
+// one epoch, so consecutive dense GEMMs on one input (the q, k and v projections) round it once.
 extern unsigned long ml_epoch;
 
 // ---- zeroing deferred to the op that writes a range whole (runtime_cuda.cu) ----
