@@ -270,17 +270,13 @@ template <int V> __global__ void k_swiglu_backward(float *dh, const float *dout,
         stv<V>(dh + m * 2 * F + f, dg), stv<V>(dh + m * 2 * F + F + f, du);
     }
 }
-// out = a + b: four elements a thread when all three are 16-byte aligned (the n % 4 last one a thread), else one
-__global__ void k_add(float *out, const float *a, const float *b, size_t n) {
-    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-    if (i < n) out[i] = a[i] + b[i];
-}
-__global__ void k_add_x4(float *out, const float *a, const float *b, size_t n) {
-    const size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x, n4 = n / 4;
+// out = a + b: four elements a thread when x4 (all three 16-byte aligned; the n % 4 last one a thread), else one
+__global__ void k_add(float *out, const float *a, const float *b, size_t n, int x4) {
+    const size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x, n4 = x4 ? n / 4 : 0;
     if (i < n4) {
         const float4 x = ((const float4 *)a)[i], y = ((const float4 *)b)[i];
         ((float4 *)out)[i] = make_float4(x.x + y.x, x.y + y.y, x.z + y.z, x.w + y.w);
-    } else if (i - n4 < n % 4) {
+    } else if (i - n4 < n - 4 * n4) {
         const size_t e = 4 * n4 + (i - n4);
         out[e] = a[e] + b[e];
     }
@@ -295,10 +291,8 @@ static void cu_swiglu_backward(float *dh, const float *dout, const float *h, int
 }
 static void cu_add_forward(float *out, const float *a, const float *b, size_t n) {
     PROF("add_forward");
-    if (rows16(4, {out, a, b}))
-        LAUNCH("add_forward", blocks(n / 4 + n % 4), 256, k_add_x4, out, a, b, n);
-    else
-        LAUNCH("add_forward", blocks(n), 256, k_add, out, a, b, n);
+    const int x4 = rows16(4, {out, a, b});
+    LAUNCH("add_forward", blocks(x4 ? n / 4 + n % 4 : n), 256, k_add, out, a, b, n, x4);
 }
 
 // ---- router (one thread per token, the CPU's exact rules: ties go to the lower index) ----
@@ -882,10 +876,9 @@ __global__ void k_crossentropy_backward(float *dlogits, const float *logits, con
         }
     }
 }
-static bool rows_of_4(int V, const void *a, const void *b) { return V % 4 == 0 && (uintptr_t)a % 16 == 0 && (uintptr_t)b % 16 == 0; }
 static void cu_crossentropy_forward(float *losses, const float *logits, const int32_t *targets, int M, int V) {
     PROF("crossentropy_forward");
-    if (rows_of_4(V, logits, logits))
+    if (rows16(V, {logits}))
         LAUNCH("crossentropy_forward", M, RBLOCK, k_crossentropy_forward<1>, losses, logits, targets, V);
     else
         LAUNCH("crossentropy_forward", M, RBLOCK, k_crossentropy_forward<0>, losses, logits, targets, V);
@@ -893,7 +886,7 @@ static void cu_crossentropy_forward(float *losses, const float *logits, const in
 static void cu_crossentropy_backward(float *dlogits, const float *logits, const int32_t *targets, float scale, int M,
                                      int V) {
     PROF("crossentropy_backward");
-    if (rows_of_4(V, logits, dlogits))
+    if (rows16(V, {logits, dlogits}))
         LAUNCH("crossentropy_backward", M, RBLOCK, k_crossentropy_backward<1>, dlogits, logits, targets, scale, V);
     else
         LAUNCH("crossentropy_backward", M, RBLOCK, k_crossentropy_backward<0>, dlogits, logits, targets, scale, V);
