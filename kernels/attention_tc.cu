@@ -14,9 +14,10 @@
 //            the block's first key: S^T = K Q^T, dP^T = V dO^T, dS^T = P^T (dP^T - delta) scale, dv += P^T dO,
 //            dk += dS^T Q; dS^T is also written in bf16 (zeros where every query precedes the block's keys).
 //   dq:      dq += dS K as batched cuBLAS GEMMs over that dS (bf16 inputs, fp32 accumulation) instead of a
-//            second kernel recomputing S and dP (no atomics, unlike FlashAttention-2's dq). The GEMMs run in up
-//            to 4 bands of queries, each over the keys up to its last query (62.5% of the full T x T, where the
-//            causal part is 50%; the rest multiplies zeros above the diagonal, at cuBLAS speed). dS takes
+//            second kernel recomputing S and dP (no atomics, unlike FlashAttention-2's dq): one pointer-array
+//            batch over every (sequence, query head) per band of queries, in up to 4 bands, each over the keys
+//            up to its last query (62.5% of the full T x T, where the causal part is 50%; the rest multiplies
+//            zeros above the diagonal, at cuBLAS speed). dS takes
 //            B x heads x Tp^2 bf16: the backward runs a chunk of kv heads at a time so that it stays under
 //            ML_ATTN_DS_BYTES (at least one kv head's group).
 // Deterministic: every output element has one writer; sums run in a fixed order.
@@ -366,7 +367,83 @@ static int ds_chunk(int B, int T, int H, int KV) {
     const int fit = (int)(ds_budget / per_kv);
     return fit < 1 ? 1 : fit > KV ? KV : fit;
 }
-size_t ml_attention_ds_bytes(int B, int T, int H, int KV) { return ds_chunk(B, T, H, KV) * ds_bytes_per_kv(B, T, H, KV); }
+#define DQ_BANDS 4 // dq's GEMMs run in at most this many bands of queries
+// after dS, aligned to 256 bytes: dq's batched GEMMs' operand pointers, 3 arrays of DQ_BANDS x B x (chunk's
+// query heads)
+static size_t ds_ptr_offset(int B, int T, int H, int KV) {
+    return (ds_chunk(B, T, H, KV) * ds_bytes_per_kv(B, T, H, KV) + 255) / 256 * 256;
+}
+size_t ml_attention_ds_bytes(int B, int T, int H, int KV) {
+    return ds_ptr_offset(B, T, H, KV) + 3 * sizeof(void *) * DQ_BANDS * B * (size_t)ds_chunk(B, T, H, KV) * (H / KV);
+}
+
+// dq += dS K per band of queries [q0, q1) (multiples of 64 rows, at most DQ_BANDS): a band needs only keys
+// [0, q1), so the GEMMs skip most of dS's zero upper triangle (62.5% of the full T x T product at 4 bands,
+// not 100%). Per query head h of the chunk and sequence b: dq_b,h (rows q0..q1 of T x hd, row stride H hd) +=
+// dS (those rows x keys 0..q1) K_b,kh. Column-major: dq^T (hd x n) = K^T (hd x q1, K as staged, ld DP) times
+// dS^T's columns q0..q1 (dS^T stored [key][query], ld Tp).
+static int dq_band(int T) {
+    const int quarter = (T + DQ_BANDS - 1) / DQ_BANDS;
+    return quarter < BT ? BT : (quarter + BT - 1) / BT * BT;
+}
+// the operands of problem p = b hc + hl of band j at [j B hc + p] of each array
+__global__ void k_dq_ptrs(const void **a, const void **bm, void **c, const bf16 *k, const bf16 *ds, float *dq, int B,
+                          int T, int Tp, int DP, int H, int KV, int kh0, int hc, int group, int hd, int band, int nb) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x, n = B * hc;
+    if (i >= nb * n) return;
+    const int j = i / n, p = i % n, b = p / hc, hl = p % hc, h = kh0 * group + hl, q0 = j * band;
+    a[i] = k + ((size_t)b * KV + h / group) * Tp * DP;
+    bm[i] = ds + ((size_t)b * hc + hl) * Tp * Tp + q0;
+    c[i] = dq + ((size_t)b * T + q0) * H * hd + (size_t)h * hd;
+}
+// One pointer-array batched GEMM per band over every (b, h) of the chunk: up to 4 calls a chunk, each with B x
+// heads problems' output tiles to spread over the SMs. A strided batch can span only the B sequences of one
+// head (the K operand's stride changes between kv heads), and at 2 x 4096 a band's hd x 1024 output per
+// sequence is a few tiles: 64 such calls per layer would leave most SMs idle. A cuBLAS that refuses the
+// pointer-array form (not expected: it takes the same types as cublasGemmEx) gets that loop instead.
+static int dq_strided; // 1 after a refusal, or set by tests
+int ml_attention_set_dq_strided(int on) { // returns the previous setting
+    const int was = dq_strided;
+    dq_strided = on;
+    return was;
+}
+static void dq_gemms(float *dq, const bf16 *k, const bf16 *ds, void **ptrs, int B, int T, int H, int KV, int hd,
+                     int DP, int kh0, int hc) {
+    const int Tp = padded_T(T), group = H / KV, band = dq_band(T), nb = (T + band - 1) / band, n = B * hc;
+    const float one = 1;
+    if (!dq_strided && n > 0 && nb > 0) {
+        const void **a = (const void **)ptrs, **bm = a + (size_t)nb * n;
+        void **c = ptrs + 2 * (size_t)nb * n;
+        LAUNCH("attention_backward", ml_blocks(nb * n, 128), 128, k_dq_ptrs, a, bm, c, k, ds, dq, B, T, Tp, DP, H, KV,
+               kh0, hc, group, hd, band, nb);
+        for (int j = 0; j < nb; j++) {
+            const int q0 = j * band, q1 = T - q0 < band ? T : q0 + band;
+            const cublasStatus_t st = cublasGemmBatchedEx(
+                ml_blas, CUBLAS_OP_N, CUBLAS_OP_T, hd, q1 - q0, q1, &one, a + (size_t)j * n, CUDA_R_16BF, DP,
+                bm + (size_t)j * n, CUDA_R_16BF, Tp, &one, c + (size_t)j * n, CUDA_R_32F, H * hd, n, CUBLAS_COMPUTE_32F,
+                CUBLAS_GEMM_DEFAULT);
+            if (st == CUBLAS_STATUS_SUCCESS) continue;
+            if (st != CUBLAS_STATUS_NOT_SUPPORTED || j > 0) BK("attention_backward", st); // bands done: cannot redo
+            fprintf(stderr, "moelab cuda: attention_backward: cuBLAS refused the pointer-array batched GEMM for dq; "
+                            "using a strided batch per query head\n");
+            dq_strided = 1;
+            break;
+        }
+        if (!dq_strided) return;
+    }
+    for (int hl = 0; hl < hc; hl++) {
+        const int h = kh0 * group + hl, kh = h / group;
+        for (int q0 = 0; q0 < T; q0 += band) {
+            const int q1 = T - q0 < band ? T : q0 + band;
+            BK("attention_backward",
+               cublasGemmStridedBatchedEx(ml_blas, CUBLAS_OP_N, CUBLAS_OP_T, hd, q1 - q0, q1, &one,
+                                          k + (size_t)kh * Tp * DP, CUDA_R_16BF, DP, (long long)KV * Tp * DP,
+                                          ds + (size_t)hl * Tp * Tp + q0, CUDA_R_16BF, Tp, (long long)hc * Tp * Tp,
+                                          &one, dq + ((size_t)q0 * H + h) * hd, CUDA_R_32F, H * hd,
+                                          (long long)T * H * hd, B, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+        }
+    }
+}
 
 template <int NK>
 static void bwd(float *dq, float *dk, float *dv, const float *lse, const float *delta, const staged &st, int B, int T,
@@ -377,34 +454,18 @@ static void bwd(float *dq, float *dk, float *dv, const float *lse, const float *
         CK("attention_backward", cudaFuncSetAttribute(k_attn_dkv_tc<NK>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)skv));
     opted_in = true;
     const int Tp = padded_T(T), DP = 16 * NK, group = H / KV, chunk = ds_chunk(B, T, H, KV);
-    bf16 *ds = (bf16 *)ml_ws(WS_ATTN_DS, ml_attention_ds_bytes(B, T, H, KV));
+    char *wsp = (char *)ml_ws(WS_ATTN_DS, ml_attention_ds_bytes(B, T, H, KV));
+    bf16 *ds = (bf16 *)wsp;
+    void **ptrs = (void **)(wsp + ds_ptr_offset(B, T, H, KV));
 #ifdef ML_CUDA_EMU // the emulator: a dS element the kernel fails to write reads as NaN, not as a stale value
     CK("attention_backward", cudaMemset(ds, 0xff, ml_attention_ds_bytes(B, T, H, KV)));
 #endif
-    const float one = 1;
     for (int kh0 = 0; kh0 < KV; kh0 += chunk) {
         const int kc = KV - kh0 < chunk ? KV - kh0 : chunk, hc = kc * group;
         dim3 gkv(Tp / BQ, kc, B);
         LAUNCH_SMEM("attention_backward", gkv, NT, skv, k_attn_dkv_tc<NK>, dk, dv, ds, lse, delta, st.q, st.g, st.k,
                     st.v, T, Tp, H, KV, kh0, hd, scale);
-        // per query head h of the chunk, over the B sequences: dq_b,h (T x hd, row stride H hd) += dS (T x T) K_b,kh.
-        // Column-major: dq^T (hd x T) = K^T (hd x T, K as staged, ld DP) dS^T^T, dS^T stored [key][query] (ld Tp).
-        // In bands of queries [q0, q1) (at most 4, multiples of 64 rows): a band needs only keys [0, q1), so the
-        // GEMMs skip most of dS's zero upper triangle (62.5% of the full T x T product at 4 bands, not 100%).
-        const int band = (T + 3) / 4 < BT ? BT : ((T + 3) / 4 + BT - 1) / BT * BT;
-        for (int hl = 0; hl < hc; hl++) {
-            const int h = kh0 * group + hl, kh = h / group;
-            for (int q0 = 0; q0 < T; q0 += band) {
-                const int q1 = T - q0 < band ? T : q0 + band;
-                BK("attention_backward",
-                   cublasGemmStridedBatchedEx(ml_blas, CUBLAS_OP_N, CUBLAS_OP_T, hd, q1 - q0, q1, &one,
-                                              st.k + (size_t)kh * Tp * DP, CUDA_R_16BF, DP, (long long)KV * Tp * DP,
-                                              ds + (size_t)hl * Tp * Tp + q0, CUDA_R_16BF, Tp,
-                                              (long long)hc * Tp * Tp, &one, dq + ((size_t)q0 * H + h) * hd,
-                                              CUDA_R_32F, H * hd, (long long)T * H * hd, B, CUBLAS_COMPUTE_32F,
-                                              CUBLAS_GEMM_DEFAULT));
-            }
-        }
+        dq_gemms(dq, st.k, ds, ptrs, B, T, H, KV, hd, DP, kh0, hc);
     }
 }
 

@@ -135,16 +135,23 @@ __global__ void k_rmsnorm_forward(float *out, float *rstd, const float *inp, con
 // ML_NORM_CHUNKS), NORM_ROWS rows at a time. A warp per row sums dot = dout . (w * inp) (double) into shared
 // memory; then a thread per column adds dinp += rstd dout w - (dot / C) rstd^3 inp for those rows and sums dw's
 // partial for the chunk, dout * inp * rstd, in a shared double per column (the second read of the rows' dout
-// and inp hits the cache). The partials are summed in chunk order afterwards (k_colsum_add). The expressions
-// are those of the separate dx and dw kernels this replaced, which read dout and inp twice from memory (24
-// bytes per element, now 16).
+// and inp hits the cache). Rows narrower than the block (QK-norm's head size) split each column's rows over
+// P = blockDim / C threads (P partials per column, added in order at the end), so more than C threads work.
+// The chunks' partials are summed afterwards in a fixed order (k_colsum_add). The expressions are those of the
+// separate dx and dw kernels this replaced, which read dout and inp twice from memory (24 bytes per element,
+// now 16).
+// the threads that share a column of the backward's rows: 1 for rows at least as wide as the block
+__host__ __device__ inline int norm_split(int C, int threads) {
+    const int p = C < threads ? threads / C : 1;
+    return p < NORM_ROWS ? p : NORM_ROWS;
+}
 __global__ void k_rmsnorm_backward(float *dinp, double *part, const float *dout, const float *inp, const float *w,
                                    const float *rstd, int M, int C) {
-    ML_DYNAMIC_SMEM(double, dw_part); // C partial sums of the chunk
+    ML_DYNAMIC_SMEM(double, dw_part); // P x C partial sums of the chunk
     __shared__ float coef[NORM_ROWS];
-    const int ch = blockIdx.x, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int ch = blockIdx.x, lane = threadIdx.x % 32, warp = threadIdx.x / 32, P = norm_split(C, blockDim.x);
     const int lo = (int)((long long)M * ch / gridDim.x), hi = (int)((long long)M * (ch + 1) / gridDim.x);
-    for (int c = threadIdx.x; c < C; c += blockDim.x) dw_part[c] = 0;
+    for (int t = threadIdx.x; t < P * C; t += blockDim.x) dw_part[t] = 0;
     for (int r0 = lo; r0 < hi; r0 += NORM_ROWS) {
         const int rows = hi - r0 < NORM_ROWS ? hi - r0 : NORM_ROWS;
         if (warp < rows) { // warp-uniform
@@ -156,29 +163,45 @@ __global__ void k_rmsnorm_backward(float *dinp, double *part, const float *dout,
             if (lane == 0) coef[warp] = (float)(dot / C) * r * r * r;
         }
         __syncthreads();
-        for (int c = threadIdx.x; c < C; c += blockDim.x) {
+        for (int t = threadIdx.x; t < P * C; t += blockDim.x) { // column t % C, rows t / C, t / C + P, ...
+            const int c = t % C;
             const float wc = w[c];
-            double acc = dw_part[c];
-#pragma unroll
-            for (int i = 0; i < NORM_ROWS; i++) {
-                if (i >= rows) break;
+            double acc = dw_part[t];
+            for (int i = t / C; i < rows; i += P) {
                 const size_t o = (size_t)(r0 + i) * C + c;
                 const float r = rstd[r0 + i], g = dout[o], x = inp[o];
                 dinp[o] += r * g * wc - coef[i] * x;
                 acc += (double)g * x * r;
             }
-            dw_part[c] = acc;
+            dw_part[t] = acc;
         }
         __syncthreads(); // coef is refilled next round
     }
-    for (int c = threadIdx.x; c < C; c += blockDim.x) part[(size_t)ch * C + c] = dw_part[c];
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+        double acc = 0;
+        for (int p = 0; p < P; p++) acc += dw_part[p * C + c];
+        part[(size_t)ch * C + c] = acc;
+    }
 }
-__global__ void k_colsum_add(float *dw, const double *part, int chunks, int C) {
-    int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= C) return;
+// dw[c] += the sum over the chunks of part[ch][c]: a block per 32 columns, whose 32 rows of threads each sum
+// every 32nd chunk, then a fixed tree over those 32 sums (deterministic). The loop this replaced, a thread per
+// column over every chunk in turn (1024 dependent latencies), ran on C / 256 blocks: one block at C = 96.
+#define COLSUM_LANES 32
+__global__ void __launch_bounds__(32 * COLSUM_LANES) k_colsum_add(float *dw, const double *part, int chunks, int C) {
+    __shared__ double sum[COLSUM_LANES][33]; // padded: a warp's reads down a column hit distinct banks
+    const int x = threadIdx.x, y = threadIdx.y, c = blockIdx.x * 32 + x;
     double acc = 0;
-    for (int ch = 0; ch < chunks; ch++) acc += part[(size_t)ch * C + c];
-    dw[c] += (float)acc;
+    if (c < C) {
+#pragma unroll 8
+        for (int ch = y; ch < chunks; ch += COLSUM_LANES) acc += part[(size_t)ch * C + c];
+    }
+    sum[y][x] = acc;
+    __syncthreads();
+    for (int s = COLSUM_LANES / 2; s > 0; s >>= 1) {
+        if (y < s) sum[y][x] += sum[y + s][x];
+        __syncthreads();
+    }
+    if (y == 0 && c < C) dw[c] += (float)sum[0][x];
 }
 static void cu_rmsnorm_forward(float *out, float *rstd, const float *inp, const float *w, int M, int C, float eps) {
     PROF("rmsnorm_forward");
@@ -189,7 +212,7 @@ static void cu_rmsnorm_backward(float *dinp, float *dw, const float *dout, const
                                 const float *rstd, int M, int C) {
     PROF("rmsnorm_backward");
     if (M == 0) return;
-    const size_t smem = sizeof(double) * C;
+    const size_t smem = sizeof(double) * norm_split(C, 32 * NORM_ROWS) * C;
     if (smem > 160 * 1024) ml_cuda_die("rmsnorm_backward", "rows longer than 20480 floats");
     static size_t opted_in = 48 * 1024;
     if (smem > opted_in) {
@@ -201,7 +224,7 @@ static void cu_rmsnorm_backward(float *dinp, float *dw, const float *dout, const
     double *part = (double *)ml_ws(WS_REDUCE, sizeof(double) * chunks * C);
     LAUNCH_SMEM("rmsnorm_backward", dim3(chunks), 32 * NORM_ROWS, smem, k_rmsnorm_backward, dinp, part, dout, inp, w,
                 rstd, M, C);
-    LAUNCH("rmsnorm_backward", blocks(C), 256, k_colsum_add, dw, part, chunks, C);
+    LAUNCH("rmsnorm_backward", ml_blocks(C, 32), dim3(32, COLSUM_LANES), k_colsum_add, dw, part, chunks, C);
 }
 
 // ---- RoPE ----

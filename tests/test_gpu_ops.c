@@ -252,8 +252,8 @@ static void test_dense_ops(void) {
     SAME("rmsnorm_backward dw", dg, d_dg, C, 1e-4);
     /* more rows (chunks of 16 or more rows, a partial last round of 8), rows wider than a block, and rows whose
      * dw partials need more than 48 KB of shared memory; onto gradients that already hold values */
-    const int norm_shapes[3][2] = {{1000, 300}, {333, 20}, {40, 7000}};
-    for (int t = 0; t < 3; t++) {
+    const int norm_shapes[4][2] = {{1000, 300}, {333, 20}, {40, 7000}, {16500, 96}}; /* the last: 1024 chunks */
+    for (int t = 0; t < 4; t++) {
         const int m = norm_shapes[t][0], c = norm_shapes[t][1];
         float *x2 = randv((size_t)m * c, 2), *w2 = randv(c, 1), *g2 = randv((size_t)m * c, 1);
         float *o2 = malloc(sizeof(float) * m * c), *r2 = malloc(sizeof(float) * m);

@@ -270,6 +270,11 @@ cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t h, cublasOperation_t ta
                                           long long strideB, const void *beta, void *C, cudaDataType_t ct, int ldc,
                                           long long strideC, int batch, cublasComputeType_t compute,
                                           cublasGemmAlgo_t algo);
+cublasStatus_t cublasGemmBatchedEx(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
+                                   const void *alpha, const void *const A[], cudaDataType_t at, int lda,
+                                   const void *const B[], cudaDataType_t bt, int ldb, const void *beta, void *const C[],
+                                   cudaDataType_t ct, int ldc, int batch, cublasComputeType_t compute,
+                                   cublasGemmAlgo_t algo);
 cublasStatus_t cublasGemmGroupedBatchedEx(cublasHandle_t h, const cublasOperation_t ta[], const cublasOperation_t tb[],
                                           const int m[], const int n[], const int k[], const void *alpha,
                                           const void *const A[], cudaDataType_t at, const int lda[],

@@ -60,6 +60,13 @@ cublasStatus_t cublasGemmEx(cublasHandle_t, cublasOperation_t ta, cublasOperatio
     return gemm(ta, tb, m, n, k, *(const float *)alpha, A, at, lda, B, bt, ldb, *(const float *)beta, (float *)C,
                 ldc);
 }
+// MOELAB_EMU_REFUSE lists forms to refuse as a cuBLAS without them would ("bf16out-grouped", "tf32-grouped",
+// "pointer-batched"), so tests can walk the backend's fallbacks. bf16 inputs with fp32 outputs are always refused
+// there, as cuBLAS 13.0 on an H100 does.
+static bool refused(const char *form) {
+    const char *r = getenv("MOELAB_EMU_REFUSE");
+    return r && strstr(r, form);
+}
 // batch GEMMs, operand i at X + i strideX elements
 cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m, int n,
                                           int k, const void *alpha, const void *A, cudaDataType_t at, int lda,
@@ -78,13 +85,22 @@ cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t h, cublasOperation_t ta
     return CUBLAS_STATUS_SUCCESS;
 }
 
-// MOELAB_EMU_REFUSE lists grouped forms to refuse as a cuBLAS without them would ("bf16out-grouped",
-// "tf32-grouped"), so tests can walk the backend's fallbacks. bf16 inputs with fp32 outputs are always refused
-// there, as cuBLAS 13.0 on an H100 does.
-static bool refused(const char *form) {
-    const char *r = getenv("MOELAB_EMU_REFUSE");
-    return r && strstr(r, form);
+// batch GEMMs, operand i at X[i] (the pointer arrays in device memory, which the emulator shares with the host)
+cublasStatus_t cublasGemmBatchedEx(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
+                                   const void *alpha, const void *const A[], cudaDataType_t at, int lda,
+                                   const void *const B[], cudaDataType_t bt, int ldb, const void *beta, void *const C[],
+                                   cudaDataType_t ct, int ldc, int batch, cublasComputeType_t compute,
+                                   cublasGemmAlgo_t algo) {
+    if (batch < 0) return CUBLAS_STATUS_INVALID_VALUE;
+    if (refused("pointer-batched")) return CUBLAS_STATUS_NOT_SUPPORTED;
+    for (int i = 0; i < batch; i++) {
+        const cublasStatus_t st = cublasGemmEx(h, ta, tb, m, n, k, alpha, A[i], at, lda, B[i], bt, ldb, beta, C[i], ct,
+                                               ldc, compute, algo);
+        if (st != CUBLAS_STATUS_SUCCESS) return st;
+    }
+    return CUBLAS_STATUS_SUCCESS;
 }
+
 // X rounded to TF32 (10-bit mantissa, to nearest even) as the tensor cores read it
 static const float *tf32(const void *X, int rows, int ld, int cols, std::vector<float> &buf) {
     buf.resize(cols ? (size_t)(cols - 1) * ld + rows : 0);

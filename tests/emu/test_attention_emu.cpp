@@ -22,6 +22,8 @@ extern "C" {
 }
 
 void ml_attention_set_ds_budget(size_t bytes); // attention_tc.cu: the dS workspace per chunk of kv heads
+int ml_attention_set_dq_strided(int on);       // and dq's GEMMs: a strided batch per query head (1), not one
+                                               // pointer-array batch per band (0); returns the previous setting
 
 struct impl {
     const char *name;
@@ -107,6 +109,11 @@ int main() {
                 ml_attention_set_ds_budget((size_t)512 << 20);
                 CHECK(chunked == eager, "%s B %d T %d H %d KV %d hd %d: the backward a kv head at a time gives the "
                       "same bits", im->name, s[0], s[1], s[2], s[3], s[4]);
+                ml_attention_set_dq_strided(1); // dq by a strided batch per query head: the same products
+                const uint64_t strided = check_shape(*im, s[0], s[1], s[2], s[3], s[4], 2, false);
+                ml_attention_set_dq_strided(0);
+                CHECK(strided == eager, "%s B %d T %d H %d KV %d hd %d: dq by a strided batch per query head gives "
+                      "the same bits as by pointer-array batches", im->name, s[0], s[1], s[2], s[3], s[4]);
                 for (int order = 0; order < 5; order++)
                     for (int deferred = 0; deferred < 2; deferred++) {
                         if (order == 2 && !deferred) continue; // that is the run above
@@ -118,6 +125,14 @@ int main() {
             }
         else
             for (const auto &s : small_shapes) check_shape(*im, s[0], s[1], s[2], s[3], s[4], 2, true);
+        if (im == &tensor_cores) { // a cuBLAS refusing the pointer-array batch: dq by the strided loop, same bits
+            const uint64_t want = check_shape(*im, 2, 150, 4, 2, 24, 2, false);
+            setenv("MOELAB_EMU_REFUSE", "pointer-batched", 1);
+            const uint64_t got = check_shape(*im, 2, 150, 4, 2, 24, 2, false);
+            unsetenv("MOELAB_EMU_REFUSE");
+            CHECK(ml_attention_set_dq_strided(0) == 1 && got == want,
+                  "a refused pointer-array batch switches dq to the strided loop, with the same bits");
+        }
         const uint64_t h0 = check_shape(*im, 1, 45, 4, 2, 24, 0, false);
         const uint64_t h1 = check_shape(*im, 1, 45, 4, 2, 24, 1, false), h2 = check_shape(*im, 1, 45, 4, 2, 24, 2, false);
         CHECK(h0 == h1 && h1 == h2, "%s: thread orders ascending, descending and random give the same bits", im->name);
