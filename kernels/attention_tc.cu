@@ -17,9 +17,9 @@
 //            second kernel recomputing S and dP (no atomics, unlike FlashAttention-2's dq): one pointer-array
 //            batch over every (sequence, query head) per band of queries, in up to 4 bands, each over the keys
 //            up to its last query (62.5% of the full T x T, where the causal part is 50%; the rest multiplies
-//            zeros above the diagonal, at cuBLAS speed). dS takes
-//            B x heads x Tp^2 bf16: the backward runs a chunk of kv heads at a time so that it stays under
-//            ML_ATTN_DS_BYTES (at least one kv head's group).
+//            zeros above the diagonal, at cuBLAS speed). dS takes B x heads x Tp^2 bf16: the backward runs
+//            chunks of kv heads, or of sequences for one kv head, so that it stays under ML_ATTN_DS_BYTES (at
+//            least one sequence's one kv head group).
 // Deterministic: every output element has one writer; sums run in a fixed order.
 // Fragment layouts (PTX ISA, mma.m16n8k16, g = lane / 4, t = lane % 4): A 16 x 16 row-major, registers
 // {(g, 2t..2t+1), (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..)}; B 16 x 8, registers {(2t..2t+1, g), (2t+8.., g)};
@@ -234,13 +234,14 @@ template <int NK>
 __global__ void __launch_bounds__(NT) k_attn_dkv_tc(float *dk, float *dv, bf16 *dst, const float *lse,
                                                     const float *delta, const bf16 *qs, const bf16 *gs,
                                                     const bf16 *ks, const bf16 *vs, int T, int Tp, int H, int KV,
-                                                    int kh0, int hd, float scale) {
+                                                    int b0, int kh0, int hd, float scale) {
     constexpr int DP = tile<NK>::DP, LD = tile<NK>::LD, TE = tile<NK>::ELEMS;
     ML_DYNAMIC_SMEM(unsigned char, smem);
     bf16 *Ks = (bf16 *)smem, *Vs = Ks + TE, *Qb = Vs + TE, *Gb = Qb + 2 * TE; // Q and dO double-buffered
     float *Lb = (float *)(Gb + 2 * TE), *Db = Lb + 2 * BT;                      // lse (log2 units), delta
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    const int kh = kh0 + blockIdx.y, b = blockIdx.z, group = H / KV, HC = gridDim.y * group; // HC: heads in dst
+    // dst holds dS^T of the chunk's sequences [b0, b0 + gridDim.z) x kv heads [kh0, kh0 + gridDim.y)
+    const int kh = kh0 + blockIdx.y, b = b0 + blockIdx.z, group = H / KV, HC = gridDim.y * group; // HC: heads in dst
     const int s_first = blockIdx.x * BQ, w0 = s_first + warp * 16; // the first keys have the most queries
     const int nq = (T - 1) / BT - (int)blockIdx.x + 1, iters = group * nq; // query tiles per head; in all
     const float sl2 = scale * LOG2E;
@@ -294,7 +295,7 @@ __global__ void __launch_bounds__(NT) k_attn_dkv_tc(float *dk, float *dv, bf16 *
                     s[n][i] = p, dp[n][i] = p * (dp[n][i] - Dq[c]) * scale;
                 }
             // dS^T in bf16 for dq = dS K (a GEMM after this kernel): rows = keys, columns = queries
-            bf16 *ds_rows = dst + (((size_t)b * HC + (kh - kh0) * group + it / nq) * Tp + w0 + g) * Tp + q0 + 2 * t;
+            bf16 *ds_rows = dst + (((size_t)blockIdx.z * HC + blockIdx.y * group + it / nq) * Tp + w0 + g) * Tp + q0 + 2 * t;
 #pragma unroll
             for (int n = 0; n < 8; n++)
 #pragma unroll
@@ -310,7 +311,7 @@ __global__ void __launch_bounds__(NT) k_attn_dkv_tc(float *dk, float *dv, bf16 *
     // dS^T is zero where every query precedes these keys (query tiles before s_first), which the loop skips
     const int c16 = s_first / 8; // 16-byte chunks per row
     for (int h = 0; h < group; h++) {
-        bf16 *rows = dst + (((size_t)b * HC + (kh - kh0) * group + h) * Tp + s_first) * Tp;
+        bf16 *rows = dst + (((size_t)blockIdx.z * HC + blockIdx.y * group + h) * Tp + s_first) * Tp;
         for (int i = threadIdx.x; i < BQ * c16; i += NT)
             *(uint4 *)&rows[(size_t)(i / c16) * Tp + i % c16 * 8] = make_uint4(0, 0, 0, 0);
     }
@@ -355,27 +356,34 @@ static void fwd(float *out, float *att, const staged &st, int B, int T, int H, i
     LAUNCH_SMEM("attention_forward", grid, NT, sm, k_attn_fwd_tc<NK>, out, att, st.q, st.k, st.v, T, padded_T(T), H,
                 KV, hd, scale);
 }
-// dS^T of a chunk of kv heads (all B sequences, their query heads): the chunk's kv head count and the bytes
-static size_t ds_budget = ML_ATTN_DS_BYTES;
-void ml_attention_set_ds_budget(size_t bytes) { ds_budget = bytes; } // tests: force chunks of one kv head
-static size_t ds_bytes_per_kv(int B, int T, int H, int KV) {
-    return sizeof(bf16) * B * (size_t)(H / KV) * padded_T(T) * padded_T(T);
-}
-static int ds_chunk(int B, int T, int H, int KV) {
-    const size_t per_kv = ds_bytes_per_kv(B, T, H, KV);
-    if (per_kv == 0) return KV; // nothing to hold (B or T zero)
-    const int fit = (int)(ds_budget / per_kv);
-    return fit < 1 ? 1 : fit > KV ? KV : fit;
-}
 #define DQ_BANDS 4 // dq's GEMMs run in at most this many bands of queries
-// after dS, aligned to 256 bytes: dq's batched GEMMs' operand pointers, 3 arrays of DQ_BANDS x B x (chunk's
-// query heads)
-static size_t ds_ptr_offset(int B, int T, int H, int KV) {
-    return (ds_chunk(B, T, H, KV) * ds_bytes_per_kv(B, T, H, KV) + 255) / 256 * 256;
+// dS^T is held a chunk at a time: kv heads (with their query heads) for all B sequences while one kv head's
+// fits ML_ATTN_DS_BYTES, else one kv head for as many sequences as fit (at least one: 537 MB at T 8192 with
+// groups of 4), so long sequences at large batch do not need B x that.
+static size_t ds_budget = ML_ATTN_DS_BYTES;
+void ml_attention_set_ds_budget(size_t bytes) { ds_budget = bytes; } // tests: force smaller chunks
+struct ds_plan {
+    int bc, kc;                         // sequences and kv heads per chunk
+    size_t ds_bytes, ptr_offset, bytes; // dS, then dq's pointer arrays from ptr_offset (256-byte aligned)
+};
+static ds_plan plan_ds(int B, int T, int H, int KV) {
+    const size_t one = sizeof(bf16) * (size_t)(H / KV) * padded_T(T) * padded_T(T); // one sequence, one kv head
+    const size_t all = (size_t)B * one;                                             // one kv head, every sequence
+    ds_plan p = {B, KV, 0, 0, 0};
+    if (all > ds_budget) { // one kv head, as many sequences as fit
+        const size_t fit = ds_budget / one;
+        p.kc = 1, p.bc = fit < 1 ? 1 : fit > (size_t)B ? B : (int)fit;
+    } else if (all > 0) { // every sequence, as many kv heads as fit
+        const size_t fit = ds_budget / all;
+        p.kc = fit > (size_t)KV ? KV : (int)fit;
+    }
+    p.ds_bytes = (size_t)p.bc * p.kc * one;
+    p.ptr_offset = (p.ds_bytes + 255) / 256 * 256;
+    // 3 pointer arrays of DQ_BANDS x the chunk's (sequence, query head) problems
+    p.bytes = p.ptr_offset + 3 * sizeof(void *) * DQ_BANDS * (size_t)p.bc * p.kc * (H / KV);
+    return p;
 }
-size_t ml_attention_ds_bytes(int B, int T, int H, int KV) {
-    return ds_ptr_offset(B, T, H, KV) + 3 * sizeof(void *) * DQ_BANDS * B * (size_t)ds_chunk(B, T, H, KV) * (H / KV);
-}
+size_t ml_attention_ds_bytes(int B, int T, int H, int KV) { return plan_ds(B, T, H, KV).bytes; }
 
 // dq += dS K per band of queries [q0, q1) (multiples of 64 rows, at most DQ_BANDS): a band needs only keys
 // [0, q1), so the GEMMs skip most of dS's zero upper triangle (62.5% of the full T x T product at 4 bands,
@@ -386,14 +394,16 @@ static int dq_band(int T) {
     const int quarter = (T + DQ_BANDS - 1) / DQ_BANDS;
     return quarter < BT ? BT : (quarter + BT - 1) / BT * BT;
 }
-// the operands of problem p = b hc + hl of band j at [j B hc + p] of each array
-__global__ void k_dq_ptrs(const void **a, const void **bm, void **c, const bf16 *k, const bf16 *ds, float *dq, int B,
-                          int T, int Tp, int DP, int H, int KV, int kh0, int hc, int group, int hd, int band, int nb) {
-    const int i = blockIdx.x * blockDim.x + threadIdx.x, n = B * hc;
+// the operands of problem p = bl hc + hl (sequence b0 + bl, query head kh0 group + hl) of band j at
+// [j bc hc + p] of each array
+__global__ void k_dq_ptrs(const void **a, const void **bm, void **c, const bf16 *k, const bf16 *ds, float *dq, int bc,
+                          int T, int Tp, int DP, int H, int KV, int b0, int kh0, int hc, int group, int hd, int band,
+                          int nb) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x, n = bc * hc;
     if (i >= nb * n) return;
-    const int j = i / n, p = i % n, b = p / hc, hl = p % hc, h = kh0 * group + hl, q0 = j * band;
+    const int j = i / n, p = i % n, bl = p / hc, hl = p % hc, b = b0 + bl, h = kh0 * group + hl, q0 = j * band;
     a[i] = k + ((size_t)b * KV + h / group) * Tp * DP;
-    bm[i] = ds + ((size_t)b * hc + hl) * Tp * Tp + q0;
+    bm[i] = ds + ((size_t)bl * hc + hl) * Tp * Tp + q0;
     c[i] = dq + ((size_t)b * T + q0) * H * hd + (size_t)h * hd;
 }
 // One pointer-array batched GEMM per band over every (b, h) of the chunk: up to 4 calls a chunk, each with B x
@@ -407,15 +417,15 @@ int ml_attention_set_dq_strided(int on) { // returns the previous setting
     dq_strided = on;
     return was;
 }
-static void dq_gemms(float *dq, const bf16 *k, const bf16 *ds, void **ptrs, int B, int T, int H, int KV, int hd,
-                     int DP, int kh0, int hc) {
-    const int Tp = padded_T(T), group = H / KV, band = dq_band(T), nb = (T + band - 1) / band, n = B * hc;
+static void dq_gemms(float *dq, const bf16 *k, const bf16 *ds, void **ptrs, int T, int H, int KV, int hd, int DP,
+                     int b0, int bc, int kh0, int hc) {
+    const int Tp = padded_T(T), group = H / KV, band = dq_band(T), nb = (T + band - 1) / band, n = bc * hc;
     const float one = 1;
     if (!dq_strided && n > 0 && nb > 0) {
         const void **a = (const void **)ptrs, **bm = a + (size_t)nb * n;
         void **c = ptrs + 2 * (size_t)nb * n;
-        LAUNCH("attention_backward", ml_blocks(nb * n, 128), 128, k_dq_ptrs, a, bm, c, k, ds, dq, B, T, Tp, DP, H, KV,
-               kh0, hc, group, hd, band, nb);
+        LAUNCH("attention_backward", ml_blocks(nb * n, 128), 128, k_dq_ptrs, a, bm, c, k, ds, dq, bc, T, Tp, DP, H, KV,
+               b0, kh0, hc, group, hd, band, nb);
         for (int j = 0; j < nb; j++) {
             const int q0 = j * band, q1 = T - q0 < band ? T : q0 + band;
             const cublasStatus_t st = cublasGemmBatchedEx(
@@ -431,16 +441,17 @@ static void dq_gemms(float *dq, const bf16 *k, const bf16 *ds, void **ptrs, int 
         }
         if (!dq_strided) return;
     }
-    for (int hl = 0; hl < hc; hl++) {
+    for (int hl = 0; hl < hc; hl++) { // over the chunk's bc sequences: sequence b0 + i at stride i
         const int h = kh0 * group + hl, kh = h / group;
         for (int q0 = 0; q0 < T; q0 += band) {
             const int q1 = T - q0 < band ? T : q0 + band;
             BK("attention_backward",
                cublasGemmStridedBatchedEx(ml_blas, CUBLAS_OP_N, CUBLAS_OP_T, hd, q1 - q0, q1, &one,
-                                          k + (size_t)kh * Tp * DP, CUDA_R_16BF, DP, (long long)KV * Tp * DP,
-                                          ds + (size_t)hl * Tp * Tp + q0, CUDA_R_16BF, Tp, (long long)hc * Tp * Tp,
-                                          &one, dq + ((size_t)q0 * H + h) * hd, CUDA_R_32F, H * hd,
-                                          (long long)T * H * hd, B, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+                                          k + ((size_t)b0 * KV + kh) * Tp * DP, CUDA_R_16BF, DP,
+                                          (long long)KV * Tp * DP, ds + (size_t)hl * Tp * Tp + q0, CUDA_R_16BF, Tp,
+                                          (long long)hc * Tp * Tp, &one,
+                                          dq + ((size_t)b0 * T + q0) * H * hd + (size_t)h * hd, CUDA_R_32F, H * hd,
+                                          (long long)T * H * hd, bc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
         }
     }
 }
@@ -453,20 +464,22 @@ static void bwd(float *dq, float *dk, float *dv, const float *lse, const float *
     if (!opted_in)
         CK("attention_backward", cudaFuncSetAttribute(k_attn_dkv_tc<NK>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)skv));
     opted_in = true;
-    const int Tp = padded_T(T), DP = 16 * NK, group = H / KV, chunk = ds_chunk(B, T, H, KV);
-    char *wsp = (char *)ml_ws(WS_ATTN_DS, ml_attention_ds_bytes(B, T, H, KV));
+    const int Tp = padded_T(T), DP = 16 * NK, group = H / KV;
+    const ds_plan pl = plan_ds(B, T, H, KV);
+    char *wsp = (char *)ml_ws(WS_ATTN_DS, pl.bytes);
     bf16 *ds = (bf16 *)wsp;
-    void **ptrs = (void **)(wsp + ds_ptr_offset(B, T, H, KV));
+    void **ptrs = (void **)(wsp + pl.ptr_offset);
 #ifdef ML_CUDA_EMU // the emulator: a dS element the kernel fails to write reads as NaN, not as a stale value
-    CK("attention_backward", cudaMemset(ds, 0xff, ml_attention_ds_bytes(B, T, H, KV)));
+    CK("attention_backward", cudaMemset(ds, 0xff, pl.bytes));
 #endif
-    for (int kh0 = 0; kh0 < KV; kh0 += chunk) {
-        const int kc = KV - kh0 < chunk ? KV - kh0 : chunk, hc = kc * group;
-        dim3 gkv(Tp / BQ, kc, B);
-        LAUNCH_SMEM("attention_backward", gkv, NT, skv, k_attn_dkv_tc<NK>, dk, dv, ds, lse, delta, st.q, st.g, st.k,
-                    st.v, T, Tp, H, KV, kh0, hd, scale);
-        dq_gemms(dq, st.k, ds, ptrs, B, T, H, KV, hd, DP, kh0, hc);
-    }
+    for (int b0 = 0; b0 < B; b0 += pl.bc)
+        for (int kh0 = 0; kh0 < KV; kh0 += pl.kc) {
+            const int bc = B - b0 < pl.bc ? B - b0 : pl.bc, kc = KV - kh0 < pl.kc ? KV - kh0 : pl.kc, hc = kc * group;
+            dim3 gkv(Tp / BQ, kc, bc);
+            LAUNCH_SMEM("attention_backward", gkv, NT, skv, k_attn_dkv_tc<NK>, dk, dv, ds, lse, delta, st.q, st.g,
+                        st.k, st.v, T, Tp, H, KV, b0, kh0, hd, scale);
+            dq_gemms(dq, st.k, ds, ptrs, T, H, KV, hd, DP, b0, bc, kh0, hc);
+        }
 }
 
 #define DISPATCH_NK(hd, CALL)                                                                              \

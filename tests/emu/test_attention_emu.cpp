@@ -6,7 +6,8 @@
 // the tensor-core kernels' cp.async tiles completing as early (eager) and as late (deferred) as the hardware
 // may, under five thread orders (lanes in lock-step rounds: ascending, descending, random; a warp at a time:
 // ascending, descending), must give the same bits (a tile read before its wait, or refilled while a warp still
-// reads it, shows), and so must the backward run a kv head at a time (its dS workspace in chunks); then one
+// reads it, shows), and so must the backward run in chunks of its dS workspace (a kv head over all sequences,
+// and a sequence's kv head at a time) and dq by the strided fallback; then one
 // shape under three thread orders must give the same bits (both implementations).
 // This checks the kernels' indexing, masking, tiling and synchronisation; the hardware itself is checked by
 // the gpu suite (tests/test_gpu_ops.c) on a GPU.
@@ -21,7 +22,8 @@ extern "C" {
 #include "ops_cpu.h"
 }
 
-void ml_attention_set_ds_budget(size_t bytes); // attention_tc.cu: the dS workspace per chunk of kv heads
+void ml_attention_set_ds_budget(size_t bytes); // attention_tc.cu: the dS workspace per chunk
+size_t ml_attention_ds_bytes(int B, int T, int H, int KV); // the workspace the backward takes for that
 int ml_attention_set_dq_strided(int on);       // and dq's GEMMs: a strided batch per query head (1), not one
                                                // pointer-array batch per band (0); returns the previous setting
 
@@ -104,14 +106,22 @@ int main() {
         if (im == &tensor_cores)
             for (const auto &s : shapes) {
                 const uint64_t eager = check_shape(*im, s[0], s[1], s[2], s[3], s[4], 2, true);
-                ml_attention_set_ds_budget(1); // dS (and dq) a kv head at a time: the same bits
-                const uint64_t chunked = check_shape(*im, s[0], s[1], s[2], s[3], s[4], 2, false);
+                // dS (and dq) one kv head over all sequences at a time, then one sequence's kv head: the same bits
+                const size_t Tp = (s[1] + 63) / 64 * 64, one_head = 2 * (size_t)s[0] * (s[2] / s[3]) * Tp * Tp;
+                ml_attention_set_ds_budget(one_head);
+                const uint64_t by_head = check_shape(*im, s[0], s[1], s[2], s[3], s[4], 2, false);
+                ml_attention_set_ds_budget(1);
+                const uint64_t by_sequence = check_shape(*im, s[0], s[1], s[2], s[3], s[4], 2, false);
                 ml_attention_set_ds_budget((size_t)512 << 20);
-                CHECK(chunked == eager, "%s B %d T %d H %d KV %d hd %d: the backward a kv head at a time gives the "
-                      "same bits", im->name, s[0], s[1], s[2], s[3], s[4]);
-                ml_attention_set_dq_strided(1); // dq by a strided batch per query head: the same products
+                CHECK(by_head == eager && by_sequence == eager, "%s B %d T %d H %d KV %d hd %d: the backward a kv "
+                      "head at a time (%s) and a sequence's kv head at a time (%s) give the same bits", im->name, s[0],
+                      s[1], s[2], s[3], s[4], by_head == eager ? "same" : "differs",
+                      by_sequence == eager ? "same" : "differs");
+                // dq by a strided batch per query head (here a sequence at a time; below, the refusal test
+                // runs it over whole chunks): the same products
+                ml_attention_set_dq_strided(1), ml_attention_set_ds_budget(1);
                 const uint64_t strided = check_shape(*im, s[0], s[1], s[2], s[3], s[4], 2, false);
-                ml_attention_set_dq_strided(0);
+                ml_attention_set_dq_strided(0), ml_attention_set_ds_budget((size_t)512 << 20);
                 CHECK(strided == eager, "%s B %d T %d H %d KV %d hd %d: dq by a strided batch per query head gives "
                       "the same bits as by pointer-array batches", im->name, s[0], s[1], s[2], s[3], s[4]);
                 for (int order = 0; order < 5; order++)
@@ -132,6 +142,19 @@ int main() {
             unsetenv("MOELAB_EMU_REFUSE");
             CHECK(ml_attention_set_dq_strided(0) == 1 && got == want,
                   "a refused pointer-array batch switches dq to the strided loop, with the same bits");
+        }
+        if (im == &tensor_cores) { // the workspace: dS of the chunk the budget allows, plus dq's pointer arrays
+            const size_t one = 2 * 4 * (size_t)256 * 256, ptrs = 3 * sizeof(void *) * 4; // per sequence and kv head
+            const size_t want[][2] = {{(size_t)512 << 20, 8 * 2 * one + 8 * 2 * 4 * ptrs}, // all of it
+                                      {8 * one, 8 * one + 8 * 4 * ptrs},                   // a kv head, all sequences
+                                      {3 * one + 5, 3 * one + 3 * 4 * ptrs},               // a kv head, 3 sequences
+                                      {1, one + 4 * ptrs}};                                // a sequence's kv head
+            for (const auto &w : want) {
+                ml_attention_set_ds_budget(w[0]);
+                const size_t got = ml_attention_ds_bytes(8, 200, 8, 2); // groups of 4, Tp 256
+                CHECK(got == w[1], "dS workspace under a budget of %zu bytes: %zu (want %zu)", w[0], got, w[1]);
+            }
+            ml_attention_set_ds_budget((size_t)512 << 20);
         }
         const uint64_t h0 = check_shape(*im, 1, 45, 4, 2, 24, 0, false);
         const uint64_t h1 = check_shape(*im, 1, 45, 4, 2, 24, 1, false), h2 = check_shape(*im, 1, 45, 4, 2, 24, 2, false);
