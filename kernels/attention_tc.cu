@@ -18,8 +18,8 @@
 //            batch over every (sequence, query head) per band of queries, in up to 4 bands, each over the keys
 //            up to its last query (62.5% of the full T x T, where the causal part is 50%; the rest multiplies
 //            zeros above the diagonal, at cuBLAS speed). dS takes B x heads x Tp^2 bf16: the backward runs
-//            chunks of kv heads, or of sequences for one kv head, so that it stays under ML_ATTN_DS_BYTES (at
-//            least one sequence's one kv head group).
+//            chunks of kv heads, or of sequences for one kv head, sized by ML_ATTN_DS_BYTES and a floor of
+//            blocks per chunk (plan_ds).
 // Deterministic: every output element has one writer; sums run in a fixed order.
 // Fragment layouts (PTX ISA, mma.m16n8k16, g = lane / 4, t = lane % 4): A 16 x 16 row-major, registers
 // {(g, 2t..2t+1), (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..)}; B 16 x 8, registers {(2t..2t+1, g), (2t+8.., g)};
@@ -359,23 +359,31 @@ static void fwd(float *out, float *att, const staged &st, int B, int T, int H, i
 #define DQ_BANDS 4 // dq's GEMMs run in at most this many bands of queries
 // dS^T is held a chunk at a time: kv heads (with their query heads) for all B sequences while one kv head's
 // fits ML_ATTN_DS_BYTES, else one kv head for as many sequences as fit (at least one: 537 MB at T 8192 with
-// groups of 4), so long sequences at large batch do not need B x that.
+// groups of 4), so long sequences at large batch do not need B x that. But a chunk always holds enough
+// (sequence, kv head) pairs for ds_min_blocks blocks of the backward kernel (Tp / 64 per pair; 2 resident per
+// SM, triangular work), past the budget if need be: a chunk of one pair at T 8192 would be 128 blocks, under
+// one wave on an H100, and 2 x 4096 would run chunks of 256 blocks.
 static size_t ds_budget = ML_ATTN_DS_BYTES;
-void ml_attention_set_ds_budget(size_t bytes) { ds_budget = bytes; } // tests: force smaller chunks
+static int ds_min_blocks = 512;
+extern "C" void cuda_attention_set_ds_budget(size_t bytes, int min_blocks) { // backend_cuda.h
+    ds_budget = bytes, ds_min_blocks = min_blocks;
+}
 struct ds_plan {
     int bc, kc;                         // sequences and kv heads per chunk
     size_t ds_bytes, ptr_offset, bytes; // dS, then dq's pointer arrays from ptr_offset (256-byte aligned)
 };
 static ds_plan plan_ds(int B, int T, int H, int KV) {
     const size_t one = sizeof(bf16) * (size_t)(H / KV) * padded_T(T) * padded_T(T); // one sequence, one kv head
-    const size_t all = (size_t)B * one;                                             // one kv head, every sequence
     ds_plan p = {B, KV, 0, 0, 0};
-    if (all > ds_budget) { // one kv head, as many sequences as fit
-        const size_t fit = ds_budget / one;
-        p.kc = 1, p.bc = fit < 1 ? 1 : fit > (size_t)B ? B : (int)fit;
-    } else if (all > 0) { // every sequence, as many kv heads as fit
-        const size_t fit = ds_budget / all;
-        p.kc = fit > (size_t)KV ? KV : (int)fit;
+    if (B > 0 && one > 0) {
+        const size_t tiles = padded_T(T) / BQ, busy = (ds_min_blocks + tiles - 1) / tiles;
+        size_t pairs = ds_budget / one; // (sequence, kv head) pairs per chunk
+        if (pairs < busy) pairs = busy;
+        if (pairs < 1) pairs = 1;
+        if (pairs >= (size_t)B) // every sequence, as many kv heads as fit
+            p.kc = pairs / B > (size_t)KV ? KV : (int)(pairs / B);
+        else // one kv head, as many sequences as fit
+            p.kc = 1, p.bc = (int)pairs;
     }
     p.ds_bytes = (size_t)p.bc * p.kc * one;
     p.ptr_offset = (p.ds_bytes + 255) / 256 * 256;
@@ -406,13 +414,15 @@ __global__ void k_dq_ptrs(const void **a, const void **bm, void **c, const bf16 
     bm[i] = ds + ((size_t)bl * hc + hl) * Tp * Tp + q0;
     c[i] = dq + ((size_t)b * T + q0) * H * hd + (size_t)h * hd;
 }
-// One pointer-array batched GEMM per band over every (b, h) of the chunk: up to 4 calls a chunk, each with B x
-// heads problems' output tiles to spread over the SMs. A strided batch can span only the B sequences of one
+// One pointer-array batched GEMM per band over every (b, h) of the chunk: up to 4 calls a chunk, each with all
+// the chunk's problems' output tiles to spread over the SMs. A strided batch can span only the B sequences of one
 // head (the K operand's stride changes between kv heads), and at 2 x 4096 a band's hd x 1024 output per
 // sequence is a few tiles: 64 such calls per layer would leave most SMs idle. A cuBLAS that refuses the
-// pointer-array form (not expected: it takes the same types as cublasGemmEx) gets that loop instead.
+// pointer-array form (not expected: it takes the same types as cublasGemmEx) gets that loop instead, and so
+// does a head size that is not a multiple of 4: cuBLAS cannot see pointers held in device memory, and for bf16
+// inputs wants every matrix 16-byte aligned (dq's rows of one head start hd floats apart).
 static int dq_strided; // 1 after a refusal, or set by tests
-int ml_attention_set_dq_strided(int on) { // returns the previous setting
+extern "C" int cuda_attention_set_dq_strided(int on) { // backend_cuda.h
     const int was = dq_strided;
     dq_strided = on;
     return was;
@@ -421,7 +431,7 @@ static void dq_gemms(float *dq, const bf16 *k, const bf16 *ds, void **ptrs, int 
                      int b0, int bc, int kh0, int hc) {
     const int Tp = padded_T(T), group = H / KV, band = dq_band(T), nb = (T + band - 1) / band, n = bc * hc;
     const float one = 1;
-    if (!dq_strided && n > 0 && nb > 0) {
+    if (!dq_strided && hd % 4 == 0 && (uintptr_t)dq % 16 == 0 && n > 0 && nb > 0) {
         const void **a = (const void **)ptrs, **bm = a + (size_t)nb * n;
         void **c = ptrs + 2 * (size_t)nb * n;
         LAUNCH("attention_backward", ml_blocks(nb * n, 128), 128, k_dq_ptrs, a, bm, c, k, ds, dq, bc, T, Tp, DP, H, KV,
@@ -441,7 +451,8 @@ static void dq_gemms(float *dq, const bf16 *k, const bf16 *ds, void **ptrs, int 
         }
         if (!dq_strided) return;
     }
-    for (int hl = 0; hl < hc; hl++) { // over the chunk's bc sequences: sequence b0 + i at stride i
+    // a strided batch per query head and band, over the chunk's sequences
+    for (int hl = 0; hl < hc; hl++) {
         const int h = kh0 * group + hl, kh = h / group;
         for (int q0 = 0; q0 < T; q0 += band) {
             const int q1 = T - q0 < band ? T : q0 + band;

@@ -48,5 +48,10 @@ void cuda_set_expert_wgrad(int own);
  * outputs (MOELAB_EXPERT_MATMUL=moelab at start-up; the path's name then starts "forward and input gradient by
  * moelab's kernel"), 0 = cuBLAS's grouped forms (the default until the kernel has been timed on a GPU). */
 void cuda_set_expert_matmul(int own);
+/* Tests: the bf16 attention backward's dS workspace per chunk and the fewest backward blocks a chunk may have
+ * (defaults 512 MB and 512; 0: no floor), and dq by a strided batch per query head (1) instead of one
+ * pointer-array batch per band (0, the default); the latter returns the previous setting. */
+void cuda_attention_set_ds_budget(size_t bytes, int min_blocks);
+int cuda_attention_set_dq_strided(int on);
 
 #endif

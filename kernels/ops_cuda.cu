@@ -177,6 +177,7 @@ __global__ void k_rmsnorm_backward(float *dinp, double *part, const float *dout,
         }
         __syncthreads(); // coef is refilled next round
     }
+    __syncthreads(); // the partials of other threads (a chunk with no rows would skip the loop's barriers)
     for (int c = threadIdx.x; c < C; c += blockDim.x) {
         double acc = 0;
         for (int p = 0; p < P; p++) acc += dw_part[p * C + c];
@@ -188,7 +189,7 @@ __global__ void k_rmsnorm_backward(float *dinp, double *part, const float *dout,
 // column over every chunk in turn (1024 dependent latencies), ran on C / 256 blocks: one block at C = 96.
 #define COLSUM_LANES 32
 __global__ void __launch_bounds__(32 * COLSUM_LANES) k_colsum_add(float *dw, const double *part, int chunks, int C) {
-    __shared__ double sum[COLSUM_LANES][33]; // padded: a warp's reads down a column hit distinct banks
+    __shared__ double sum[COLSUM_LANES][32]; // a warp reads and writes along a row
     const int x = threadIdx.x, y = threadIdx.y, c = blockIdx.x * 32 + x;
     double acc = 0;
     if (c < C) {
@@ -211,7 +212,7 @@ static void cu_rmsnorm_forward(float *out, float *rstd, const float *inp, const 
 static void cu_rmsnorm_backward(float *dinp, float *dw, const float *dout, const float *inp, const float *w,
                                 const float *rstd, int M, int C) {
     PROF("rmsnorm_backward");
-    if (M == 0) return;
+    if (M == 0 || C == 0) return;
     const size_t smem = sizeof(double) * norm_split(C, 32 * NORM_ROWS) * C;
     if (smem > 160 * 1024) ml_cuda_die("rmsnorm_backward", "rows longer than 20480 floats");
     static size_t opted_in = 48 * 1024;

@@ -384,11 +384,20 @@ static void test_attention(void) {
         check_attention(be, B, T, H, KV, HD); /* shorter than one tile */
         check_attention(be, 2, 77, 4, 4, 32); /* ragged tiles, no grouping */
         check_attention(be, 1, 70, 2, 2, 40); /* a head size that is not a multiple of 16 */
+        check_attention(be, 2, 90, 2, 2, 18); /* not a multiple of 4 either: dq by the strided batch */
         if (emulated) continue;
         check_attention(be, 1, 300, 8, 2, 64);  /* several key tiles, groups of 4 */
         check_attention(be, 1, 1100, 4, 1, 96); /* Sigma-MoE-Tiny's head size, one kv head */
         check_attention(be, 1, 256, 2, 1, 128); /* the largest head size the kernels take */
     }
+    /* the bf16 backward with its dS in chunks of one sequence's kv head (dq from each chunk), and dq by the
+     * strided batch per query head (the fallback when cuBLAS refuses the pointer-array form) */
+    cuda_attention_set_ds_budget(1, 0);
+    check_attention(gbf, 3, 130, 4, 2, 32);
+    cuda_attention_set_ds_budget((size_t)512 << 20, 512);
+    cuda_attention_set_dq_strided(1);
+    check_attention(gbf, 3, 130, 4, 1, 32);
+    cuda_attention_set_dq_strided(0);
 }
 
 /* route_stats per sequence (segments of 250 tokens: chunks end at each sequence's end): score sums (double)

@@ -22,10 +22,7 @@ extern "C" {
 #include "ops_cpu.h"
 }
 
-void ml_attention_set_ds_budget(size_t bytes); // attention_tc.cu: the dS workspace per chunk
 size_t ml_attention_ds_bytes(int B, int T, int H, int KV); // the workspace the backward takes for that
-int ml_attention_set_dq_strided(int on);       // and dq's GEMMs: a strided batch per query head (1), not one
-                                               // pointer-array batch per band (0); returns the previous setting
 
 struct impl {
     const char *name;
@@ -108,20 +105,20 @@ int main() {
                 const uint64_t eager = check_shape(*im, s[0], s[1], s[2], s[3], s[4], 2, true);
                 // dS (and dq) one kv head over all sequences at a time, then one sequence's kv head: the same bits
                 const size_t Tp = (s[1] + 63) / 64 * 64, one_head = 2 * (size_t)s[0] * (s[2] / s[3]) * Tp * Tp;
-                ml_attention_set_ds_budget(one_head);
+                cuda_attention_set_ds_budget(one_head, 0);
                 const uint64_t by_head = check_shape(*im, s[0], s[1], s[2], s[3], s[4], 2, false);
-                ml_attention_set_ds_budget(1);
+                cuda_attention_set_ds_budget(1, 0);
                 const uint64_t by_sequence = check_shape(*im, s[0], s[1], s[2], s[3], s[4], 2, false);
-                ml_attention_set_ds_budget((size_t)512 << 20);
+                cuda_attention_set_ds_budget((size_t)512 << 20, 512);
                 CHECK(by_head == eager && by_sequence == eager, "%s B %d T %d H %d KV %d hd %d: the backward a kv "
                       "head at a time (%s) and a sequence's kv head at a time (%s) give the same bits", im->name, s[0],
                       s[1], s[2], s[3], s[4], by_head == eager ? "same" : "differs",
                       by_sequence == eager ? "same" : "differs");
                 // dq by a strided batch per query head (here a sequence at a time; below, the refusal test
                 // runs it over whole chunks): the same products
-                ml_attention_set_dq_strided(1), ml_attention_set_ds_budget(1);
+                cuda_attention_set_dq_strided(1), cuda_attention_set_ds_budget(1, 0);
                 const uint64_t strided = check_shape(*im, s[0], s[1], s[2], s[3], s[4], 2, false);
-                ml_attention_set_dq_strided(0), ml_attention_set_ds_budget((size_t)512 << 20);
+                cuda_attention_set_dq_strided(0), cuda_attention_set_ds_budget((size_t)512 << 20, 512);
                 CHECK(strided == eager, "%s B %d T %d H %d KV %d hd %d: dq by a strided batch per query head gives "
                       "the same bits as by pointer-array batches", im->name, s[0], s[1], s[2], s[3], s[4]);
                 for (int order = 0; order < 5; order++)
@@ -140,7 +137,7 @@ int main() {
             setenv("MOELAB_EMU_REFUSE", "pointer-batched", 1);
             const uint64_t got = check_shape(*im, 2, 150, 4, 2, 24, 2, false);
             unsetenv("MOELAB_EMU_REFUSE");
-            CHECK(ml_attention_set_dq_strided(0) == 1 && got == want,
+            CHECK(cuda_attention_set_dq_strided(0) == 1 && got == want,
                   "a refused pointer-array batch switches dq to the strided loop, with the same bits");
         }
         if (im == &tensor_cores) { // the workspace: dS of the chunk the budget allows, plus dq's pointer arrays
@@ -150,11 +147,21 @@ int main() {
                                       {3 * one + 5, 3 * one + 3 * 4 * ptrs},               // a kv head, 3 sequences
                                       {1, one + 4 * ptrs}};                                // a sequence's kv head
             for (const auto &w : want) {
-                ml_attention_set_ds_budget(w[0]);
+                cuda_attention_set_ds_budget(w[0], 0);
                 const size_t got = ml_attention_ds_bytes(8, 200, 8, 2); // groups of 4, Tp 256
                 CHECK(got == w[1], "dS workspace under a budget of %zu bytes: %zu (want %zu)", w[0], got, w[1]);
             }
-            ml_attention_set_ds_budget((size_t)512 << 20);
+            // the floor of 512 backward blocks (4 per pair here) keeps all 16 pairs in one chunk
+            cuda_attention_set_ds_budget(1, 512);
+            CHECK(ml_attention_ds_bytes(8, 200, 8, 2) == want[0][1], "dS chunks keep at least 512 blocks");
+            cuda_attention_set_ds_budget((size_t)512 << 20, 512); // the defaults, at Sigma-MoE-Tiny's heads (16 / 4)
+            const size_t big = 2 * 4 * (size_t)8192 * 8192, mid = 2 * 4 * (size_t)4096 * 4096;
+            CHECK(ml_attention_ds_bytes(8, 8192, 16, 4) == 4 * big + 4 * 4 * ptrs,
+                  "8 x 8192: 4 sequences of a kv head per chunk (512 blocks; one kv head would be 4.3 GB)");
+            CHECK(ml_attention_ds_bytes(2, 4096, 16, 4) == 8 * mid + 8 * 4 * ptrs,
+                  "2 x 4096: every kv head in one chunk (the 512 MB budget alone would take 2, 256 blocks)");
+            CHECK(ml_attention_ds_bytes(8, 2048, 16, 4) == 16 * mid / 4 + 16 * 4 * ptrs,
+                  "8 x 2048: 2 kv heads per chunk (512 MB, 512 blocks)");
         }
         const uint64_t h0 = check_shape(*im, 1, 45, 4, 2, 24, 0, false);
         const uint64_t h1 = check_shape(*im, 1, 45, 4, 2, 24, 1, false), h2 = check_shape(*im, 1, 45, 4, 2, 24, 2, false);
