@@ -146,8 +146,9 @@ __global__ void __launch_bounds__(NT) k_attn_fwd_tc(float *out, float *lse, cons
     ML_DYNAMIC_SMEM(unsigned char, smem);
     bf16 *Qs = (bf16 *)smem, *Kb = Qs + TE, *Vb = Kb + 2 * TE; // K and V double-buffered
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    const int h = blockIdx.y, b = blockIdx.z, kh = h / (H / KV);
-    const int t0 = (gridDim.x - 1 - blockIdx.x) * BQ, w0 = t0 + warp * 16, ntiles = t0 / BT + 1;
+    // the query tile is the grid's slowest index, last tile (most keys) first: the longest blocks start first
+    const int h = blockIdx.x, b = blockIdx.y, kh = h / (H / KV);
+    const int t0 = (gridDim.z - 1 - blockIdx.z) * BQ, w0 = t0 + warp * 16, ntiles = t0 / BT + 1;
     const bf16 *kbase = ks + ((size_t)b * KV + kh) * Tp * DP, *vbase = vs + ((size_t)b * KV + kh) * Tp * DP;
     const float sl2 = scale * LOG2E; // scores in log2 units: exp2 is one instruction
     tile_async<NK>(Qs, qs + (((size_t)b * H + h) * Tp + t0) * DP);
@@ -240,10 +241,12 @@ __global__ void __launch_bounds__(NT) k_attn_dkv_tc(float *dk, float *dv, bf16 *
     bf16 *Ks = (bf16 *)smem, *Vs = Ks + TE, *Qb = Vs + TE, *Gb = Qb + 2 * TE; // Q and dO double-buffered
     float *Lb = (float *)(Gb + 2 * TE), *Db = Lb + 2 * BT;                      // lse (log2 units), delta
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    // dst holds dS^T of the chunk's sequences [b0, b0 + gridDim.z) x kv heads [kh0, kh0 + gridDim.y)
-    const int kh = kh0 + blockIdx.y, b = b0 + blockIdx.z, group = H / KV, HC = gridDim.y * group; // HC: heads in dst
-    const int s_first = blockIdx.x * BQ, w0 = s_first + warp * 16; // the first keys have the most queries
-    const int nq = (T - 1) / BT - (int)blockIdx.x + 1, iters = group * nq; // query tiles per head; in all
+    // dst holds dS^T of the chunk's kv heads [kh0, kh0 + gridDim.x) x sequences [b0, b0 + gridDim.y); the key
+    // tile is the grid's slowest index, first tile (most queries) first: the longest blocks start first
+    const int kl = blockIdx.x, bl = blockIdx.y, kh = kh0 + kl, b = b0 + bl, group = H / KV;
+    const int HC = gridDim.x * group; // query heads in dst
+    const int s_first = blockIdx.z * BQ, w0 = s_first + warp * 16;
+    const int nq = (T - 1) / BT - (int)blockIdx.z + 1, iters = group * nq; // query tiles per head; in all
     const float sl2 = scale * LOG2E;
     // iteration i: query head kh group + i / nq, query tile s_first + 64 (i % nq), into buffer i & 1
     auto issue = [&](int i) {
@@ -295,7 +298,7 @@ __global__ void __launch_bounds__(NT) k_attn_dkv_tc(float *dk, float *dv, bf16 *
                     s[n][i] = p, dp[n][i] = p * (dp[n][i] - Dq[c]) * scale;
                 }
             // dS^T in bf16 for dq = dS K (a GEMM after this kernel): rows = keys, columns = queries
-            bf16 *ds_rows = dst + (((size_t)blockIdx.z * HC + blockIdx.y * group + it / nq) * Tp + w0 + g) * Tp + q0 + 2 * t;
+            bf16 *ds_rows = dst + (((size_t)bl * HC + kl * group + it / nq) * Tp + w0 + g) * Tp + q0 + 2 * t;
 #pragma unroll
             for (int n = 0; n < 8; n++)
 #pragma unroll
@@ -311,7 +314,7 @@ __global__ void __launch_bounds__(NT) k_attn_dkv_tc(float *dk, float *dv, bf16 *
     // dS^T is zero where every query precedes these keys (query tiles before s_first), which the loop skips
     const int c16 = s_first / 8; // 16-byte chunks per row
     for (int h = 0; h < group; h++) {
-        bf16 *rows = dst + (((size_t)blockIdx.z * HC + blockIdx.y * group + h) * Tp + s_first) * Tp;
+        bf16 *rows = dst + (((size_t)bl * HC + kl * group + h) * Tp + s_first) * Tp;
         for (int i = threadIdx.x; i < BQ * c16; i += NT)
             *(uint4 *)&rows[(size_t)(i / c16) * Tp + i % c16 * 8] = make_uint4(0, 0, 0, 0);
     }
@@ -352,7 +355,7 @@ static void fwd(float *out, float *att, const staged &st, int B, int T, int H, i
     if (!opted_in)
         CK("attention_forward", cudaFuncSetAttribute(k_attn_fwd_tc<NK>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm));
     opted_in = true;
-    dim3 grid(padded_T(T) / BQ, H, B);
+    dim3 grid(H, B, padded_T(T) / BQ);
     LAUNCH_SMEM("attention_forward", grid, NT, sm, k_attn_fwd_tc<NK>, out, att, st.q, st.k, st.v, T, padded_T(T), H,
                 KV, hd, scale);
 }
@@ -486,7 +489,7 @@ static void bwd(float *dq, float *dk, float *dv, const float *lse, const float *
     for (int b0 = 0; b0 < B; b0 += pl.bc)
         for (int kh0 = 0; kh0 < KV; kh0 += pl.kc) {
             const int bc = B - b0 < pl.bc ? B - b0 : pl.bc, kc = KV - kh0 < pl.kc ? KV - kh0 : pl.kc, hc = kc * group;
-            dim3 gkv(Tp / BQ, kc, bc);
+            dim3 gkv(kc, bc, Tp / BQ);
             LAUNCH_SMEM("attention_backward", gkv, NT, skv, k_attn_dkv_tc<NK>, dk, dv, ds, lse, delta, st.q, st.g,
                         st.k, st.v, T, Tp, H, KV, b0, kh0, hd, scale);
             dq_gemms(dq, st.k, ds, ptrs, T, H, KV, hd, DP, b0, bc, kh0, hc);
