@@ -372,12 +372,12 @@ extern "C" void cuda_attention_set_ds_budget(size_t bytes, int min_blocks) { // 
     ds_budget = bytes, ds_min_blocks = min_blocks;
 }
 struct ds_plan {
-    int bc, kc;                         // sequences and kv heads per chunk
-    size_t ds_bytes, ptr_offset, bytes; // dS, then dq's pointer arrays from ptr_offset (256-byte aligned)
+    int bc, kc;               // sequences and kv heads per chunk
+    size_t ptr_offset, bytes; // dS, then dq's pointer arrays from ptr_offset (256-byte aligned)
 };
 static ds_plan plan_ds(int B, int T, int H, int KV) {
     const size_t one = sizeof(bf16) * (size_t)(H / KV) * padded_T(T) * padded_T(T); // one sequence, one kv head
-    ds_plan p = {B, KV, 0, 0, 0};
+    ds_plan p = {B, KV, 0, 0};
     if (B > 0 && one > 0) {
         const size_t tiles = padded_T(T) / BQ, busy = (ds_min_blocks + tiles - 1) / tiles;
         size_t pairs = ds_budget / one; // (sequence, kv head) pairs per chunk
@@ -388,8 +388,7 @@ static ds_plan plan_ds(int B, int T, int H, int KV) {
         else // one kv head, as many sequences as fit
             p.kc = 1, p.bc = (int)pairs;
     }
-    p.ds_bytes = (size_t)p.bc * p.kc * one;
-    p.ptr_offset = (p.ds_bytes + 255) / 256 * 256;
+    p.ptr_offset = ((size_t)p.bc * p.kc * one + 255) / 256 * 256;
     // 3 pointer arrays of DQ_BANDS x the chunk's (sequence, query head) problems
     p.bytes = p.ptr_offset + 3 * sizeof(void *) * DQ_BANDS * (size_t)p.bc * p.kc * (H / KV);
     return p;
@@ -405,6 +404,7 @@ static int dq_band(int T) {
     const int quarter = (T + DQ_BANDS - 1) / DQ_BANDS;
     return quarter < BT ? BT : (quarter + BT - 1) / BT * BT;
 }
+static int band_end(int q0, int band, int T) { return T - q0 < band ? T : q0 + band; }
 // the operands of problem p = bl hc + hl (sequence b0 + bl, query head kh0 group + hl) of band j at
 // [j bc hc + p] of each array
 __global__ void k_dq_ptrs(const void **a, const void **bm, void **c, const bf16 *k, const bf16 *ds, float *dq, int bc,
@@ -440,7 +440,7 @@ static void dq_gemms(float *dq, const bf16 *k, const bf16 *ds, void **ptrs, int 
         LAUNCH("attention_backward", ml_blocks(nb * n, 128), 128, k_dq_ptrs, a, bm, c, k, ds, dq, bc, T, Tp, DP, H, KV,
                b0, kh0, hc, group, hd, band, nb);
         for (int j = 0; j < nb; j++) {
-            const int q0 = j * band, q1 = T - q0 < band ? T : q0 + band;
+            const int q0 = j * band, q1 = band_end(q0, band, T);
             const cublasStatus_t st = cublasGemmBatchedEx(
                 ml_blas, CUBLAS_OP_N, CUBLAS_OP_T, hd, q1 - q0, q1, &one, a + (size_t)j * n, CUDA_R_16BF, DP,
                 bm + (size_t)j * n, CUDA_R_16BF, Tp, &one, c + (size_t)j * n, CUDA_R_32F, H * hd, n, CUBLAS_COMPUTE_32F,
@@ -458,7 +458,7 @@ static void dq_gemms(float *dq, const bf16 *k, const bf16 *ds, void **ptrs, int 
     for (int hl = 0; hl < hc; hl++) {
         const int h = kh0 * group + hl, kh = h / group;
         for (int q0 = 0; q0 < T; q0 += band) {
-            const int q1 = T - q0 < band ? T : q0 + band;
+            const int q1 = band_end(q0, band, T);
             BK("attention_backward",
                cublasGemmStridedBatchedEx(ml_blas, CUBLAS_OP_N, CUBLAS_OP_T, hd, q1 - q0, q1, &one,
                                           k + ((size_t)b0 * KV + kh) * Tp * DP, CUDA_R_16BF, DP,
