@@ -12,6 +12,7 @@
 
 #include "cli.h"
 #include "config.h"
+#include "memplan.h"
 #include "model.h"
 #include "recorder.h"
 #ifdef ML_HAVE_CUDA
@@ -172,12 +173,15 @@ int cli_bench(int argc, char **argv) {
     int nops = 0, prof_steps = steps < 3 ? steps : 3;
     long step_allocs = 0;
     double prof_total = 0, mem_gib = 0, mem_total_gib = 0; /* device memory in use after the steps */
+    size_t mem_bytes = 0, planned_bytes = 0; /* and what moelab plan says this run allocates */
 #ifdef ML_HAVE_CUDA
     if (on_gpu) {
         step_allocs = cuda_alloc_count() - allocs_before;
         size_t used, total;
         cuda_memory_in_use(&used, &total);
-        mem_gib = used / 1073741824.0, mem_total_gib = total / 1073741824.0;
+        mem_bytes = used, mem_gib = used / 1073741824.0, mem_total_gib = total / 1073741824.0;
+        ml_memory_plan plan;
+        if (!memory_plan(&cfg, be->name, cfg.train.batch, &plan, &err)) planned_bytes = memory_plan_total(&plan);
         m->time_routing = 1;
         const double r0 = m->routing_seconds, w0 = now_s();
         cuda_profile_start();
@@ -229,11 +233,13 @@ int cli_bench(int argc, char **argv) {
                "\"mfu\": %.4f, \"params\": %zu, \"active_params\": %.0f, \"backend\": \"%s\", "
                "\"step_allocations\": %ld, \"expert_gemm\": \"%s\", \"attention_tflops_forward\": %.2f, "
                "\"attention_tflops_backward\": %.2f, \"device_memory_gib\": %.2f, "
-               "\"device_memory_total_gib\": %.2f, \"ops\": {",
+               "\"device_memory_total_gib\": %.2f, \"device_memory_bytes\": %zu, \"planned_memory_bytes\": %zu, "
+               "\"ops\": {",
                cfg.preset, M * accum, accum, steps, tok_s, 1e3 * total / steps, 1e3 * t_fwd / steps, 1e3 * t_bwd / steps,
                1e3 * t_opt / steps, 1e3 * t_route / steps, t_route / total, 1e3 * t_trace / steps, t_trace / total,
                gflops, peak, peak_kind, of_peak, mfu, m->nparams, model_active_params(&cfg), be->name,
-               step_allocs, expert_gemm, attn_tflops[0], attn_tflops[1], mem_gib, mem_total_gib);
+               step_allocs, expert_gemm, attn_tflops[0], attn_tflops[1], mem_gib, mem_total_gib, mem_bytes,
+               planned_bytes);
         for (int i = 0; i < nops; i++)
             printf("%s\"%s\": {\"ms_per_step\": %.3f, \"calls_per_step\": %.1f}", i ? ", " : "", ops[i].op,
                    ops[i].ms / prof_steps, (double)ops[i].calls / prof_steps);
@@ -260,7 +266,9 @@ int cli_bench(int argc, char **argv) {
         }
         if (on_gpu) {
             printf("  device allocations during the timed steps: %ld\n", step_allocs);
-            printf("  device memory in use after them: %.2f GiB of %.2f\n", mem_gib, mem_total_gib);
+            printf("  device memory in use after them: %.2f GiB of %.2f (moelab plan: %.2f GiB; the rest is the\n"
+                   "  CUDA context, cuBLAS's workspace and the allocator's rounding)\n",
+                   mem_gib, mem_total_gib, planned_bytes / 1073741824.0);
             printf("  experts' GEMMs: %s\n", expert_gemm);
             printf("  attention: %.1f TFLOP/s forward, %.1f backward (causal FLOPs)\n", attn_tflops[0],
                    attn_tflops[1]);

@@ -3,12 +3,14 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "cli.h"
 #include "balance/policy.h"
 #include "config.h"
 #include "experiment.h"
 #include "model.h"
+#include "memplan.h"
 #include "train.h"
 
 static void train_usage(FILE *f) {
@@ -157,28 +159,108 @@ int cli_train(int argc, char **argv) {
     return 0;
 }
 
+static double gib(size_t bytes) { return bytes / 1073741824.0; }
+
+/* This machine's memory, for plans on the CPU. */
+static size_t host_memory(void) {
+    long pages = sysconf(_SC_PHYS_PAGES), size = sysconf(_SC_PAGESIZE);
+    return pages > 0 && size > 0 ? (size_t)pages * (size_t)size : 0;
+}
+
+enum { PLAN_CUDA_RESERVE_MIB = 1024 }; /* left for the CUDA context and cuBLAS's workspace */
+
 int cli_plan(int argc, char **argv) {
-    for (int i = 1; i < argc; i++)
+    const char *backend = "cpu";
+    double memory_gib = 0;
+    int json = 0, n = 1;
+    char **args = malloc(sizeof(char *) * (argc + 1));
+    if (!args) return 1;
+    args[0] = argv[0];
+    for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
-            printf("usage: moelab plan [preset=NAME] [key=value ...]\n\n"
-                   "Validates a config and prints its parameter count, active parameters per token, memory for\n"
-                   "fp32 training (weights, gradients, AdamW) and training FLOPs per token.\n");
+            printf("usage: moelab plan [preset=NAME] [key=value ...] [--backend cpu|cuda|cuda-fp32] [--memory GIB]\n"
+                   "                   [--json]\n\n"
+                   "Validates a config and prints its parameter count, active parameters per token, training FLOPs\n"
+                   "per token, and the memory training it takes on the backend (no GPU needed): fp32 weights,\n"
+                   "gradients and AdamW moments, the bf16 weight copy (cuda), the activations of a micro-batch of\n"
+                   "train.batch x model.seq_len tokens, and the backend's scratch; exactly what moelab allocates,\n"
+                   "without the CUDA context or cuBLAS's own workspace. Then whether it fits in --memory GiB (default:\n"
+                   "this machine's memory for cpu; 79.6, an H100 80GB's, for cuda, less %d MiB kept for the CUDA\n"
+                   "context and cuBLAS) and the largest train.batch that does.\n",
+                   PLAN_CUDA_RESERVE_MIB);
+            free(args);
             return 0;
         }
+        if (!strcmp(argv[i], "--json")) {
+            json = 1;
+        } else if (!strcmp(argv[i], "--memory")) {
+            char *end = NULL;
+            memory_gib = i + 1 < argc ? strtod(argv[i + 1], &end) : 0;
+            if (!end || *end || !(memory_gib > 0) || memory_gib > 1e6) {
+                fprintf(stderr, "moelab plan: --memory needs a size in GiB (e.g. 80)\n");
+                free(args);
+                return 2;
+            }
+            i++;
+        } else {
+            args[n++] = argv[i];
+        }
+    }
+    args[n] = NULL;
     ml_config cfg;
     ml_err err = {0};
-    if (parse_config(&cfg, argc, argv, NULL, NULL, NULL, &err)) {
-        fprintf(stderr, "moelab plan: %s\n", err.msg);
-        return 2;
+    int rc = parse_config(&cfg, n, args, NULL, NULL, &backend, &err);
+    free(args);
+    const int on_gpu = !strncmp(backend, "cuda", 4);
+    ml_memory_plan mem;
+    int max_B = 0;
+    size_t limit = 0;
+    if (!rc) {
+        rc = memory_plan(&cfg, backend, cfg.train.batch, &mem, &err);
     }
-    size_t n = model_param_count(&cfg);
+    if (!rc) {
+        size_t capacity = memory_gib > 0 ? (size_t)(memory_gib * 1073741824.0)
+                          : on_gpu       ? (size_t)(79.6 * 1073741824.0)
+                                         : host_memory();
+        const size_t reserve = on_gpu ? (size_t)PLAN_CUDA_RESERVE_MIB << 20 : 0;
+        limit = capacity > reserve ? capacity - reserve : 0;
+        memory_gib = gib(capacity);
+        rc = memory_plan_max_batch(&cfg, backend, limit, &max_B, &err);
+    }
+    if (rc) {
+        fprintf(stderr, "moelab plan: %s\n", err.msg);
+        return rc == ML_EINPUT ? 2 : 1;
+    }
+    size_t params = model_param_count(&cfg);
     double active = model_active_params(&cfg);
     double attn = 0;
     for (int l = 0; l < cfg.model.layers; l++) attn += 6.0 * cfg.model.seq_len * cfg.model.dim; /* causal QK^T+AV */
+    const size_t total = memory_plan_total(&mem);
+    const long tokens = (long)cfg.train.batch * cfg.model.seq_len;
+    if (json) {
+        printf("{\"preset\": \"%s\", \"params\": %zu, \"active_params\": %.0f, \"train_flops_per_token\": %.6g, "
+               "\"backend\": \"%s\", \"batch\": %d, \"seq_len\": %d, \"tokens_per_micro_batch\": %ld, "
+               "\"memory_bytes\": {\"state\": %zu, \"weight_copy\": %zu, \"activations\": %zu, \"scratch\": %zu, "
+               "\"total\": %zu}, \"memory_limit_bytes\": %zu, \"fits\": %s, \"max_batch\": %d}\n",
+               cfg.preset, params, active, 6 * active + attn, backend, cfg.train.batch, cfg.model.seq_len, tokens,
+               mem.state, mem.weight_copy, mem.activations, mem.scratch, total, limit, total <= limit ? "true" : "false",
+               max_B);
+        return 0;
+    }
     printf("preset            %s\n", cfg.preset);
-    printf("parameters        %zu (%.2fB)\n", n, n / 1e9);
+    printf("parameters        %zu (%.2fB)\n", params, params / 1e9);
     printf("active per token  %.0f (%.3fB)\n", active, active / 1e9);
-    printf("train memory fp32 %.2f GiB (weights + grads + AdamW m, v)\n", 16.0 * n / (1 << 30));
+    printf("train memory fp32 %.2f GiB (weights + grads + AdamW m, v)\n", gib(mem.state));
     printf("train FLOPs/token %.3g (6 x active + attention)\n", 6 * active + attn);
+    printf("memory to train on %s, train.batch %d x model.seq_len %d = %ld tokens a micro-batch:\n", backend,
+           cfg.train.batch, cfg.model.seq_len, tokens);
+    printf("  weights, gradients, AdamW m, v  %8.2f GiB\n", gib(mem.state));
+    if (mem.weight_copy) printf("  bf16 weight copy                %8.2f GiB\n", gib(mem.weight_copy));
+    printf("  activations                     %8.2f GiB\n", gib(mem.activations));
+    if (on_gpu) printf("  backend scratch                 %8.2f GiB\n", gib(mem.scratch));
+    printf("  total                           %8.2f GiB%s\n", gib(total),
+           on_gpu ? " (+ the CUDA context and cuBLAS's workspace)" : "");
+    printf("fits in %.1f GiB%s  %s; the largest train.batch that fits: %d\n", memory_gib,
+           on_gpu ? " (1 GiB kept for CUDA)" : "", total <= limit ? "yes" : "NO", max_B);
     return 0;
 }

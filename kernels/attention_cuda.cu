@@ -13,7 +13,8 @@
 #define TILE 32           // keys (or queries) per shared-memory tile: one per lane
 #define FULL 0xffffffffu
 
-static size_t cu_attention_state_floats(int B, int T, int H) { return 2 * (size_t)B * H * T; }
+// the saved state: the log-sum-exp and delta per query row (both tables; cuda_plan_memory counts it too)
+extern "C" size_t cuda_attention_state_floats(int B, int T, int H) { return 2 * (size_t)B * H * T; }
 
 // rows [r0, r0 + n) of head h of a (B,T,heads,hd) tensor a into A (row stride ld), zeros past T; the same
 // rows of c into C when c is given
@@ -223,6 +224,6 @@ static void cu_attention_backward(float *dq, float *dk, float *dv, const float *
 }
 
 void ml_cuda_fill_attention(ml_backend *b) {
-    b->attention_state_floats = cu_attention_state_floats;
+    b->attention_state_floats = cuda_attention_state_floats;
     b->attention_forward = cu_attention_forward, b->attention_backward = cu_attention_backward;
 }

@@ -27,6 +27,14 @@ int cuda_profile_stop(ml_op_time *out, int cap);
 /* device allocations so far (cudaMalloc calls, the workspace's included): constant across steps when the
  * model's prepare() sized the scratch */
 long cuda_alloc_count(void);
+/* Memory planning without a GPU (moelab plan): what the cuda (bf16_table = 1) or cuda-fp32 table allocates
+ * beyond model_init's arrays for a model that model_init plans as p, with nparams parameters: scratch = the
+ * workspace prepare() sizes plus the op groups' fixed buffers, weight_copy = the weights' bf16 shadow (cuda).
+ * Assumes cuBLAS 13.0's grouped GEMM forms (bf16 outputs) and reads the same environment the tables do. */
+void cuda_plan_memory(const ml_backend_plan *p, size_t nparams, int bf16_table, size_t *scratch,
+                      size_t *weight_copy);
+/* the attention state each layer saves (attention_state_floats of both tables) */
+size_t cuda_attention_state_floats(int B, int T, int H);
 /* bytes in use on the device (by this process and any other: cudaMemGetInfo) and its total */
 void cuda_memory_in_use(size_t *used, size_t *total);
 

@@ -96,6 +96,7 @@ enum { WS_CAST_A, WS_CAST_B, WS_CAST_W, WS_REDUCE, WS_DISPATCH, WS_CAPACITY, WS_
        WS_SLOTS };
 void *ml_ws(int slot, size_t bytes);
 int ml_grouped_bf16_outputs(void); // the bf16 experts write bf16 (WS_GROUPED_OUT) and widen it (gemm_cuda.cu)
+int ml_grouped_bf16_outputs_planned(void); // the same, as cuBLAS 13.0 answers, for a plan made without a GPU
 
 // ---- bf16 shadows of the bound fp32 master weights ----
 const bf16 *ml_shadow_of(const float *w, size_t n); // the bf16 copy of w[0..n) or NULL when w is not bound
@@ -164,3 +165,6 @@ size_t ml_attention_stage_bytes(int B, int T, int H, int KV, int hd);
 size_t ml_attention_ds_bytes(int B, int T, int H, int KV);
 void ml_cuda_fill_gemms(ml_backend *b, int bf16_compute); // gemm_cuda.cu
 void ml_cuda_gemm_init(void);
+// the device bytes the op groups allocate once, whatever the model (for cuda_plan_memory)
+size_t ml_gemm_fixed_bytes(void);
+size_t ml_ops_fixed_bytes(void);

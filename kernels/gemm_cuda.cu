@@ -378,15 +378,26 @@ extern "C" void cuda_set_grouped_gemm(int on) {
 }
 int ml_grouped_bf16_outputs(void) { return path_of(1) == PATH_BF16OUT; }
 
+// the device buffers ml_cuda_gemm_init allocates once (ml_gemm_fixed_bytes counts them for cuda_plan_memory)
+static const size_t group_ptrs_bytes = sizeof(void *) * 3 * MAX_GROUPS,
+                    tile_start_bytes = sizeof(int32_t) * (MAX_GROUPS + 1), probe_bytes = 3 * 16 * 16 * sizeof(float),
+                    probe_ptrs_bytes = sizeof(void *) * 3;
+size_t ml_gemm_fixed_bytes(void) { return group_ptrs_bytes + tile_start_bytes + probe_bytes + probe_ptrs_bytes; }
+int ml_grouped_bf16_outputs_planned(void) {
+    const char *env = getenv("MOELAB_GROUPED_GEMM");
+    return !(env && !strcmp(env, "loop")); // cuBLAS 13.0 (H100) takes bf16 outputs, not bf16 in / fp32 out
+}
+
 void ml_cuda_gemm_init(void) {
-    if (!group_ptrs) CK("grouped_matmul", cudaMalloc(&group_ptrs, sizeof(void *) * 3 * MAX_GROUPS));
-    if (!tile_start) CK("grouped_matmul", cudaMalloc(&tile_start, sizeof(int32_t) * (MAX_GROUPS + 1)));
+    if (!group_ptrs) CK("grouped_matmul", cudaMalloc(&group_ptrs, group_ptrs_bytes));
+    if (!tile_start) CK("grouped_matmul", cudaMalloc(&tile_start, tile_start_bytes));
     if (!probe_ptrs) {
         char *scratch;
-        CK("grouped_matmul", cudaMalloc(&scratch, 3 * 16 * 16 * sizeof(float)));
-        CK("grouped_matmul", cudaMemset(scratch, 0, 3 * 16 * 16 * sizeof(float)));
+        CK("grouped_matmul", cudaMalloc(&scratch, probe_bytes));
+        CK("grouped_matmul", cudaMemset(scratch, 0, probe_bytes));
         void *p[3] = {scratch, scratch + 1024, scratch + 2048};
-        CK("grouped_matmul", cudaMalloc(&probe_ptrs, sizeof p));
+        static_assert(sizeof p == probe_ptrs_bytes, "three probe pointers");
+        CK("grouped_matmul", cudaMalloc(&probe_ptrs, probe_ptrs_bytes));
         CK("grouped_matmul", cudaMemcpy(probe_ptrs, p, sizeof p, cudaMemcpyHostToDevice));
     }
     const char *env = getenv("MOELAB_GROUPED_GEMM");

@@ -1003,8 +1003,10 @@ static double cu_sumsq(const float *x, size_t n) {
 
 // ---- the table ----
 
+size_t ml_ops_fixed_bytes(void) { return sizeof(double) * SUMSQ_BLOCKS; }
+
 void ml_cuda_fill_ops(ml_backend *b) {
-    if (!sumsq_part) CK("sumsq", cudaMalloc(&sumsq_part, sizeof(double) * SUMSQ_BLOCKS));
+    if (!sumsq_part) CK("sumsq", cudaMalloc(&sumsq_part, ml_ops_fixed_bytes()));
     b->encoder_forward = cu_encoder_forward, b->encoder_backward = cu_encoder_backward;
     b->rmsnorm_forward = cu_rmsnorm_forward, b->rmsnorm_backward = cu_rmsnorm_backward;
     b->rope_forward = cu_rope_forward, b->rope_backward = cu_rope_backward;

@@ -248,19 +248,25 @@ void *ml_ws(int slot, size_t bytes) {
 }
 
 static int tc_attention; // the cuda table runs attention_tc.cu (not MOELAB_ATTENTION=fp32)
+static int tc_attention_wanted(void) {
+    const char *att = getenv("MOELAB_ATTENTION");
+    return !att || strcmp(att, "fp32");
+}
 
-// the scratch each op group needs for the largest shapes the model will use (see the users of each slot)
-static void prepare(const ml_backend_plan *p, int bf16_casts) {
+// the scratch each op group needs for the largest shapes the model will use (see the users of each slot), in
+// bytes per workspace slot; pure arithmetic, so cuda_plan_memory can ask it without a GPU
+static void workspace_need(const ml_backend_plan *p, int bf16_casts, int tc_attn, int grouped_bf16_outputs,
+                           size_t need[WS_SLOTS]) {
     const size_t MK = (size_t)p->M * (p->kmax > 0 ? p->kmax : 1), E = p->E > 0 ? p->E : 1;
+    for (int s = 0; s < WS_SLOTS; s++) need[s] = 0;
     if (bf16_casts) { // activations and output gradients rounded to bf16 before each GEMM
-        ml_ws(WS_CAST_A, sizeof(bf16) * p->max_gemm_floats);
-        ml_ws(WS_CAST_B, sizeof(bf16) * p->max_gemm_floats);
+        need[WS_CAST_A] = need[WS_CAST_B] = sizeof(bf16) * p->max_gemm_floats;
         // the experts' products in bf16 before they are widened: rows x (2F or C) <= max_gemm_floats
-        if (ml_grouped_bf16_outputs()) ml_ws(WS_GROUPED_OUT, sizeof(bf16) * p->max_gemm_floats);
+        if (grouped_bf16_outputs) need[WS_GROUPED_OUT] = sizeof(bf16) * p->max_gemm_floats;
         // the tensor-core attention's bf16 copies of q, dO, k, v
-        if (tc_attention && p->hd >= 1 && p->hd <= 128 && p->KV > 0 && p->H % p->KV == 0) {
-            ml_ws(WS_ATTN, ml_attention_stage_bytes(p->B, p->T, p->H, p->KV, p->hd));
-            ml_ws(WS_ATTN_DS, ml_attention_ds_bytes(p->B, p->T, p->H, p->KV));
+        if (tc_attn && p->hd >= 1 && p->hd <= 128 && p->KV > 0 && p->H % p->KV == 0) {
+            need[WS_ATTN] = ml_attention_stage_bytes(p->B, p->T, p->H, p->KV, p->hd);
+            need[WS_ATTN_DS] = ml_attention_ds_bytes(p->B, p->T, p->H, p->KV);
         }
     }
     // route_stats: M row sums + (M/128 + B) x E partial sums and counts (chunks stop at sequence ends; the
@@ -268,11 +274,17 @@ static void prepare(const ml_backend_plan *p, int bf16_casts) {
     // partials
     size_t reduce = sizeof(double) * p->M + (sizeof(double) + sizeof(int32_t)) * (p->M / 128 + p->B + 1) * E;
     size_t norm = sizeof(double) * ML_NORM_CHUNKS * (size_t)(p->C > p->hd ? p->C : p->hd);
-    ml_ws(WS_REDUCE, reduce > norm ? reduce : norm);
+    need[WS_REDUCE] = reduce > norm ? reduce : norm;
     // moe_dispatch: per-chunk counts and bases, (M k / 256 + 1) x E each
-    ml_ws(WS_DISPATCH, 2 * sizeof(int32_t) * (MK / 256 + 1) * E);
+    need[WS_DISPATCH] = 2 * sizeof(int32_t) * (MK / 256 + 1) * E;
     // capacity_route by score: the choices in slot order (M k)
-    ml_ws(WS_CAPACITY, sizeof(int32_t) * MK);
+    need[WS_CAPACITY] = sizeof(int32_t) * MK;
+}
+static void prepare(const ml_backend_plan *p, int bf16_casts) {
+    size_t need[WS_SLOTS];
+    workspace_need(p, bf16_casts, tc_attention, bf16_casts && ml_grouped_bf16_outputs(), need);
+    for (int s = 0; s < WS_SLOTS; s++)
+        if (need[s]) ml_ws(s, need[s]);
 }
 static void cu_prepare_fp32(const ml_backend_plan *p) { prepare(p, 0); }
 static void cu_prepare_bf16(const ml_backend_plan *p) { prepare(p, 1); }
@@ -326,6 +338,16 @@ extern "C" int cuda_profile_stop(ml_op_time *out, int cap) {
 }
 
 extern "C" long cuda_alloc_count(void) { return n_allocs; }
+
+extern "C" void cuda_plan_memory(const ml_backend_plan *p, size_t nparams, int bf16_table, size_t *scratch,
+                                 size_t *weight_copy) {
+    size_t need[WS_SLOTS];
+    workspace_need(p, bf16_table, bf16_table && tc_attention_wanted(), bf16_table && ml_grouped_bf16_outputs_planned(),
+                   need);
+    *scratch = ml_gemm_fixed_bytes() + ml_ops_fixed_bytes();
+    for (int s = 0; s < WS_SLOTS; s++) *scratch += need[s];
+    *weight_copy = bf16_table ? sizeof(bf16) * (nparams ? nparams : 1) : 0; // as cu_bind_params allocates
+}
 extern "C" void cuda_memory_in_use(size_t *used, size_t *total) {
     size_t free_bytes = 0;
     CK("memory", cudaMemGetInfo(&free_bytes, total));
@@ -425,8 +447,7 @@ extern "C" const ml_backend *backend_cuda(void) {
         ml_cuda_fill_gemms(&b, 1);
         b.prepare = cu_prepare_bf16;
         // tensor-core attention; MOELAB_ATTENTION=fp32 keeps the fp32 kernels (to tell the two apart)
-        const char *att = getenv("MOELAB_ATTENTION");
-        tc_attention = !att || strcmp(att, "fp32");
+        tc_attention = tc_attention_wanted();
         if (tc_attention) ml_cuda_fill_attention_tc(&b);
         b.bind_params = cu_bind_params;
         b.name = "cuda";

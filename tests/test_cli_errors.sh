@@ -61,6 +61,14 @@ expect 2 "$tmp/short/train.bin" -- train "${small[@]}" data.dir="$tmp/short" run
 expect 2 "$tokens/train.bin: token [0-9]+ at position [0-9]+ is outside model.vocab=100" -- \
     train "${small[@]}" model.vocab=100 data.dir="$tokens" run.dir="$tmp/r3"
 
+# moelab plan: bad options, and a memory that cannot hold the model
+expect 2 "--memory needs a size in GiB" -- plan preset=tiny --memory lots
+expect 2 "--memory needs a size in GiB" -- plan preset=tiny --memory
+expect 2 "--backend: 'tpu' is not cpu, cuda or cuda-fp32" -- plan preset=tiny --backend tpu
+expect 2 "model.experts" -- plan preset=tiny model.experts=0
+expect 0 "fits in 0.0 GiB  NO; the largest train.batch that fits: 0" -- plan preset=tiny --memory 0.001
+expect 0 '"fits": true, "max_batch": [0-9]+' -- plan preset=tiny --memory 8 --json
+
 # checkpoints: a good short run, then a corrupt and a foreign one
 expect 0 "done: 2 steps" -- train "${small[@]}" train.steps=4 data.dir="$tokens" run.dir="$tmp/run" --stop-after 2
 [ -f "$tmp/run/checkpoint.bin" ] || { failed=$((failed + 1)); echo "FAIL: no checkpoint written"; }

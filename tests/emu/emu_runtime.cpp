@@ -255,9 +255,14 @@ cudaError_t cudaMalloc(void **p, size_t bytes) {
     if (*p) device_allocs[(uintptr_t)*p] = bytes, memset(*p, 0xff, bytes); // NaN: as unset as cudaMalloc's
     return *p ? cudaSuccess : cudaErrorMemoryAllocation;
 }
-cudaError_t cudaMallocHost(void **p, size_t bytes) { return cudaMalloc(p, bytes); }
+// pinned host memory: not the device's (cudaMemGetInfo leaves it out, as the driver does)
+cudaError_t cudaMallocHost(void **p, size_t bytes) {
+    *p = aligned_alloc(256, (bytes + 255) / 256 * 256);
+    if (*p) memset(*p, 0xff, bytes);
+    return *p ? cudaSuccess : cudaErrorMemoryAllocation;
+}
 cudaError_t cudaFree(void *p) { return device_allocs.erase((uintptr_t)p), free(p), cudaSuccess; }
-cudaError_t cudaFreeHost(void *p) { return cudaFree(p); }
+cudaError_t cudaFreeHost(void *p) { return free(p), cudaSuccess; }
 cudaError_t cudaMemGetInfo(size_t *free_bytes, size_t *total) { // an 80 GiB device holding what was allocated
     size_t used = 0;
     for (const auto &a : device_allocs) used += a.second;

@@ -2,7 +2,8 @@
 # test_train_emu.sh: moelab itself on the emulated CUDA backend (tests/emu): a short bf16 run (`--backend
 # cuda`) records its trace and checkpoint; stopped after step 2 and resumed it ends with the same checkpoint,
 # bit for bit, as the run that never stopped (the bf16 weight shadow is rebuilt from the loaded fp32
-# weights); `moelab bench --backend cuda` reports a per-op breakdown and no device allocation during steps.
+# weights); `moelab bench --backend cuda` reports a per-op breakdown and no device allocation during steps;
+# `moelab plan --backend cuda|cuda-fp32` predicts, byte for byte, the device memory those steps hold.
 # $1 = moelab built against the emulator, $2 = a prepared token folder (data/tokens/vocab8192).
 set -u
 moelab=$1
@@ -43,13 +44,41 @@ ops = j['ops']
 need = ['attention_forward', 'attention_backward', 'grouped_matmul_forward', 'moe_dispatch', 'route_stats']
 sys.exit(0 if all(o in ops and ops[o]['calls_per_step'] > 0 for o in need) and j['step_allocations'] == 0
          and j['backend'] == 'cuda' and 0 < j['device_memory_gib'] < j['device_memory_total_gib'] else 1)"
+# moelab plan's memory for the cuda tables (made without a device) against what the emulated device holds after
+# real steps: exact, since the emulator has no CUDA context or cuBLAS workspace (pinned host memory is not the
+# device's); bench prints both, plan --json the same plan
+plan_matches() { # plan_matches ENV... -- ARGS...
+    local envs=()
+    while [ "$1" != -- ]; do envs+=("$1"); shift; done
+    shift
+    env "${envs[@]}" "$moelab" bench "$@" --steps 1 --warmup 1 --no-peak --json >"$tmp/pb.json" 2>"$tmp/pb.err" &&
+        env "${envs[@]}" "$moelab" plan "$@" --json >"$tmp/plan.json" 2>>"$tmp/pb.err" &&
+        python3 -c "
+import json, sys
+b, p = json.load(open('$tmp/pb.json')), json.load(open('$tmp/plan.json'))
+used, planned = b['device_memory_bytes'], p['memory_bytes']['total']
+ok = used == planned == b['planned_memory_bytes'] and p['backend'] == b['backend']
+if not ok: print('device holds %d bytes, plan says %d (bench: %d)' % (used, planned, b['planned_memory_bytes']))
+sys.exit(0 if ok else 1)"
+}
+check "plan = device memory: cuda, tiny" plan_matches X=1 -- preset=tiny train.batch=2 model.seq_len=32 --backend cuda
+check "plan = device memory: cuda-fp32, 3 x 48 tokens" \
+    plan_matches X=1 -- preset=tiny train.batch=3 model.seq_len=48 --backend cuda-fp32
+check "plan = device memory: cuda, fp32 attention and the experts' loop" \
+    plan_matches MOELAB_ATTENTION=fp32 MOELAB_GROUPED_GEMM=loop -- preset=tiny train.batch=3 model.seq_len=48 --backend cuda
+check "plan = device memory: cuda, a dense layer, a shared expert, top-3 by schedule, capacity, T 130" \
+    plan_matches X=1 -- preset=tiny train.batch=2 model.seq_len=130 model.dense_layers=1 model.dense_ffn=96 \
+    model.shared_experts=1 model.shared_ffn=48 balance.policy=aux_loss+topk_schedule+capacity \
+    'balance.topk_stages=[{layers: "[3]*2", until_tokens: 1e6}, {layers: "[1]*2"}]' balance.capacity_factor=1.5 \
+    --backend cuda
+
 # the experts' own matmul kernel in a whole model whose head size (10) puts the bf16 shadows of odd layers'
 # experts off 16-byte alignment: those layers must stay on cuBLAS's path (cp.async would fault; exit 8 here)
 MOELAB_EXPERT_MATMUL=moelab "$moelab" bench preset=tiny model.dim=80 model.heads=8 model.kv_heads=4 train.batch=2 \
     model.seq_len=32 --steps 1 --warmup 1 --backend cuda --json >"$tmp/bench_mm.json" 2>"$tmp/bench_mm.err"
 check "bench with MOELAB_EXPERT_MATMUL=moelab, head size 10 (exit $?)" test $? -eq 0
 if [ "$failed" -ne 0 ]; then
-    for f in "$tmp"/*.log "$tmp/bench.err"; do echo "--- $f"; tail -5 "$f"; done
+    for f in "$tmp"/*.log "$tmp/bench.err" "$tmp/pb.err"; do echo "--- $f"; tail -5 "$f"; done
 fi
 echo "train_emu: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]

@@ -10,9 +10,11 @@
 # kernel (@MOELAB_EXPERT_WGRAD=cublas: environment for moelab only; no PyTorch row), with the experts' forward
 # and input gradient by moelab's kernel instead of cuBLAS (@MOELAB_EXPERT_MATMUL=moelab) and with 4 micro-batches
 # per optimizer step (train.accum=4: a 64K-token step, where AdamW's fixed cost over all 1.4 B parameters is
-# shared by four micro-batches, as in real training); the PyTorch side runs only where the reference model
-# covers the config. MOELAB_GPU_OPS=0 skips the test suite (e.g. a second call with more presets). Each stage
-# runs under a time limit (MOELAB_GPU_OPS_TIMEOUT, MOELAB_GPU_BENCH_TIMEOUT seconds); MOELAB_GPU_STEPS steps.
+# shared by four micro-batches, as in real training), and at 32 x 2K tokens per micro-batch (55 GiB by moelab plan:
+# the experts' weights, read and their gradients written once per micro-batch, shared by 4x the tokens; no
+# PyTorch row, as for any spec with '@'); the PyTorch side runs only where the reference model covers the config.
+# MOELAB_GPU_OPS=0 skips the test suite (e.g. a second call with more presets). Each stage runs under a time
+# limit (MOELAB_GPU_OPS_TIMEOUT, MOELAB_GPU_BENCH_TIMEOUT seconds); MOELAB_GPU_STEPS steps.
 # Needs: nvcc (or a build folder made elsewhere with -Dcuda=enabled), the NVIDIA driver, and the libraries the
 # binary links (OpenBLAS, HDF5, SQLite, libyaml, pcre2; LD_LIBRARY_PATH may point at copies).
 # The full bench JSON lines (per-op breakdown included) are kept in $OUT or /tmp/moelab_gpu_bench.jsonl.
@@ -25,7 +27,8 @@ presets=("$@")
     "sigma-tiny-full:model.layers=4,train.batch=8,model.seq_len=2048"
     "sigma-tiny-full:model.layers=4,train.batch=8,model.seq_len=2048@MOELAB_EXPERT_WGRAD=cublas"
     "sigma-tiny-full:model.layers=4,train.batch=8,model.seq_len=2048@MOELAB_EXPERT_MATMUL=moelab"
-    "sigma-tiny-full:model.layers=4,train.batch=8,model.seq_len=2048,train.accum=4")
+    "sigma-tiny-full:model.layers=4,train.batch=8,model.seq_len=2048,train.accum=4"
+    "sigma-tiny-full:model.layers=4,train.batch=32,model.seq_len=2048@")
 if [ -n "${MOELAB_PREBUILT:-}" ]; then
     moelab=$MOELAB_PREBUILT/bin/moelab gpu_ops=$MOELAB_PREBUILT/bin/test_gpu_ops
     nv=$(python3 -c 'import nvidia, os; print(":".join(os.path.join(p, d, "lib") for p in nvidia.__path__ for d in os.listdir(p)))' 2>/dev/null)
@@ -79,7 +82,7 @@ for spec in "${presets[@]}"; do
         echo "$out" >>"$jsonl"
         rows+=("$spec $be|$out")
     done
-    [ ${#run_env[@]} -gt 0 ] && continue # the same model as the spec without them: no second PyTorch row
+    [[ $spec == *@* ]] && continue # the same model as the spec without them, or '@' alone: no PyTorch row
     d=$tmp/run${#rows[@]} # one folder per spec: a preset may come back with other keys
     if "$moelab" train "preset=$p" "${common[@]}" "${extra[@]}" train.steps=0 run.dir="$d" run.db= >/dev/null 2>&1; then
         for dt in "${dtypes[@]}"; do

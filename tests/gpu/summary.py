@@ -25,7 +25,7 @@ for line in sys.stdin:
         print(f"| bench {spec} {backend} | {r['tokens_per_s']:.0f} tok/s, {r['ms_per_step']:.1f} ms/step, MFU "
               f"{100 * r['mfu']:.1f}% of {r['peak_kind']} ({r['peak_gflops']:.0f} GFLOP/s), routing "
               f"{100 * r['routing_fraction']:.1f}%, tracing {100 * r['trace_fraction']:.2f}%, "
-              f"{r['step_allocations']} allocations in steps, {r.get('device_memory_gib', 0):.1f} GiB in use, experts as {r.get('expert_gemm', '?')}, "
+              f"{r['step_allocations']} allocations in steps, {r.get('device_memory_gib', 0):.1f} GiB in use ({r.get('planned_memory_bytes', 0) / 2**30:.1f} planned), experts as {r.get('expert_gemm', '?')}, "
               f"attention {r.get('attention_tflops_forward', 0):.0f}/{r.get('attention_tflops_backward', 0):.0f} "
               f"TFLOP/s fwd/bwd; "
               f"slowest ops (ms): {top} |")
