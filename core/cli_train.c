@@ -11,6 +11,9 @@
 #include "experiment.h"
 #include "model.h"
 #include "memplan.h"
+#ifdef ML_HAVE_CUDA
+#include "backend_cuda.h"
+#endif
 #include "train.h"
 
 static void train_usage(FILE *f) {
@@ -185,8 +188,8 @@ int cli_plan(int argc, char **argv) {
                    "gradients and AdamW moments, the bf16 weight copy (cuda), the activations of a micro-batch of\n"
                    "train.batch x model.seq_len tokens, and the backend's scratch; exactly what moelab allocates,\n"
                    "without the CUDA context or cuBLAS's own workspace. Then whether it fits in --memory GiB (default:\n"
-                   "this machine's memory for cpu; 79.6, an H100 80GB's, for cuda, less %d MiB kept for the CUDA\n"
-                   "context and cuBLAS) and the largest train.batch that does.\n",
+                   "this machine's memory for cpu; for cuda this machine's GPU's, or 79.6 (an H100 80GB's) without\n"
+                   "one, less %d MiB kept for the CUDA context and cuBLAS) and the largest train.batch that does.\n",
                    PLAN_CUDA_RESERVE_MIB);
             free(args);
             return 0;
@@ -219,9 +222,11 @@ int cli_plan(int argc, char **argv) {
         rc = memory_plan(&cfg, backend, cfg.train.batch, &mem, &err);
     }
     if (!rc) {
-        size_t capacity = memory_gib > 0 ? (size_t)(memory_gib * 1073741824.0)
-                          : on_gpu       ? (size_t)(79.6 * 1073741824.0)
-                                         : host_memory();
+        size_t capacity = memory_gib > 0 ? (size_t)(memory_gib * 1073741824.0) : on_gpu ? 0 : host_memory();
+#ifdef ML_HAVE_CUDA
+        if (!capacity) capacity = cuda_device_memory(); /* this machine's GPU, when it has one */
+#endif
+        if (!capacity) capacity = (size_t)(79.6 * 1073741824.0); /* an H100 80GB's */
         const size_t reserve = on_gpu ? (size_t)PLAN_CUDA_RESERVE_MIB << 20 : 0;
         limit = capacity > reserve ? capacity - reserve : 0;
         memory_gib = gib(capacity);

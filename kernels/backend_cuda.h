@@ -9,6 +9,9 @@
 /* 1 when a CUDA device can be used (why receives its name), 0 otherwise (why receives the reason). */
 int cuda_available(char *why, size_t cap);
 
+/* The first device's memory in bytes, 0 without a usable device (for moelab plan's default). */
+size_t cuda_device_memory(void);
+
 /* The CUDA op tables, creating the cuBLAS handle on first use; call only when cuda_available.
  * backend_cuda ("cuda"): bf16 tensor-core GEMMs with fp32 accumulation, fp32 master weights, optimizer state
  * and every other op. backend_cuda_fp32 ("cuda-fp32"): fp32 everywhere, for verification against the CPU. */

@@ -406,6 +406,16 @@ extern "C" int cuda_available(char *why, size_t cap) {
     return 1;
 }
 
+extern "C" size_t cuda_device_memory(void) {
+    int n = 0;
+    cudaDeviceProp prop;
+    if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0 || cudaGetDeviceProperties(&prop, 0) != cudaSuccess) {
+        cudaGetLastError();
+        return 0;
+    }
+    return prop.totalGlobalMem;
+}
+
 // ---- the tables ----
 
 static void init_runtime(void) {

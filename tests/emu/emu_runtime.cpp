@@ -300,6 +300,7 @@ cudaError_t cudaGetDeviceProperties(cudaDeviceProp *p, int) {
     memset(p, 0, sizeof *p);
     snprintf(p->name, sizeof p->name, "CUDA emulator on the host (tests/emu)");
     p->major = 9, p->minor = 0;
+    p->totalGlobalMem = (size_t)80 << 30; // as cudaMemGetInfo says
     return cudaSuccess;
 }
 cudaError_t cudaEventCreate(cudaEvent_t *e) { return *e = new ml_emu_event{now_ms()}, cudaSuccess; }

@@ -71,6 +71,9 @@ check "plan = device memory: cuda, a dense layer, a shared expert, top-3 by sche
     model.shared_experts=1 model.shared_ffn=48 balance.policy=aux_loss+topk_schedule+capacity \
     'balance.topk_stages=[{layers: "[3]*2", until_tokens: 1e6}, {layers: "[1]*2"}]' balance.capacity_factor=1.5 \
     --backend cuda
+"$moelab" plan preset=tiny --backend cuda >"$tmp/plan.txt" 2>&1
+check "plan --backend cuda fits against the device's memory (the emulator's 80 GiB) by default" \
+    grep -q "fits in 80.0 GiB (1 GiB kept for CUDA)  yes" "$tmp/plan.txt"
 
 # the experts' own matmul kernel in a whole model whose head size (10) puts the bf16 shadows of odd layers'
 # experts off 16-byte alignment: those layers must stay on cuBLAS's path (cp.async would fault; exit 8 here)
