@@ -184,12 +184,13 @@ int cli_plan(int argc, char **argv) {
             printf("usage: moelab plan [preset=NAME] [key=value ...] [--backend cpu|cuda|cuda-fp32] [--memory GIB]\n"
                    "                   [--json]\n\n"
                    "Validates a config and prints its parameter count, active parameters per token, training FLOPs\n"
-                   "per token, and the memory training it takes on the backend (no GPU needed): fp32 weights,\n"
-                   "gradients and AdamW moments, the bf16 weight copy (cuda), the activations of a micro-batch of\n"
-                   "train.batch x model.seq_len tokens, and the backend's scratch; exactly what moelab allocates,\n"
-                   "without the CUDA context or cuBLAS's own workspace. Then whether it fits in --memory GiB (default:\n"
-                   "this machine's memory for cpu; for cuda this machine's GPU's, or 79.6 (an H100 80GB's) without\n"
-                   "one, less %d MiB kept for the CUDA context and cuBLAS) and the largest train.batch that does.\n",
+                   "per token, the rows each expert gets from a micro-batch when routing is balanced (M k / E), and\n"
+                   "the memory training takes on the backend (no GPU needed): fp32 weights, gradients and AdamW\n"
+                   "moments, the bf16 weight copy (cuda), the activations of a micro-batch of train.batch x\n"
+                   "model.seq_len tokens, and the backend's scratch; exactly what moelab allocates, without the\n"
+                   "CUDA context or cuBLAS's own workspace. Then whether it fits in --memory GiB (default: this\n"
+                   "machine's memory for cpu; for cuda this machine's GPU's, or 79.6, an H100 80GB's, without one,\n"
+                   "less %d MiB kept for the CUDA context and cuBLAS) and the largest train.batch that does.\n",
                    PLAN_CUDA_RESERVE_MIB);
             free(args);
             return 0;
@@ -242,12 +243,25 @@ int cli_plan(int argc, char **argv) {
     for (int l = 0; l < cfg.model.layers; l++) attn += 6.0 * cfg.model.seq_len * cfg.model.dim; /* causal QK^T+AV */
     const size_t total = memory_plan_total(&mem);
     const long tokens = (long)cfg.train.batch * cfg.model.seq_len;
+    /* rows an expert gets per micro-batch when routing is balanced (M k / E), over the MoE layers' k: with
+     * few rows the experts' GEMMs are bound by their weights' traffic, not by math */
+    int layer_k[ML_MAX_LAYERS], kmin = 0, kmax = 0;
+    if (cfg.model.experts > 0 && !config_layer_k(&cfg, layer_k, &err))
+        for (int l = 0; l < cfg.model.layers; l++)
+            if (layer_k[l] > 0) {
+                kmin = !kmin || layer_k[l] < kmin ? layer_k[l] : kmin;
+                kmax = layer_k[l] > kmax ? layer_k[l] : kmax;
+            }
+    const double rows_min = cfg.model.experts > 0 ? (double)tokens * kmin / cfg.model.experts : 0,
+                 rows_max = cfg.model.experts > 0 ? (double)tokens * kmax / cfg.model.experts : 0;
     if (json) {
         printf("{\"preset\": \"%s\", \"params\": %zu, \"active_params\": %.0f, \"train_flops_per_token\": %.6g, "
                "\"backend\": \"%s\", \"batch\": %d, \"seq_len\": %d, \"tokens_per_micro_batch\": %ld, "
+               "\"expert_rows_min\": %.1f, \"expert_rows_max\": %.1f, "
                "\"memory_bytes\": {\"state\": %zu, \"weight_copy\": %zu, \"activations\": %zu, \"scratch\": %zu, "
                "\"total\": %zu}, \"memory_limit_bytes\": %zu, \"fits\": %s, \"max_batch\": %d}\n",
                cfg.preset, params, active, 6 * active + attn, backend, cfg.train.batch, cfg.model.seq_len, tokens,
+               rows_min, rows_max,
                mem.state, mem.weight_copy, mem.activations, mem.scratch, total, limit, total <= limit ? "true" : "false",
                max_B);
         return 0;
@@ -255,10 +269,12 @@ int cli_plan(int argc, char **argv) {
     printf("preset            %s\n", cfg.preset);
     printf("parameters        %zu (%.2fB)\n", params, params / 1e9);
     printf("active per token  %.0f (%.3fB)\n", active, active / 1e9);
-    printf("train memory fp32 %.2f GiB (weights + grads + AdamW m, v)\n", gib(mem.state));
     printf("train FLOPs/token %.3g (6 x active + attention)\n", 6 * active + attn);
-    printf("memory to train on %s, train.batch %d x model.seq_len %d = %ld tokens a micro-batch:\n", backend,
-           cfg.train.batch, cfg.model.seq_len, tokens);
+    printf("micro-batch       train.batch %d x model.seq_len %d = %ld tokens", cfg.train.batch, cfg.model.seq_len,
+           tokens);
+    if (kmax && rows_min == rows_max) printf("; %.1f rows per expert when balanced (M k / E)", rows_min);
+    else if (kmax) printf("; %.1f-%.1f rows per expert when balanced (M k / E, by layer)", rows_min, rows_max);
+    printf("\nmemory to train on %s:\n", backend);
     printf("  weights, gradients, AdamW m, v  %8.2f GiB\n", gib(mem.state));
     if (mem.weight_copy) printf("  bf16 weight copy                %8.2f GiB\n", gib(mem.weight_copy));
     printf("  activations                     %8.2f GiB\n", gib(mem.activations));
