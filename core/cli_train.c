@@ -281,7 +281,8 @@ int cli_plan(int argc, char **argv) {
     if (on_gpu) printf("  backend scratch                 %8.2f GiB\n", gib(mem.scratch));
     printf("  total                           %8.2f GiB%s\n", gib(total),
            on_gpu ? " (+ the CUDA context and cuBLAS's workspace)" : "");
-    printf("fits in %.1f GiB%s  %s; the largest train.batch that fits: %d\n", memory_gib,
-           on_gpu ? " (1 GiB kept for CUDA)" : "", total <= limit ? "yes" : "NO", max_B);
+    printf("fits in %.1f GiB", memory_gib);
+    if (on_gpu) printf(" (%.0f GiB kept for CUDA)", PLAN_CUDA_RESERVE_MIB / 1024.0);
+    printf("  %s; the largest train.batch that fits: %d\n", total <= limit ? "yes" : "NO", max_B);
     return 0;
 }

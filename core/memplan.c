@@ -1,6 +1,6 @@
 /* memplan.c: memory plans (memplan.h). The dry table's alloc hands out addresses that are never touched (every
  * other memory entry does nothing), so model_init sizes exactly what a run allocates without allocating it; the
- * table's prepare and bind_params only record what the backend's own planner then sizes. */
+ * table's prepare only records the plan the backend's own planner then sizes its scratch from. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -15,7 +15,6 @@ static struct {
     size_t bytes;           /* allocated through the table */
     uintptr_t next;         /* the next address handed out */
     ml_backend_plan prepared;
-    size_t bound;           /* parameters bound for a weight copy */
 } dry;
 
 static void *dry_alloc(size_t bytes) {
@@ -30,7 +29,6 @@ static void dry_fill(void *p, size_t bytes) { (void)p, (void)bytes; }
 static void dry_copy(void *dst, const void *src, size_t bytes) { (void)dst, (void)src, (void)bytes; }
 static void dry_sync(void) {}
 static void dry_prepare(const ml_backend_plan *p) { dry.prepared = *p; }
-static void dry_bind(const float *params, size_t n) { (void)params, dry.bound = n; }
 
 int memory_plan(const ml_config *cfg, const char *backend, int B, ml_memory_plan *plan, ml_err *err) {
     memset(plan, 0, sizeof *plan);
@@ -43,7 +41,7 @@ int memory_plan(const ml_config *cfg, const char *backend, int B, ml_memory_plan
     if (cuda || cuda_fp32) {
 #ifdef ML_HAVE_CUDA
         table.attention_state_floats = cuda_attention_state_floats;
-        table.prepare = dry_prepare, table.bind_params = dry_bind;
+        table.prepare = dry_prepare;
 #else
         return ml_errf(err, ML_EINPUT, "--backend %s: this moelab was built without the CUDA backend", backend);
 #endif
@@ -62,7 +60,7 @@ int memory_plan(const ml_config *cfg, const char *backend, int B, ml_memory_plan
     plan->state = 4 * sizeof(float) * m->nparams;
     plan->activations = dry.bytes - plan->state;
 #ifdef ML_HAVE_CUDA
-    if (cuda || cuda_fp32) cuda_plan_memory(&dry.prepared, dry.bound, cuda, &plan->scratch, &plan->weight_copy);
+    if (cuda || cuda_fp32) cuda_plan_memory(&dry.prepared, m->nparams, cuda, &plan->scratch, &plan->weight_copy);
 #endif
     model_free(m);
     free(m);

@@ -47,7 +47,7 @@ sys.exit(0 if all(o in ops and ops[o]['calls_per_step'] > 0 for o in need) and j
 # moelab plan's memory for the cuda tables (made without a device) against what the emulated device holds after
 # real steps: exact, since the emulator has no CUDA context or cuBLAS workspace (pinned host memory is not the
 # device's); bench prints both, plan --json the same plan
-plan_matches() { # plan_matches ENV... -- ARGS...
+plan_matches() { # plan_matches [VAR=value...] -- ARGS...
     local envs=()
     while [ "$1" != -- ]; do envs+=("$1"); shift; done
     shift
@@ -61,13 +61,13 @@ ok = used == planned == b['planned_memory_bytes'] and p['backend'] == b['backend
 if not ok: print('device holds %d bytes, plan says %d (bench: %d)' % (used, planned, b['planned_memory_bytes']))
 sys.exit(0 if ok else 1)"
 }
-check "plan = device memory: cuda, tiny" plan_matches X=1 -- preset=tiny train.batch=2 model.seq_len=32 --backend cuda
+check "plan = device memory: cuda, tiny" plan_matches -- preset=tiny train.batch=2 model.seq_len=32 --backend cuda
 check "plan = device memory: cuda-fp32, 3 x 48 tokens" \
-    plan_matches X=1 -- preset=tiny train.batch=3 model.seq_len=48 --backend cuda-fp32
+    plan_matches -- preset=tiny train.batch=3 model.seq_len=48 --backend cuda-fp32
 check "plan = device memory: cuda, fp32 attention and the experts' loop" \
     plan_matches MOELAB_ATTENTION=fp32 MOELAB_GROUPED_GEMM=loop -- preset=tiny train.batch=3 model.seq_len=48 --backend cuda
 check "plan = device memory: cuda, a dense layer, a shared expert, top-3 by schedule, capacity, T 130" \
-    plan_matches X=1 -- preset=tiny train.batch=2 model.seq_len=130 model.dense_layers=1 model.dense_ffn=96 \
+    plan_matches -- preset=tiny train.batch=2 model.seq_len=130 model.dense_layers=1 model.dense_ffn=96 \
     model.shared_experts=1 model.shared_ffn=48 balance.policy=aux_loss+topk_schedule+capacity \
     'balance.topk_stages=[{layers: "[3]*2", until_tokens: 1e6}, {layers: "[1]*2"}]' balance.capacity_factor=1.5 \
     --backend cuda
